@@ -1,0 +1,3 @@
+from medqa.cli import main
+
+main()

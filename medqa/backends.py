@@ -1,0 +1,191 @@
+"""The only place that imports unsloth, bitsandbytes and transformers model classes:
+load the model and tokenizer, attach LoRA.
+
+Backends:
+- `unsloth`: `FastLanguageModel` in 4-bit (or 16-bit) with Unsloth's LoRA and its own
+  gradient checkpointing. Needs CUDA. Unsloth is imported before transformers and peft,
+  since it patches them.
+- `hf`: transformers + peft, with bitsandbytes NF4 4-bit when `load_in_4bit` (CUDA only)
+  and `prepare_model_for_kbit_training`: the standard QLoRA recipe. Runs on CPU too.
+- `auto`: `unsloth` when CUDA is there and unsloth is installed, else `hf`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Backend = Literal["auto", "unsloth", "hf"]
+
+
+class BackendError(RuntimeError):
+    """A model that cannot be loaded as asked, with what to do instead."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+    use_rslora: bool
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """A hub id or local directory as given; `builtin:tiny-llama` built on first use."""
+    from medqa.demo import TINY_LLAMA, tiny_llama
+
+    if pretrained == TINY_LLAMA:
+        return str(tiny_llama())
+    if pretrained.startswith("builtin:"):
+        raise BackendError(f"unknown built-in model {pretrained!r}; the only one is {TINY_LLAMA!r}")
+    return pretrained
+
+
+def _hub_error(pretrained: str, e: Exception) -> BackendError:
+    local = Path(pretrained).expanduser()
+    if local.exists() or pretrained.startswith((".", "/", "~")):
+        return BackendError(f"could not load the model from {pretrained}: {type(e).__name__}: {e}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return BackendError(
+        f"could not load {pretrained!r} from the Hugging Face hub"
+        f"{' (HF_HUB_OFFLINE=1 is set and it is not in the local cache)' if offline else ''}: "
+        f"{type(e).__name__}: {e}\n"
+        "Without network access, download the model once (huggingface-cli download ...) and pass its "
+        "local directory as --model.pretrained, or set HF_HUB_OFFLINE=1 to use the local cache."
+    )
+
+
+def load_tokenizer(pretrained: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `pretrained` (hub id, local directory or built-in name)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_pretrained(pretrained)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(pretrained, e) from None
+
+
+def unsloth_available() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(backend: Backend) -> Literal["unsloth", "hf"]:
+    """Pick the concrete backend; refuse `unsloth` without CUDA with a clear message."""
+    if backend == "auto":
+        return "unsloth" if torch.cuda.is_available() and unsloth_available() else "hf"
+    if backend == "unsloth":
+        if not torch.cuda.is_available():
+            raise BackendError(
+                "--model.backend unsloth needs a CUDA GPU and none is visible here; "
+                "use --model.backend hf (or auto) to run on this machine"
+            )
+        if not unsloth_available():
+            raise BackendError("--model.backend unsloth: unsloth is not installed; pip install 'medqa[gpu]'")
+    return backend
+
+
+def _device_map() -> dict[str, Any] | None:
+    # One process per GPU (DDP included): the base goes onto this process's own device.
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise BackendError(f"--model.dtype {name!r} is not a torch dtype (use bfloat16, float16 or float32)")
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return dtype
+
+
+def load_unsloth(
+    pretrained: str, max_length: int, load_in_4bit: bool, dtype: str, lora: LoraSettings,
+    gradient_checkpointing: bool, seed: int, trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel  # first: it patches transformers and peft
+
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=resolve_pretrained(pretrained),
+            max_seq_length=max_length,
+            dtype=_dtype(dtype),
+            load_in_4bit=load_in_4bit,
+            device_map=_device_map(),
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(pretrained, e) from None
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        random_state=seed,
+        use_rslora=lora.use_rslora,
+        max_seq_length=max_length,
+    )
+    return model, tokenizer
+
+
+def load_hf(
+    pretrained: str, load_in_4bit: bool, dtype: str, lora: LoraSettings,
+    gradient_checkpointing: bool, trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_pretrained(pretrained)
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"dtype": _dtype(dtype) if cuda else torch.float32}
+    if load_in_4bit:
+        if not cuda:
+            raise BackendError(
+                "--model.load_in_4bit true needs a CUDA GPU (bitsandbytes NF4); "
+                "pass --model.load_in_4bit false to run on the CPU"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+    if cuda:
+        kwargs["device_map"] = _device_map()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(pretrained, e) from None
+    if load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), load_tokenizer(pretrained, trust_remote_code)
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """The decoder stack (returns hidden states) and the output projection of a PEFT model,
+    so logits are computed only at the positions that are used."""
+    causal_lm = model.get_base_model()
+    return causal_lm.model, causal_lm.get_output_embeddings()

@@ -1,0 +1,96 @@
+"""`python -m medqa {fit,validate,test,predict}`: the LightningCLI with medqa's defaults
+(TensorBoard under logs/, best-by-val/acc and last checkpoints, learning-rate monitor,
+prediction files) and the links that keep each value in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from medqa.data import PubMedQADataModule
+from medqa.model import MedQALoRA
+from medqa.predictions import PredictionWriter
+
+LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+def find_checkpoint(run_root: Path, which: str) -> Path | None:
+    """The newest run's `last.ckpt` (which='last') or its best checkpoint (which='best')."""
+    versions = sorted(
+        (d for d in run_root.glob("version_*") if d.name[8:].isdigit() and (d / "checkpoints").is_dir()),
+        key=lambda d: int(d.name[8:]),
+        reverse=True,
+    )
+    for version in versions:
+        ckpts = version / "checkpoints"
+        if which == "last" and (ckpts / "last.ckpt").is_file():
+            return ckpts / "last.ckpt"
+        if which == "best":
+            best = sorted(p for p in ckpts.glob("*.ckpt") if not p.name.startswith("last"))
+            if best:
+                return max(best, key=lambda p: p.stat().st_mtime)
+    return None
+
+
+class MedQACLI(LightningCLI):
+    """LightningCLI for medqa: see `python -m medqa fit --help`."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.pretrained", "data.pretrained")
+        parser.link_arguments("data.max_length", "model.max_length")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch}-step{step}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve `--ckpt_path last|best` from the run directories on disk, and let a
+        resumed fit write its curves into the run it resumes."""
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") not in ("last", "best"):
+            return
+        logger = config.trainer.logger
+        if not (hasattr(logger, "class_path") and logger.class_path == LOGGER):
+            return  # another logger: leave 'last' to Lightning
+        args = logger.init_args
+        root = Path(args.save_dir) / (args.name or "")
+        found = find_checkpoint(root, config.ckpt_path)
+        if found is None:
+            if self.subcommand == "fit" and config.ckpt_path == "last":
+                rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run.")
+                config.ckpt_path = None
+                return
+            raise FileNotFoundError(f"--ckpt_path {config.ckpt_path}: no such checkpoint under {root}/version_*/checkpoints")
+        rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found}")
+        config.ckpt_path = str(found)
+        if self.subcommand == "fit":
+            version = found.parent.parent.name
+            args.version = version
+            # Keep the first run's config.yaml; record the resumed run's beside it.
+            n = len(list(found.parent.parent.glob("config*.yaml")))
+            self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
+
+
+def main(args: list[str] | None = None) -> MedQACLI:
+    return MedQACLI(
+        MedQALoRA,
+        PubMedQADataModule,
+        args=args,
+        trainer_defaults={
+            "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa"}},
+        },
+        save_config_kwargs={"config_filename": "config.yaml"},
+    )

@@ -1,0 +1,509 @@
+"""PubMedQA data: readers for the hub and local files, the official split, tokenization
+with answer-only labels, per-batch padding and the `LightningDataModule`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from functools import partial
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from medqa import prompts
+from medqa.prompts import LABELS, Target
+
+HUB_DATASET = "qiaojin/PubMedQA"
+SYNTHETIC = "synthetic"
+"""`--data.source synthetic`: the embedded demo set (see `medqa.demo`)."""
+
+Split = Literal["train", "dev", "test"]
+PredictSplit = Literal["train", "dev", "test", "all"]
+
+
+class DataError(ValueError):
+    """Input that medqa cannot use, with where it came from and what was expected."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One PubMedQA question, whatever file or hub schema it came from."""
+
+    id: str
+    question: str
+    contexts: list[str]
+    context_labels: list[str]
+    long_answer: str
+    decision: str
+
+    @property
+    def label(self) -> int:
+        return LABELS.index(self.decision)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _field(raw: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in raw:
+        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(raw)})")
+    return raw[key]
+
+
+def _str_list(value: Any, key: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{where}: field {key!r} must be a list of strings, got {type(value).__name__}")
+    return value
+
+
+def make_record(
+    rid: Any,
+    question: Any,
+    contexts: Any,
+    context_labels: Any,
+    long_answer: Any,
+    decision: Any,
+    where: str,
+    names: tuple[str, str, str, str, str] = ("question", "contexts", "labels", "long_answer", "final_decision"),
+) -> Record:
+    """Check one record's fields and build it; `names` are the fields as the source spells them."""
+    q_name, c_name, l_name, a_name, d_name = names
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: field {q_name!r} must be a non-empty question, got {question!r}")
+    contexts = _str_list(contexts, c_name, where)
+    context_labels = _str_list(context_labels, l_name, where) if context_labels is not None else []
+    if context_labels and len(context_labels) != len(contexts):
+        raise DataError(
+            f"{where}: {len(contexts)} {c_name!r} but {len(context_labels)} section {l_name!r}; "
+            "expected one section name per context"
+        )
+    if not isinstance(long_answer, str):
+        raise DataError(f"{where}: field {a_name!r} must be a string, got {type(long_answer).__name__}")
+    if decision not in LABELS:
+        raise DataError(f"{where}: field {d_name!r} must be one of yes/no/maybe, got {decision!r}")
+    return Record(str(rid), question.strip(), contexts, context_labels, long_answer, decision)
+
+
+def _from_original(pmid: str, raw: Any, where: str) -> Record:
+    """The PubMedQA repository's schema: `{PMID: {QUESTION, CONTEXTS, LABELS, ...}}`."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object with QUESTION, CONTEXTS, ..., got {type(raw).__name__}")
+    return make_record(
+        pmid,
+        _field(raw, "QUESTION", where),
+        _field(raw, "CONTEXTS", where),
+        raw.get("LABELS"),
+        _field(raw, "LONG_ANSWER", where),
+        _field(raw, "final_decision", where),
+        where,
+        ("QUESTION", "CONTEXTS", "LABELS", "LONG_ANSWER", "final_decision"),
+    )
+
+
+def _from_hub(raw: Any, where: str) -> Record:
+    """The hub's schema: `{pubid, question, context: {contexts, labels}, long_answer, final_decision}`."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object with pubid, question, context, ..., got {type(raw).__name__}")
+    context = _field(raw, "context", where)
+    if not isinstance(context, dict):
+        raise DataError(f"{where}: field 'context' must be an object with 'contexts' and 'labels', got {type(context).__name__}")
+    return make_record(
+        _field(raw, "pubid", where),
+        _field(raw, "question", where),
+        _field(context, "contexts", f"{where}, field 'context'"),
+        context.get("labels"),
+        _field(raw, "long_answer", where),
+        _field(raw, "final_decision", where),
+        where,
+        ("question", "context.contexts", "context.labels", "long_answer", "final_decision"),
+    )
+
+
+def _check_unique(records: list[Record], origin: str) -> list[Record]:
+    seen: set[str] = set()
+    for i, r in enumerate(records):
+        if r.id in seen:
+            raise DataError(f"{origin}: record {i}: id {r.id!r} appears more than once; ids must be unique")
+        seen.add(r.id)
+    return records
+
+
+def _unique_keys(path: Path):
+    """A json object hook that refuses repeated keys, which json.loads would keep only once."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise DataError(f"{path}: key {key!r} appears more than once in one object; ids must be unique")
+            obj[key] = value
+        return obj
+
+    return hook
+
+
+def read_file(path: str | Path) -> list[Record]:
+    """Read PubMedQA records from a local file, in file order.
+
+    Accepted: the original `ori_pqal.json` / `ori_pqaa.json` (one object keyed by PMID),
+    a JSON list of records in the hub's schema, or JSON Lines in the hub's schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected ori_pqal.json, a hub-schema .json or .jsonl)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            records.append(_from_hub(raw, f"{path}: line {n}"))
+        return _check_unique(records, str(path))
+
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict):
+        # The official split needs file order, which dicts keep.
+        return [_from_original(pmid, raw, f"{path}: record {pmid!r}") for pmid, raw in data.items()]
+    if isinstance(data, list):
+        records = [_from_hub(raw, f"{path}: record {i}") for i, raw in enumerate(data)]
+        return _check_unique(records, str(path))
+    raise DataError(
+        f"{path}: top level is a {type(data).__name__}; expected an object keyed by PMID "
+        "(ori_pqal.json) or a list of hub-schema records"
+    )
+
+
+def read_hub(dataset_id: str, config: str) -> list[Record]:
+    """Read a PubMedQA configuration from the Hugging Face hub (or its local cache)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, config, split="train")
+    except Exception as e:  # datasets raises many types for "not reachable / not cached"
+        raise DataError(
+            f"hub dataset {dataset_id!r} (config {config!r}) could not be loaded: {type(e).__name__}: {e}\n"
+            "Without network access, download the files once and point --data.source at a local copy "
+            "(ori_pqal.json from the PubMedQA repository, or a .json/.jsonl in the hub's schema), "
+            "or set HF_HUB_OFFLINE=1 to use a dataset already in the Hugging Face cache."
+        ) from None
+    records = [_from_hub(dict(row), f"hub {dataset_id}/{config}: row {i}") for i, row in enumerate(ds)]
+    return _check_unique(records, f"hub {dataset_id}/{config}")
+
+
+def read_source(source: str, hub_config: str) -> list[Record]:
+    """Records from `source`: 'synthetic', a local file, or a hub dataset id."""
+    if source == SYNTHETIC:
+        from medqa.demo import synthetic_records
+
+        return synthetic_records()
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix in (".json", ".jsonl") or source.startswith((".", "/", "~")):
+        return read_file(path)
+    return read_hub(source, hub_config)
+
+
+# ------------------------------------------------------------------ the official split
+
+
+def _split_label(pmids: list[str], fold: int, rng: random.Random) -> list[list[str]]:
+    rng.shuffle(pmids)
+    size = math.ceil(len(pmids) / fold)
+    return [pmids[i * size : (i + 1) * size] if i < fold - 1 else pmids[i * size :] for i in range(fold)]
+
+
+def _split(decisions: dict[str, str], fold: int, rng: random.Random) -> list[dict[str, str]]:
+    """The PubMedQA authors' stratified split (their `preprocess/split_dataset.py`)."""
+    by_label: dict[str, list[str]] = {label: [] for label in LABELS}
+    for pmid, decision in decisions.items():
+        by_label[decision].append(pmid)
+    chunks = {label: _split_label(pmids, fold, rng) for label, pmids in by_label.items()}
+    subsets = [
+        {pmid: decisions[pmid] for label in LABELS for pmid in chunks[label][i]} for i in range(fold)
+    ]
+    if len(subsets[-1]) != len(subsets[0]):
+        for subset in subsets[:-1]:
+            picked = rng.choice(list(subset))
+            subsets[-1][picked] = subset.pop(picked)
+    return subsets
+
+
+def official_split(records: Sequence[Record], fold: int = 0) -> dict[Split, list[Record]]:
+    """PQA-L's official split: 500 test questions; the rest in 10 folds, `fold` the dev set.
+
+    Follows the procedure in the PubMedQA repository: it depends on the records' order,
+    which must be the order of `ori_pqal.json`.
+    """
+    if not 0 <= fold < 10:
+        raise DataError(f"--data.fold must be in 0..9, got {fold}")
+    rng = random.Random(0)
+    cv_pool, test = _split({r.id: r.decision for r in records}, 2, rng)
+    folds = _split(cv_pool, 10, rng)
+    by_id = {r.id: r for r in records}
+    dev_ids = set(folds[fold])
+    return {
+        "train": [by_id[i] for i in cv_pool if i not in dev_ids],
+        "dev": [by_id[i] for i in folds[fold]],
+        "test": [by_id[i] for i in test],
+    }
+
+
+# ---------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Example:
+    """A tokenized record: `labels` are -100 outside the answer; `answer_pos` indexes the
+    first token of the decision word, whose logits are read at `answer_pos - 1`."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    answer_pos: int
+    label: int
+    truncated: bool = False
+
+
+@dataclass
+class PromptFormat:
+    """Turns records into token ids with one tokenizer and one answer target."""
+
+    tokenizer: Any
+    target: Target = "decision"
+    max_length: int = 1024
+    chat: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self._end = self._end_of_answer()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _end_of_answer(self) -> list[int]:
+        if self.chat:
+            # The chat template closes the assistant turn with its own end-of-turn token.
+            marker = "MEDQA_ANSWER_MARKER"
+            closed = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
+            tail = closed[closed.rindex(marker) + len(marker) :]
+            ids = self._encode(tail.strip() or tail)
+            if ids:
+                return ids
+        if self.tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no end-of-sequence token; one is needed to end the answer")
+        return [self.tokenizer.eos_token_id]
+
+    def _prompt_parts(self, question: str) -> tuple[str, str]:
+        if self.chat:
+            text = self.tokenizer.apply_chat_template(
+                prompts.chat_messages(question), tokenize=False, add_generation_prompt=True
+            )
+        else:
+            bos = self.tokenizer.bos_token or ""
+            text = bos + prompts.plain_prompt(question)
+        prefix, suffix = text.split(prompts.CONTEXT_PLACEHOLDER)
+        return prefix, suffix
+
+    def label_token_ids(self) -> list[list[int]]:
+        """Token ids of each label word as written at the scoring position."""
+        return [self._encode(prompts.label_surface(w, self.target, self.chat)) for w in LABELS]
+
+    def encode(self, record: Record) -> Example:
+        """Tokenize one record; when too long, only the abstract is cut (from its end)."""
+        prefix, suffix = self._prompt_parts(record.question)
+        pre, post = self._encode(prefix), self._encode(suffix)
+        context = self._encode(prompts.format_contexts(record.contexts, record.context_labels))
+        head = self._encode(prompts.answer_head(record.long_answer, self.target, self.chat))
+        word = self.label_token_ids()[record.label]
+        fixed = len(pre) + len(post) + len(head) + len(word) + len(self._end)
+        budget = self.max_length - fixed
+        if budget < 0:
+            raise DataError(
+                f"record {record.id!r}: the prompt without the abstract plus the answer takes {fixed} "
+                f"tokens, more than --data.max_length {self.max_length}; raise max_length"
+            )
+        truncated = len(context) > budget
+        context = context[:budget]
+        prompt = pre + context + post
+        answer = head + word + self._end
+        return Example(
+            id=record.id,
+            input_ids=prompt + answer,
+            labels=[-100] * len(prompt) + answer,
+            answer_pos=len(prompt) + len(head),
+            label=record.label,
+            truncated=truncated,
+        )
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch to its own longest example."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {
+        "ids": [e.id for e in examples],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "answer_pos": torch.tensor([e.answer_pos for e in examples]),
+        "label": torch.tensor([e.label for e in examples]),
+    }
+
+
+# ------------------------------------------------------------------------ DataModule
+
+
+class PubMedQADataModule(L.LightningDataModule):
+    """PubMedQA for LoRA fine-tuning: reads, splits and tokenizes; batches padded per batch.
+
+    Args:
+        source: `qiaojin/PubMedQA` (hub), a local `ori_pqal.json` / hub-schema `.json` or
+            `.jsonl`, or `synthetic` (the embedded demo set). Dev and test always come from it.
+        hub_config: Hub configuration of `source` when it is a hub id.
+        train_source: Train on this instead of the nine training folds (e.g. PQA-A:
+            `qiaojin/PubMedQA` with `train_hub_config: pqa_artificial`, or `ori_pqaa.json`).
+        train_hub_config: Hub configuration of `train_source`.
+        fold: Which of the 10 official cross-validation folds is the dev set (0-9).
+        target: What the model learns to write: the decision word alone, or the long
+            answer followed by the decision.
+        pretrained: Tokenizer to use; linked to `model.pretrained`, not set here.
+        max_length: Longest example in tokens; longer abstracts are cut. Also the model's.
+        batch_size: Examples per training batch.
+        eval_batch_size: Examples per validation / test / predict batch.
+        predict_split: Which split `predict` answers.
+        num_workers: DataLoader worker processes.
+        shuffle_seed: Seed for the training order.
+    """
+
+    def __init__(
+        self,
+        source: str = HUB_DATASET,
+        hub_config: str = "pqa_labeled",
+        train_source: str | None = None,
+        train_hub_config: str = "pqa_artificial",
+        fold: int = 0,
+        target: Target = "decision",
+        pretrained: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+        max_length: int = 1024,
+        batch_size: int = 4,
+        eval_batch_size: int = 8,
+        predict_split: PredictSplit = "test",
+        num_workers: int = 0,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= fold < 10:
+            raise DataError(f"--data.fold must be in 0..9, got {fold}")
+        self.save_hyperparameters()
+        self.source, self.hub_config = source, hub_config
+        self.train_source, self.train_hub_config = train_source, train_hub_config
+        self.fold, self.target, self.pretrained, self.max_length = fold, target, pretrained, max_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.predict_split, self.num_workers, self.shuffle_seed = predict_split, num_workers, shuffle_seed
+        self.format: PromptFormat | None = None
+        self.examples: dict[str, list[Example]] = {}
+
+    def prepare_data(self) -> None:
+        # Fail on a bad file before any model is loaded.
+        read_source(self.source, self.hub_config)
+
+    def setup(self, stage: str) -> None:
+        if self.format is None:
+            from medqa.backends import load_tokenizer
+
+            self.format = PromptFormat(load_tokenizer(self.pretrained), self.target, self.max_length)
+        if self.examples:
+            return
+        records = read_source(self.source, self.hub_config)
+        splits: dict[str, list[Record]] = dict(official_split(records, self.fold))
+        origin = {name: self.source for name in splits}
+        if self.train_source is not None:
+            splits["train"] = read_source(self.train_source, self.train_hub_config)
+            origin["train"] = self.train_source
+        splits["all"] = records
+        rank_zero_info(f"Read {len(records)} records from {self.source} (fold {self.fold} is dev).")
+        for name, recs in splits.items():
+            self.examples[name] = [self.format.encode(r) for r in recs]
+            cut = sum(e.truncated for e in self.examples[name])
+            counts = ", ".join(f"{w} {n}" for w, n in label_counts(recs).items())
+            if name != "all":
+                rank_zero_info(
+                    f"  {name}: {len(recs)} records from {origin[name]} ({counts}); "
+                    f"{len(recs)} used, {cut} with the abstract cut to fit {self.max_length} tokens"
+                )
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.format.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def label_token_ids(self) -> list[list[int]]:
+        return self.format.label_token_ids()
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
+        return DataLoader(
+            self.examples[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("dev", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, self.eval_batch_size, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "max_length": self.max_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("target", self.target) != self.target:
+            raise DataError(
+                f"the checkpoint was trained with --data.target {state['target']!r}, this run uses "
+                f"{self.target!r}; pass --data.target {state['target']} so the prompt matches"
+            )
+
+
+def label_counts(records: Iterable[Record]) -> dict[str, int]:
+    """How many records carry each decision."""
+    return {w: sum(r.decision == w for r in records) for w in LABELS}

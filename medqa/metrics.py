@@ -1,0 +1,113 @@
+"""Label-token scoring and the torchmetrics collection.
+
+A question is scored by one forward pass: the log-probability of each label word
+(yes / no / maybe) at the answer position, computed from the hidden states there. Only the
+label tokens' rows of the output projection are used when every label is one token; a
+label of several tokens is scored as a whole word (the sum of its tokens' log-probs), with
+one more pass for its continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import ConfusionMatrix, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from medqa.prompts import LABELS
+
+HiddenFn = Callable[[Tensor, Tensor], Tensor]
+"""(input_ids, attention_mask) -> last hidden states (batch, time, hidden)."""
+
+
+def answer_loss(hidden: Tensor, head: torch.nn.Module, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the answer tokens, projecting only those positions."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep])
+
+
+def _rows(hidden: Tensor, pos: Tensor) -> Tensor:
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), pos]
+
+
+def label_log_probs(
+    hidden_fn: HiddenFn,
+    head: torch.nn.Module,
+    hidden: Tensor,
+    input_ids: Tensor,
+    answer_pos: Tensor,
+    label_ids: Sequence[Sequence[int]],
+    pad_id: int,
+) -> Tensor:
+    """Whole-word log-probabilities (batch, len(label_ids)) of each label at `answer_pos`.
+
+    `hidden` is the hidden states of `input_ids` (which may hold the gold answer after the
+    prompt: only positions before `answer_pos` are read).
+    """
+    h = _rows(hidden, answer_pos - 1)
+    if all(len(ids) == 1 for ids in label_ids):
+        first = torch.tensor([ids[0] for ids in label_ids], device=h.device)
+        # Only the label rows: the shared normaliser cancels in the softmax over labels.
+        return F.linear(h, head.weight[first]).float().log_softmax(-1)
+
+    first_logp = head(h).float().log_softmax(-1)
+    scores = []
+    for ids in label_ids:
+        score = first_logp[:, ids[0]]
+        if len(ids) > 1:
+            score = score + _continuation_log_prob(hidden_fn, head, input_ids, answer_pos, ids, pad_id)
+        scores.append(score)
+    return torch.stack(scores, dim=-1)
+
+
+def _continuation_log_prob(
+    hidden_fn: HiddenFn, head: torch.nn.Module, input_ids: Tensor, answer_pos: Tensor,
+    ids: Sequence[int], pad_id: int,
+) -> Tensor:
+    """log P(ids[1:] | prompt, ids[0]) for each row: the prompt followed by the label word."""
+    batch, n = input_ids.size(0), len(ids)
+    width = int(answer_pos.max()) + n
+    seq = torch.full((batch, width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(seq)
+    word = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
+    for i, p in enumerate(answer_pos.tolist()):
+        seq[i, :p] = input_ids[i, :p]
+        seq[i, p : p + n] = word
+        mask[i, : p + n] = 1
+    hidden = hidden_fn(seq, mask)
+    total = torch.zeros(batch, device=input_ids.device)
+    for j in range(1, n):
+        logp = head(_rows(hidden, answer_pos - 1 + j)).float().log_softmax(-1)
+        total = total + logp[:, ids[j]]
+    return total
+
+
+def classification_metrics(prefix: str) -> MetricCollection:
+    """Accuracy and macro-F1 (the official PubMedQA pair) and per-class F1, for one stage."""
+    n = len(LABELS)
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes=n, average="macro"),
+            "f1": MulticlassF1Score(num_classes=n, average="none"),
+        },
+        prefix=prefix,
+    )
+
+
+def confusion_matrix() -> ConfusionMatrix:
+    return ConfusionMatrix(task="multiclass", num_classes=len(LABELS))
+
+
+def format_confusion(matrix: Tensor) -> str:
+    """The confusion matrix as a small text table (rows: truth, columns: prediction)."""
+    width = max(len(w) for w in LABELS) + 2
+    lines = ["truth \\ pred".ljust(14) + "".join(w.rjust(width) for w in LABELS)]
+    for w, row in zip(LABELS, matrix.tolist()):
+        lines.append(w.ljust(14) + "".join(str(int(v)).rjust(width) for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""The `LightningModule`: a 4-bit Llama with LoRA, answer-only loss, categorical
+yes/no/maybe scoring, and checkpoints that hold only what was trained."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from medqa.backends import Backend, LoraSettings, decoder_and_head, load_hf, load_unsloth, resolve_backend
+from medqa.metrics import answer_loss, classification_metrics, confusion_matrix, format_confusion, label_log_probs
+from medqa.prompts import LABELS
+
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint whose adapter does not fit the model built for this run."""
+
+
+class WarmupCosine(LambdaLR):
+    """Linear warm-up from 0, then cosine decay to `min_ratio` of the peak learning rate.
+
+    Args:
+        optimizer: The optimizer whose learning rate is scheduled.
+        warmup: Warm-up length: a fraction of all steps when below 1, else a step count.
+        total_steps: All optimizer steps; left out, the trainer's estimate is used.
+        min_ratio: Final learning rate as a fraction of the peak.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup: float = 0.03, total_steps: int | None = None,
+        min_ratio: float = 0.0,
+    ) -> None:
+        self.warmup, self.total_steps, self.min_ratio = warmup, total_steps, min_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if self.total_steps is None:  # only at construction, before the trainer's estimate is set
+            return 0.0 if self.warmup > 0 else 1.0
+        warm = self.warmup * self.total_steps if self.warmup < 1 else self.warmup
+        if step < warm:
+            return step / warm
+        progress = min(1.0, (step - warm) / max(1.0, self.total_steps - warm))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MedQALoRA(L.LightningModule):
+    """LoRA fine-tuning of a (4-bit) Llama for yes/no/maybe answers.
+
+    Args:
+        pretrained: Hub id or local directory of the base model, or `builtin:tiny-llama`.
+        backend: `unsloth`, `hf` (transformers + peft + bitsandbytes) or `auto`.
+        load_in_4bit: Load the base in 4-bit NF4 (QLoRA); false for 16-bit LoRA.
+        dtype: Compute dtype of the base on the GPU (bfloat16; float16 on cards without bf16).
+        max_length: Longest sequence; linked to `data.max_length`, not set here.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
+        lora_dropout: Dropout on the LoRA input (Unsloth is fastest with 0).
+        target_modules: Linear layers that get LoRA adapters.
+        use_rslora: Rank-stabilised LoRA scaling.
+        gradient_checkpointing: Recompute activations in backward (Unsloth's own variant on
+            that backend) to fit long sequences.
+        trust_remote_code: Let the hub model run its own Python code. Off unless you trust it.
+        lora_seed: Seed for the LoRA initialisation.
+        optimizer: Optimizer for the LoRA weights (e.g. torch.optim.AdamW,
+            bitsandbytes.optim.AdamW8bit on a GPU).
+        scheduler: Learning-rate schedule, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+        backend: Backend = "auto",
+        load_in_4bit: bool = True,
+        dtype: str = "bfloat16",
+        max_length: int = 1024,
+        lora_r: int = 16,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        use_rslora: bool = False,
+        gradient_checkpointing: bool = True,
+        trust_remote_code: bool = False,
+        lora_seed: int = 3407,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable = WarmupCosine,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
+        self.max_length = max_length
+        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules or LLAMA_LORA_TARGETS, use_rslora)
+        self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
+        self.strict_loading = False
+        self.model: torch.nn.Module | None = None
+        self.val_metrics = classification_metrics("val/")
+        self.test_metrics = classification_metrics("test/")
+        self.test_confusion = confusion_matrix()
+        self.label_ids: list[list[int]] = []
+        self.pad_id = 0
+
+    # ------------------------------------------------------------------ building
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        backend = resolve_backend(self.backend)
+        common = dict(
+            pretrained=self.pretrained, load_in_4bit=self.load_in_4bit, dtype=self.dtype_name, lora=self.lora,
+            gradient_checkpointing=self.gradient_checkpointing, trust_remote_code=self.trust_remote_code,
+        )
+        if backend == "unsloth":
+            model, _ = load_unsloth(max_length=self.max_length, seed=self.lora_seed, **common)
+        else:
+            torch.manual_seed(self.lora_seed)
+            model, _ = load_hf(**common)
+        self.model = model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        rank_zero_info(
+            f"Loaded {self.pretrained} with the {backend} backend "
+            f"({'4-bit' if self.load_in_4bit else '16/32-bit'}); LoRA r={self.lora.r}: "
+            f"{trainable:,} trainable of {total:,} parameters."
+        )
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "label_token_ids"):
+            raise RuntimeError("MedQALoRA needs medqa's PubMedQADataModule (it supplies the label tokens)")
+        self.label_ids, self.pad_id = dm.label_token_ids(), dm.pad_id
+
+    # ------------------------------------------------------------------ steps
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        decoder, _ = decoder_and_head(self.model)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out[0]
+
+    def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(answer loss, log-probs of yes/no/maybe) for a batch, from one forward pass."""
+        _, head = decoder_and_head(self.model)
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
+        loss = answer_loss(hidden, head, batch["labels"])
+        logp = label_log_probs(
+            self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id
+        )
+        return loss, logp
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        _, head = decoder_and_head(self.model)
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
+        loss = answer_loss(hidden, head, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, logp = self._forward(batch)
+        self.val_metrics.update(logp.argmax(-1), batch["label"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val/")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, logp = self._forward(batch)
+        preds = logp.argmax(-1)
+        self.test_metrics.update(preds, batch["label"])
+        self.test_confusion.update(preds, batch["label"])
+        self.log("test/loss", loss, batch_size=batch["input_ids"].size(0), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test/")
+        rank_zero_info("Test confusion matrix:\n" + format_confusion(self.test_confusion.compute()))
+        self.test_confusion.reset()
+
+    def _log_metrics(self, metrics: Any, prefix: str) -> None:
+        values = metrics.compute()
+        per_class = values.pop(f"{prefix}f1")
+        values.update({f"{prefix}f1_{w}": f for w, f in zip(LABELS, per_class)})
+        acc = values.pop(f"{prefix}acc")
+        self.log(f"{prefix}acc", acc, prog_bar=True)
+        self.log_dict(values)
+        metrics.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        _, logp = self._forward(batch)
+        probs = logp.softmax(-1).float().cpu()
+        return {"ids": batch["ids"], "probs": probs, "truth": batch["label"].cpu()}
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, ours = set(checkpoint["state_dict"]), self.trainable_names()
+        if saved != ours:
+            hp = checkpoint.get("hyper_parameters", {})
+            differs = [
+                f"{k}: checkpoint {hp[k]!r}, this run {self.hparams[k]!r}"
+                for k in ("pretrained", "lora_r", "target_modules", "use_rslora")
+                if k in hp and hp[k] != self.hparams.get(k)
+            ]
+            raise CheckpointMismatch(
+                "the checkpoint's adapter does not fit this model"
+                + (f" ({'; '.join(differs)})" if differs else "")
+                + f": {len(saved - ours)} weights only in the checkpoint (e.g. {sorted(saved - ours)[:2]}), "
+                f"{len(ours - saved)} only in the model (e.g. {sorted(ours - saved)[:2]})"
+            )
+        for name, tensor in checkpoint["state_dict"].items():
+            param = self.get_parameter(name)
+            if param.shape != tensor.shape:
+                raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(param.shape)}")

@@ -1,0 +1,52 @@
+"""Writing `predict` results: `predictions.json` in the official scorer's format and a
+JSON Lines file with each question's three probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from medqa.prompts import LABELS
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes `predictions.json` (`{id: label}`) and `predictions.jsonl` to the run directory.
+
+    Args:
+        output_dir: Where to write; by default the run's log directory.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        ids = [i for batch in predictions for i in batch["ids"]]
+        probs = torch.cat([batch["probs"] for batch in predictions]) if predictions else torch.empty(0, 3)
+        truth = torch.cat([batch["truth"] for batch in predictions]) if predictions else torch.empty(0)
+        expected = len(trainer.predict_dataloaders.dataset)
+        if len(ids) != expected or len(set(ids)) != len(ids):
+            raise RuntimeError(f"predict produced {len(ids)} answers ({len(set(ids))} distinct) for {expected} questions")
+
+        out = Path(self.output_dir or trainer.log_dir or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        json_path, jsonl_path = out / "predictions.json", out / "predictions.jsonl"
+        for path in (json_path, jsonl_path):
+            if path.exists():
+                raise FileExistsError(f"{path} exists; remove it or pass --predictions.output_dir elsewhere")
+        labels = [LABELS[i] for i in probs.argmax(-1).tolist()]
+        json_path.write_text(json.dumps(dict(zip(ids, labels)), indent=1) + "\n")
+        with jsonl_path.open("w") as f:
+            for qid, label, p, t in zip(ids, labels, probs.tolist(), truth.tolist()):
+                row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(LABELS, p)}}
+                row["truth"] = LABELS[t]
+                f.write(json.dumps(row) + "\n")
+        rank_zero_info(f"Wrote {len(ids)} predictions to {json_path} (probabilities in {jsonl_path.name})")
