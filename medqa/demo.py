@@ -88,18 +88,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDQA_CACHE", Path.home() / ".cache" / "medqa"))
 
 
-def train_tokenizer(vocab_size: int = 1024):
+def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 1024):
     """A byte-level BPE tokenizer with Llama 3's special tokens and chat template, trained
-    in-process on the synthetic set and medqa's prompt text."""
+    in-process on `texts` (by default the synthetic set) and medqa's prompt text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from medqa import prompts
 
     corpus = [prompts.SYSTEM_PROMPT, prompts.INSTRUCTION, "Abstract:\nQuestion: Answer:"]
-    for r in synthetic_records():
-        corpus += [r.question, *r.contexts, r.long_answer, " ".join(r.context_labels)]
     corpus += list(LABELS) + [f" {w}" for w in LABELS]
+    if texts is None:
+        texts = []
+        for r in synthetic_records():
+            texts += [r.question, *r.contexts, r.long_answer, " ".join(r.context_labels)]
+    corpus += texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -4,6 +4,7 @@ yes/no/maybe scoring, and checkpoints that hold only what was trained."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -107,6 +108,7 @@ class MedQALoRA(L.LightningModule):
         self.test_confusion = confusion_matrix()
         self.label_ids: list[list[int]] = []
         self.pad_id = 0
+        self._train_tokens, self._train_started = 0, 0.0
 
     # ------------------------------------------------------------------ building
 
@@ -155,7 +157,21 @@ class MedQALoRA(L.LightningModule):
         )
         return loss, logp
 
+    def on_train_start(self) -> None:
+        self._train_tokens, self._train_started = 0, time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self) -> None:
+        seconds = time.perf_counter() - self._train_started
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
+        rank_zero_info(
+            f"Trained on {self._train_tokens:,} non-padding tokens in {seconds:.1f} s "
+            f"({self._train_tokens / max(seconds, 1e-9):,.0f} tokens/s, validation included){peak}."
+        )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._train_tokens += int(batch["attention_mask"].sum())
         _, head = decoder_and_head(self.model)
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
         loss = answer_loss(hidden, head, batch["labels"])
