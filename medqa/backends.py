@@ -189,3 +189,30 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     so logits are computed only at the positions that are used."""
     causal_lm = model.get_base_model()
     return causal_lm.model, causal_lm.get_output_embeddings()
+
+
+def _requested_backend(argv: list[str]) -> str:
+    """`model.backend` as the command line sets it (config files, then flags; last wins)."""
+    backend = "auto"
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+        if arg.split("=", 1)[0] in ("--config", "-c") and Path(value).is_file():
+            import yaml
+
+            config = yaml.safe_load(Path(value).read_text()) or {}
+            backend = ((config.get("model") or {}).get("backend")) or backend
+        elif arg.split("=", 1)[0] == "--model.backend":
+            backend = value
+    return backend
+
+
+def import_unsloth_first(argv: list[str]) -> None:
+    """Import unsloth before anything imports transformers or peft (Lightning does, through
+    torchmetrics), when this command will use the unsloth backend. `--help` and the `hf`
+    backend never import it."""
+    if not argv or argv[0] not in ("fit", "validate", "test", "predict") or "--help" in argv or "-h" in argv:
+        return
+    backend = _requested_backend(argv[1:])
+    if backend == "unsloth" or (backend == "auto" and torch.cuda.is_available() and unsloth_available()):
+        if torch.cuda.is_available() and unsloth_available():
+            import unsloth  # noqa: F401

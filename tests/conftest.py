@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PUBMEDQA = ROOT.parent / "shared" / "data" / "pubmedqa"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def medqa_cache(tmp_path_factory):
+    """Build the tiny Llama once per session, in a cache of the tests' own."""
+    os.environ["MEDQA_CACHE"] = str(tmp_path_factory.mktemp("medqa-cache"))
+    return Path(os.environ["MEDQA_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def pubmedqa_dir() -> Path:
+    """The real PQA-L files in ../shared: skipped in a user's clone, required in CI."""
+    if not (SHARED_PUBMEDQA / "ori_pqal.json").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but the PubMedQA files are missing at {SHARED_PUBMEDQA}")
+        pytest.skip(f"real PubMedQA files not found at {SHARED_PUBMEDQA} (they live beside the repo, in ../shared)")
+    return SHARED_PUBMEDQA
+
+
+@pytest.fixture(scope="session")
+def tokenizer(medqa_cache):
+    from medqa.backends import load_tokenizer
+
+    return load_tokenizer("builtin:tiny-llama")

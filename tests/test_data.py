@@ -1,0 +1,230 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from medqa.data import DataError, PromptFormat, Record, collate, official_split, read_file, read_source
+from medqa.demo import synthetic_records
+from medqa.prompts import LABELS
+
+
+def as_original(records: list[Record]) -> dict:
+    return {
+        r.id: {"QUESTION": r.question, "CONTEXTS": r.contexts, "LABELS": r.context_labels, "MESHES": [],
+               "YEAR": "2001", "LONG_ANSWER": r.long_answer, "final_decision": r.decision}
+        for r in records
+    }
+
+
+def as_hub(r: Record) -> dict:
+    return {"pubid": int(r.id), "question": r.question,
+            "context": {"contexts": r.contexts, "labels": r.context_labels, "meshes": []},
+            "long_answer": r.long_answer, "final_decision": r.decision}
+
+
+# ---------------------------------------------------------------- both file schemas
+
+
+def test_original_hub_json_and_jsonl_read_the_same(tmp_path):
+    records = synthetic_records(30)
+    (tmp_path / "ori.json").write_text(json.dumps(as_original(records)))
+    (tmp_path / "hub.json").write_text(json.dumps([as_hub(r) for r in records]))
+    (tmp_path / "hub.jsonl").write_text("\n".join(json.dumps(as_hub(r)) for r in records) + "\n")
+    for name in ("ori.json", "hub.json", "hub.jsonl"):
+        assert read_file(tmp_path / name) == records, name
+
+
+def test_real_pqal_file(pubmedqa_dir):
+    records = read_file(pubmedqa_dir / "ori_pqal.json")
+    assert len(records) == 1000
+    assert Counter(r.decision for r in records) == {"yes": 552, "no": 338, "maybe": 110}
+    first = records[0]
+    assert first.id == "21645374" and first.question.startswith("Do mitochondria play a role")
+    assert len(first.contexts) == len(first.context_labels) > 0
+
+
+# ---------------------------------------------------------------- the official split
+
+
+def test_official_test_set_is_the_500_official_pmids(pubmedqa_dir):
+    records = read_file(pubmedqa_dir / "ori_pqal.json")
+    truth = json.loads((pubmedqa_dir / "test_ground_truth.json").read_text())
+    split = official_split(records, fold=0)
+    assert {r.id: r.decision for r in split["test"]} == truth
+
+
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+def test_folds_partition_the_cv_pool(source, request):
+    if source == "real":
+        records = read_file(request.getfixturevalue("pubmedqa_dir") / "ori_pqal.json")
+    else:
+        records = synthetic_records()
+    splits = [official_split(records, fold=k) for k in range(10)]
+    test_ids = {r.id for r in splits[0]["test"]}
+    devs = [{r.id for r in s["dev"]} for s in splits]
+    pool = set().union(*devs)
+    assert len(test_ids) == 500 and not pool & test_ids and len(pool) == 500
+    assert all(len(d) == 50 for d in devs) and sum(map(len, devs)) == 500  # disjoint
+    for k, s in enumerate(splits):
+        assert {r.id for r in s["train"]} == pool - devs[k]
+        assert {r.id for r in s["test"]} == test_ids
+
+
+def test_fold_out_of_range():
+    with pytest.raises(DataError, match="0..9"):
+        official_split(synthetic_records(), fold=10)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def test_labels_mask_everything_but_the_answer(tokenizer):
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    record = synthetic_records(5)[2]
+    ex = fmt.encode(record)
+    word = fmt.label_token_ids()[record.label]
+    answer = ex.input_ids[ex.answer_pos :]
+    assert answer == word + [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    assert ex.labels[: ex.answer_pos] == [-100] * ex.answer_pos
+    assert ex.labels[ex.answer_pos :] == answer
+    prompt = tokenizer.decode(ex.input_ids[: ex.answer_pos])
+    assert record.question in prompt and record.contexts[-1] in prompt
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_too_long_cuts_the_abstract_never_question_or_answer(tokenizer):
+    record = synthetic_records(1)[0]
+    long = Record(record.id, record.question, record.contexts * 60, record.context_labels * 60,
+                  record.long_answer, record.decision)
+    full = PromptFormat(tokenizer, "decision", 100_000).encode(long)
+    cut = PromptFormat(tokenizer, "decision", 200).encode(long)
+    assert not full.truncated and cut.truncated
+    assert len(cut.input_ids) == 200 < len(full.input_ids)
+    # Same answer, same question tail; only the abstract in the middle is shorter.
+    tail = len(full.input_ids) - full.answer_pos
+    assert cut.input_ids[-tail:] == full.input_ids[-tail:]
+    assert cut.labels[-tail:] == full.labels[-tail:] and cut.answer_pos == 200 - tail
+    q_tail = 30
+    assert cut.input_ids[cut.answer_pos - q_tail : cut.answer_pos] == full.input_ids[full.answer_pos - q_tail : full.answer_pos]
+    assert record.question in tokenizer.decode(cut.input_ids)
+
+
+def test_question_too_long_for_max_length_is_an_error(tokenizer):
+    with pytest.raises(DataError, match=r"record '10000000'.*max_length 40"):
+        PromptFormat(tokenizer, "decision", 40).encode(synthetic_records(1)[0])
+
+
+def test_plain_prompt_without_chat_template(tokenizer):
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    fmt = PromptFormat(plain, "decision", 512)
+    record = synthetic_records(1)[0]
+    ex = fmt.encode(record)
+    text = plain.decode(ex.input_ids)
+    assert not fmt.chat and "<|start_header_id|>" not in text
+    assert text.endswith(f"Answer: {record.decision}<|eot_id|>")
+    assert ex.input_ids[ex.answer_pos : ex.answer_pos + len(fmt.label_token_ids()[record.label])] == fmt.label_token_ids()[record.label]
+
+
+def test_long_answer_target_scores_after_the_long_answer(tokenizer):
+    fmt = PromptFormat(tokenizer, "long_answer", 512)
+    record = synthetic_records(1)[0]
+    ex = fmt.encode(record)
+    first_answer = ex.labels.index(next(t for t in ex.labels if t != -100))
+    head = tokenizer.decode(ex.input_ids[first_answer : ex.answer_pos])
+    assert record.long_answer in head and head.endswith("Answer:")
+    word = fmt.label_token_ids()[record.label]
+    assert ex.input_ids[ex.answer_pos : ex.answer_pos + len(word)] == word
+
+
+def test_collate_pads_to_the_longest_in_the_batch(tokenizer):
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    examples = [fmt.encode(r) for r in synthetic_records(4)]
+    batch = collate(examples, pad_id=7)
+    width = max(len(e.input_ids) for e in examples)
+    assert batch["input_ids"].shape == (4, width)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        assert batch["attention_mask"][i].sum() == n
+        assert (batch["input_ids"][i, n:] == 7).all() and (batch["labels"][i, n:] == -100).all()
+    assert torch.equal(batch["label"], torch.tensor([e.label for e in examples]))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def good_original() -> dict:
+    return as_original(synthetic_records(3))
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.json", "", r"empty\.json: the file is empty"),
+        ("truncated.json", '{"1": {"QUESTION": "x"', r"truncated\.json: not valid JSON"),
+        ("number.json", "42", r"number\.json: top level is a int; expected an object keyed by PMID"),
+        ("latin1.json", b'{"1": "\xe9"}', r"latin1\.json: not UTF-8"),
+        ("bad.jsonl", '{"pubid": 1}\nnot json\n', r"bad\.jsonl: line 1: missing field 'context'"),
+        ("brokenline.jsonl", json.dumps(as_hub(synthetic_records(1)[0])) + "\n{oops\n", r"brokenline\.jsonl: line 2 is not valid JSON"),
+    ],
+)
+def test_unreadable_files(tmp_path, name, content, message):
+    with pytest.raises(DataError, match=message):
+        read_file(write(tmp_path, name, content))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.json: no such file"):
+        read_source(str(tmp_path / "nope.json"), "pqa_labeled")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("final_decision", "perhaps", r"record '10000001': field 'final_decision' must be one of yes/no/maybe, got 'perhaps'"),
+        ("QUESTION", "   ", r"record '10000001': field 'QUESTION' must be a non-empty question"),
+        ("CONTEXTS", "a string", r"record '10000001': field 'CONTEXTS' must be a list of strings, got str"),
+        ("LONG_ANSWER", 3, r"record '10000001': field 'LONG_ANSWER' must be a string, got int"),
+        ("final_decision", None, r"record '10000001': missing field 'final_decision'"),
+    ],
+)
+def test_bad_records_name_file_record_and_field(tmp_path, field, value, message):
+    data = good_original()
+    if value is None:
+        del data["10000001"][field]
+    else:
+        data["10000001"][field] = value
+    path = write(tmp_path, "pqal.json", json.dumps(data))
+    with pytest.raises(DataError, match=r"pqal\.json: " + message):
+        read_file(path)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    record = as_hub(synthetic_records(1)[0])
+    path = write(tmp_path, "dup.jsonl", json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"dup\.jsonl: record 1: id '10000000' appears more than once"):
+        read_file(path)
+    entry = json.dumps(good_original()["10000000"])
+    path = write(tmp_path, "dup.json", '{"5": %s, "5": %s}' % (entry, entry))
+    with pytest.raises(DataError, match=r"dup\.json: key '5' appears more than once"):
+        read_file(path)
+
+
+def test_hub_unreachable_says_how_to_work_offline():
+    with pytest.raises(DataError) as e:
+        read_source("no-such-org/no-such-pubmedqa", "pqa_labeled")
+    message = str(e.value)
+    assert "no-such-org/no-such-pubmedqa" in message and "HF_HUB_OFFLINE" in message and "ori_pqal.json" in message
+
+
+def test_every_label_word_is_scored(tokenizer):
+    ids = PromptFormat(tokenizer, "decision", 512).label_token_ids()
+    assert len(ids) == len(LABELS) and all(ids) and len({tuple(i) for i in ids}) == 3

@@ -1,0 +1,83 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medqa.data import PromptFormat, collate
+from medqa.demo import synthetic_records
+from medqa.metrics import answer_loss, classification_metrics, label_log_probs
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)
+    return LlamaForCausalLM(config).eval()
+
+
+def hidden_fn(model):
+    return lambda ids, mask: model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def batch_of(tokenizer, n=5):
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    return collate([fmt.encode(r) for r in synthetic_records(n)], pad_id=tokenizer.pad_token_id)
+
+
+def whole_word_log_prob(model, prompt: list[int], word: list[int]) -> float:
+    """Reference: one unpadded forward per (question, label), full vocabulary."""
+    ids = torch.tensor([prompt + word])
+    logp = model(ids).logits[0].log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(word))
+
+
+@torch.no_grad()
+def test_scoring_matches_whole_word_log_probs_with_a_multi_token_label(llama, tokenizer):
+    label_ids = PromptFormat(tokenizer, "decision", 512).label_token_ids()
+    assert max(len(ids) for ids in label_ids) > 1, "the tiny tokenizer should split one label word"
+    batch = batch_of(tokenizer)
+    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
+    got = label_log_probs(hidden_fn(llama), llama.lm_head, hidden, batch["input_ids"], batch["answer_pos"],
+                          label_ids, tokenizer.pad_token_id)
+    for i in range(len(batch["ids"])):
+        prompt = batch["input_ids"][i, : batch["answer_pos"][i]].tolist()
+        want = [whole_word_log_prob(llama, prompt, w) for w in label_ids]
+        torch.testing.assert_close(got[i], torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_single_token_labels_use_only_their_rows(llama, tokenizer):
+    label_ids = [[11], [12], [13]]
+    batch = batch_of(tokenizer)
+    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
+    got = label_log_probs(hidden_fn(llama), llama.lm_head, hidden, batch["input_ids"], batch["answer_pos"],
+                          label_ids, tokenizer.pad_token_id)
+    for i in range(len(batch["ids"])):
+        prompt = batch["input_ids"][i, : batch["answer_pos"][i]].tolist()
+        full = torch.tensor([whole_word_log_prob(llama, prompt, w) for w in label_ids])
+        torch.testing.assert_close(got[i].softmax(-1), full.softmax(-1), atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_answer_loss_equals_the_causal_lm_loss(llama, tokenizer):
+    batch = batch_of(tokenizer)
+    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
+    ours = answer_loss(hidden, llama.lm_head, batch["labels"])
+    reference = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, reference)
+
+
+def test_metrics_against_hand_computed_values():
+    # truth:  yes yes yes no no maybe maybe
+    # pred:   yes yes no  no yes maybe yes
+    truth = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 1, 1, 0, 2, 0])
+    metrics = classification_metrics("test/")
+    metrics.update(pred, truth)
+    values = metrics.compute()
+    # yes: tp 2, fp 2, fn 1 -> P 1/2, R 2/3, F1 4/7;  no: tp 1, fp 1, fn 1 -> F1 1/2;
+    # maybe: tp 1, fp 0, fn 1 -> P 1, R 1/2, F1 2/3
+    f1 = torch.tensor([4 / 7, 1 / 2, 2 / 3])
+    torch.testing.assert_close(values["test/acc"], torch.tensor(4 / 7))
+    torch.testing.assert_close(values["test/f1"], f1)
+    torch.testing.assert_close(values["test/macro_f1"], f1.mean())
