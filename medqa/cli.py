@@ -56,6 +56,11 @@ class MedQACLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite this run's model settings, command line included, with
+        those saved in the checkpoint. medqa keeps the settings given and refuses a
+        checkpoint that does not fit them, naming the difference (`MedQALoRA.on_load_checkpoint`)."""
+
     def before_instantiate_classes(self) -> None:
         """Resolve `--ckpt_path last|best` from the run directories on disk, and let a
         resumed fit write its curves into the run it resumes."""

@@ -232,21 +232,22 @@ class MedQALoRA(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved, ours = set(checkpoint["state_dict"]), self.trainable_names()
-        if saved != ours:
+        """Refuse, before any step, a checkpoint whose adapter does not fit this model."""
+        saved, ours = checkpoint["state_dict"], self.trainable_names()
+        if set(saved) != ours:
+            only_ckpt, only_model = sorted(set(saved) - ours), sorted(ours - set(saved))
+            problem = (f"{len(only_ckpt)} weights only in the checkpoint (e.g. {only_ckpt[:2]}), "
+                       f"{len(only_model)} only in the model (e.g. {only_model[:2]})")
+        else:
+            shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(self.get_parameter(k).shape)}"
+                      for k, v in saved.items() if self.get_parameter(k).shape != v.shape]
+            problem = f"{len(shapes)} weights differ in shape (e.g. {shapes[0]})" if shapes else ""
+        if problem:
             hp = checkpoint.get("hyper_parameters", {})
-            differs = [
-                f"{k}: checkpoint {hp[k]!r}, this run {self.hparams[k]!r}"
-                for k in ("pretrained", "lora_r", "target_modules", "use_rslora")
-                if k in hp and hp[k] != self.hparams.get(k)
-            ]
+            differs = [f"{k}: checkpoint {hp[k]!r}, this run {self.hparams.get(k)!r}"
+                       for k in ("pretrained", "lora_r", "target_modules", "use_rslora")
+                       if k in hp and hp[k] != self.hparams.get(k)]
             raise CheckpointMismatch(
                 "the checkpoint's adapter does not fit this model"
-                + (f" ({'; '.join(differs)})" if differs else "")
-                + f": {len(saved - ours)} weights only in the checkpoint (e.g. {sorted(saved - ours)[:2]}), "
-                f"{len(ours - saved)} only in the model (e.g. {sorted(ours - saved)[:2]})"
+                + (f" ({'; '.join(differs)})" if differs else "") + f": {problem}"
             )
-        for name, tensor in checkpoint["state_dict"].items():
-            param = self.get_parameter(name)
-            if param.shape != tensor.shape:
-                raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(param.shape)}")

@@ -1,0 +1,165 @@
+"""fit, validate, test, predict and resume through the CLI on the tiny model (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medqa.backends import BackendError
+from medqa.cli import main
+from medqa.data import official_split
+from medqa.demo import synthetic_records
+from medqa.model import CheckpointMismatch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def cli(*args: str, logs: Path):
+    return main([args[0], "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
+                 "--trainer.enable_progress_bar", "false", *args[1:]])
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's demo, exactly as configured, trained once for the tests below."""
+    logs = tmp_path_factory.mktemp("logs")
+    trained = cli("fit", logs=logs)
+    return logs, Path(trained.trainer.log_dir)
+
+
+def test_demo_learns_and_leaves_curves(demo_run):
+    _, run = demo_run
+    curves = scalars(run)
+    assert {"train/loss", "val/acc", "val/macro_f1", "val/loss", "val/f1_maybe"} <= set(curves)
+    assert curves["val/acc"][-1][1] >= 0.9
+    assert curves["train/loss"][-1][1] < curves["train/loss"][0][1] / 5
+
+
+def test_checkpoints_hold_only_the_adapter(demo_run):
+    _, run = demo_run
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert {p.name.startswith("best") for p in ckpts} == {True, False}  # best and last
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    keys = set(state["state_dict"])
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+    assert "optimizer_states" in state and "lr_schedulers" in state and state["global_step"] > 0
+    base = sum(v.numel() for k, v in state["state_dict"].items())
+    assert base < 50_000  # the LoRA weights alone; the tiny base has ~230k parameters
+
+
+def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
+    logs, run = demo_run
+    best = next((run / "checkpoints").glob("best*.ckpt"))
+    validated = cli("validate", "--ckpt_path", str(best), logs=tmp_path)
+    assert validated.trainer.callback_metrics["val/acc"] >= 0.9
+
+    tested = cli("test", "--ckpt_path", str(best), logs=tmp_path)
+    assert tested.trainer.callback_metrics["test/acc"] >= 0.9
+
+    predicted = cli("predict", "--ckpt_path", str(best), logs=tmp_path)
+    out = Path(predicted.trainer.log_dir)
+    answers = json.loads((out / "predictions.json").read_text())
+    test_set = official_split(synthetic_records())["test"]
+    assert list(answers) == [r.id for r in test_set]
+    assert set(answers.values()) <= {"yes", "no", "maybe"}
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(test_set)
+    assert all(abs(r["p_yes"] + r["p_no"] + r["p_maybe"] - 1) < 1e-4 for r in rows)
+    correct = sum(answers[r.id] == r.decision for r in test_set) / len(test_set)
+    assert correct == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]), abs=1e-6)
+
+
+def test_zero_shot_test_without_a_checkpoint(tmp_path):
+    tested = cli("test", logs=tmp_path)
+    assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) < 0.9  # the untrained base
+
+
+def test_predict_on_the_real_pqal_file_covers_the_official_test_set(demo_run, tmp_path, pubmedqa_dir):
+    _, run = demo_run
+    predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                    "--data.source", str(pubmedqa_dir / "ori_pqal.json"), logs=tmp_path)
+    answers = json.loads((Path(predicted.trainer.log_dir) / "predictions.json").read_text())
+    truth = json.loads((pubmedqa_dir / "test_ground_truth.json").read_text())
+    assert sorted(answers) == sorted(truth)
+
+
+def test_mismatched_checkpoint_is_refused(demo_run, tmp_path):
+    _, run = demo_run
+    with pytest.raises(CheckpointMismatch, match=r"lora_r: checkpoint 8, this run 4"):
+        cli("validate", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--model.lora_r", "4", logs=tmp_path)
+
+
+def test_unsloth_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendError, match="needs a CUDA GPU.*--model.backend hf"):
+        cli("validate", "--model.backend", "unsloth", logs=tmp_path)
+
+
+def test_sigkill_then_resume_continues_from_the_saved_step(tmp_path):
+    """Acceptance: a fit killed after its first checkpoint resumes from it, not from zero."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir",
+            str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "4",
+            "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1"]
+    last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not last.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), "no checkpoint was written"
+    time.sleep(0.5)  # let the write finish (atomic checkpoint writes are another issue's)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < saved_step < 32
+
+    resumed = subprocess.run(args + ["--ckpt_path", "last"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stderr + resumed.stdout
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 32
+    # The resumed run logs into the same run directory, its steps after the saved one.
+    events = sorted((tmp_path / "demo" / "version_0").glob("events.out.tfevents.*"), key=os.path.getmtime)
+    assert len(events) == 2 and not (tmp_path / "demo" / "version_1").exists()
+    acc = EventAccumulator(str(events[-1]))
+    acc.Reload()
+    resumed_steps = [e.step for e in acc.Scalars("train/loss")]
+    assert resumed_steps and min(resumed_steps) >= saved_step
+
+
+def test_help_imports_no_gpu_or_model_code():
+    # Lightning imports torchmetrics, which imports transformers' auto classes (not model code).
+    code = (
+        "import sys, runpy; sys.argv = ['medqa', 'fit', '--help']\n"
+        "try:\n    runpy.run_module('medqa', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('unsloth', 'bitsandbytes', 'peft', 'datasets')"
+        " or (m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m)]\n"
+        "print('IMPORTED', bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "--model.lora_r" in out.stdout and "--data.fold" in out.stdout
+    assert "IMPORTED []" in out.stdout
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "pretrained:" in printed and "class_path: medqa.model.WarmupCosine" in printed
