@@ -17,3 +17,4 @@ run() { /usr/bin/time -f "$1: %e s wall, %M KB peak host RSS" python -m medqa "$
 run fit "${ARGS[@]}" --trainer.max_steps 30 --trainer.val_check_interval 40 --trainer.limit_val_batches 4
 run test "${ARGS[@]}" --ckpt_path best
 run predict "${ARGS[@]}" --ckpt_path best
+du -h logs/"$NAME"/version_0/checkpoints/*.ckpt
