@@ -433,10 +433,6 @@ class PubMedQADataModule(L.LightningDataModule):
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
 
-    def prepare_data(self) -> None:
-        # Fail on a bad file before any model is loaded.
-        read_source(self.source, self.hub_config)
-
     def setup(self, stage: str) -> None:
         if self.format is None:
             from medqa.backends import load_tokenizer

@@ -110,6 +110,13 @@ def test_unsloth_without_cuda_is_a_clear_error(tmp_path):
         cli("validate", "--model.backend", "unsloth", logs=tmp_path)
 
 
+def test_model_hub_unreachable_says_how_to_work_offline():
+    from medqa.backends import load_tokenizer
+
+    with pytest.raises(BackendError, match=r"(?s)'no-such-org/no-such-llama'.*HF_HUB_OFFLINE=1.*local directory"):
+        load_tokenizer("no-such-org/no-such-llama")
+
+
 def test_sigkill_then_resume_continues_from_the_saved_step(tmp_path):
     """Acceptance: a fit killed after its first checkpoint resumes from it, not from zero."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
