@@ -1,0 +1,260 @@
+"""Training throughput of medqa against Unsloth alone and the standard QLoRA recipe, on the
+same tokenized PubMedQA batches, on one GPU.
+
+    source .gpukit/activate.sh   # on the lent GPU machine
+    python benchmarks/make_random_llama.py --shape 8b --out /tmp/llama-8b-random --corpus .gpudata/ori_pqal.json
+    python benchmarks/throughput.py --model /tmp/llama-8b-random --data .gpudata/ori_pqal.json
+
+Paths, each in its own process (Unsloth patches transformers and peft on import):
+  medqa    the project's LightningModule under Lightning's Trainer, unsloth backend, 4-bit
+  unsloth  FastLanguageModel + get_peft_model in a plain PyTorch loop
+  hf       transformers + peft + bitsandbytes (prepare_model_for_kbit_training), plain loop,
+           bf16 autocast: the standard QLoRA recipe
+All three train on the same batches: PQA-L's training folds as medqa tokenizes them, in the
+order medqa's DataModule gives them, padded per batch. Each path warms up, then is timed
+with the GPU synchronised at both ends. Tokens are non-padding tokens. Peak memory is
+`torch.cuda.max_memory_allocated` from the first training step on (loading excluded).
+Scoring time is the 500 official test questions after the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+LORA = dict(r=16, alpha=16, dropout=0.0,
+            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LR = 2e-4
+
+
+def datamodule(args):
+    from medqa.data import PubMedQADataModule
+
+    dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=args.max_length,
+                            batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
+    dm.setup("fit")
+    return dm
+
+
+def batches(dm, n: int) -> list[dict]:
+    """The first `n` training batches in medqa's order (repeating the epoch if needed)."""
+    out = []
+    while len(out) < n:
+        out += list(dm.train_dataloader())
+    return out[:n]
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def timed_loop(step, data: list[dict], warmup: int) -> dict:
+    """Run `step` over `data`; time the steps after `warmup`."""
+    for batch in data[:warmup]:
+        step(to_device(batch))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    tokens = sum(int(b["attention_mask"].sum()) for b in data[warmup:])
+    start = time.perf_counter()
+    for batch in data[warmup:]:
+        step(to_device(batch))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": seconds, "steps": len(data) - warmup}
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def run_medqa(args) -> dict:
+    from medqa.backends import import_unsloth_first
+
+    import_unsloth_first(["fit", "--model.backend", "unsloth"])
+    import lightning as L
+
+    from medqa.model import MedQALoRA
+
+    dm = datamodule(args)
+    n = args.warmup + args.steps
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+            if batch_idx >= args.warmup:
+                self.tokens = getattr(self, "tokens", 0) + int(batch["attention_mask"].sum())
+
+        def on_train_end(self, trainer, module):
+            torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.start
+
+    timer = Timer()
+    model = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
+                      lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["targets"],
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision=args.precision, max_steps=n, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[timer])
+    trainer.fit(model, datamodule=dm)
+    result = {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    torch.cuda.synchronize()
+    result["score_seconds"] = time.perf_counter() - start
+    result["scored"] = len(dm.examples["test"])
+    result["test_acc"] = metrics["test/acc"]
+    return result
+
+
+def run_unsloth(args) -> dict:
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.max_length, dtype=torch.bfloat16,
+                                                 load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"],
+        bias="none", use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=args.max_length)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    data = batches(datamodule(args), args.warmup + args.steps)
+
+    def step(batch):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = timed_loop(step, data, args.warmup)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def run_hf(args) -> dict:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    dm = datamodule(args)
+    data = batches(dm, args.warmup + args.steps)
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = timed_loop(step, data, args.warmup)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+    # Scoring as a generic pipeline does it: full logits, label tokens at the answer position.
+    model.eval()
+    first = torch.tensor([ids[0] for ids in dm.label_token_ids()], device="cuda")
+    correct = 0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for batch in dm.test_dataloader():
+            batch = to_device(batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            rows = logits[torch.arange(logits.size(0), device="cuda"), batch["answer_pos"] - 1]
+            correct += int((rows[:, first].argmax(-1) == batch["label"]).sum())
+    torch.cuda.synchronize()
+    result["score_seconds"] = time.perf_counter() - start
+    result["scored"] = len(dm.examples["test"])
+    result["test_acc"] = correct / result["scored"]
+    return result
+
+
+PATHS = {"medqa": run_medqa, "unsloth": run_unsloth, "hf": run_hf}
+TITLES = {"medqa": "medqa (Lightning, unsloth backend, 4-bit)", "unsloth": "Unsloth alone (plain loop, 4-bit)",
+          "hf": "transformers + peft + bitsandbytes (QLoRA, plain loop)"}
+
+
+def table(results: dict[str, dict], args, card: str) -> str:
+    lines = [
+        f"{card}, {date.today().isoformat()}; {Path(args.model).name}, batch {args.batch_size}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps, LoRA r {LORA['r']} on 7 projections",
+        "",
+        "| path | train tokens/s | step time (s) | peak GPU memory (GiB) | score 500 test questions (s) | vs Unsloth alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = results.get("unsloth", {}).get("tokens_per_s")
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {TITLES[name]} | failed: {r['error']} | | | | |")
+            continue
+        score = f"{r['score_seconds']:.1f}" if "score_seconds" in r else "-"
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(f"| {TITLES[name]} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | {score} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local model directory (make_random_llama.py)")
+    parser.add_argument("--data", required=True, help="ori_pqal.json")
+    parser.add_argument("--paths", default="medqa,unsloth,hf")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", default="32-true", help="Lightning precision for the medqa path")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))
+    parser.add_argument("--one", choices=sorted(PATHS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:  # a child process: run one path, print its result as the last line
+        result = PATHS[args.one](args)
+        result["tokens_per_s"] = result["tokens"] / result["seconds"]
+        result["step_s"] = result["seconds"] / result["steps"]
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    results = {}
+    for name in args.paths.split(","):
+        cmd = [sys.executable, __file__, "--one", name] + [a for a in sys.argv[1:]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            results[name] = {"error": tail[0][:200]}
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        else:
+            results[name] = json.loads(lines[-1][7:])
+        print(f"{name}: {results[name]} ({time.perf_counter() - t0:.0f} s with loading)", flush=True)
+        # Written after every path, so a run cut short keeps what it measured.
+        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        text = table(results, args, card)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n\nCommand: python " + " ".join(sys.argv) + "\n\n```json\n"
+                            + json.dumps(results, indent=1) + "\n```\n")
+    print("\n" + text + f"\n\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
