@@ -370,6 +370,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         input_ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
+    # Positions whose next token is an answer token, flattened over (batch, time).
+    rows, cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
     return {
         "ids": [e.id for e in examples],
         "input_ids": input_ids,
@@ -377,6 +379,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         "labels": labels,
         "answer_pos": torch.tensor([e.answer_pos for e in examples]),
         "label": torch.tensor([e.label for e in examples]),
+        "loss_pos": rows * width + cols,
+        "loss_targets": labels[rows, cols + 1],
+        "num_tokens": sum(len(e.input_ids) for e in examples),
     }
 
 

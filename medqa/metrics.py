@@ -23,12 +23,15 @@ HiddenFn = Callable[[Tensor, Tensor], Tensor]
 """(input_ids, attention_mask) -> last hidden states (batch, time, hidden)."""
 
 
-def answer_loss(hidden: Tensor, head: torch.nn.Module, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over the answer tokens, projecting only those positions."""
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep])
+def answer_loss(hidden: Tensor, head: torch.nn.Module, loss_pos: Tensor, loss_targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the answer tokens, projecting only those positions.
+
+    `loss_pos` indexes the flattened (batch * time) positions whose next token is an answer
+    token, `loss_targets` holds those tokens; both come from `collate`, so selecting them
+    needs no device-to-host sync (a boolean mask would).
+    """
+    logits = head(hidden.flatten(0, 1)[loss_pos]).float()
+    return F.cross_entropy(logits, loss_targets)
 
 
 def _rows(hidden: Tensor, pos: Tensor) -> Tensor:

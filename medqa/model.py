@@ -147,11 +147,16 @@ class MedQALoRA(L.LightningModule):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out[0]
 
-    def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(answer loss, log-probs of yes/no/maybe) for a batch, from one forward pass."""
+    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(answer loss, last hidden states) of a batch."""
         _, head = decoder_and_head(self.model)
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-        loss = answer_loss(hidden, head, batch["labels"])
+        return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"]), hidden
+
+    def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(answer loss, log-probs of yes/no/maybe) for a batch, from one forward pass."""
+        loss, hidden = self._loss(batch)
+        _, head = decoder_and_head(self.model)
         logp = label_log_probs(
             self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id
         )
@@ -171,10 +176,8 @@ class MedQALoRA(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._train_tokens += int(batch["attention_mask"].sum())
-        _, head = decoder_and_head(self.model)
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-        loss = answer_loss(hidden, head, batch["labels"])
+        self._train_tokens += batch["num_tokens"]  # counted on the host, no sync
+        loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 

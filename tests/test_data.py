@@ -150,6 +150,11 @@ def test_collate_pads_to_the_longest_in_the_batch(tokenizer):
         assert batch["attention_mask"][i].sum() == n
         assert (batch["input_ids"][i, n:] == 7).all() and (batch["labels"][i, n:] == -100).all()
     assert torch.equal(batch["label"], torch.tensor([e.label for e in examples]))
+    assert batch["num_tokens"] == int(batch["attention_mask"].sum())
+    # The loss positions are exactly those whose next token carries a label.
+    flat = batch["labels"].flatten()
+    assert torch.equal(flat[batch["loss_pos"] + 1], batch["loss_targets"])
+    assert len(batch["loss_pos"]) == int((batch["labels"] != -100).sum())
 
 
 # ---------------------------------------------------------------- bad input

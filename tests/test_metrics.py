@@ -62,7 +62,7 @@ def test_single_token_labels_use_only_their_rows(llama, tokenizer):
 def test_answer_loss_equals_the_causal_lm_loss(llama, tokenizer):
     batch = batch_of(tokenizer)
     hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
-    ours = answer_loss(hidden, llama.lm_head, batch["labels"])
+    ours = answer_loss(hidden, llama.lm_head, batch["loss_pos"], batch["loss_targets"])
     reference = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours, reference)
 
