@@ -10,29 +10,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from medqa.checkpoints import find_checkpoint
 from medqa.data import PubMedQADataModule
 from medqa.model import MedQALoRA
 from medqa.predictions import PredictionWriter
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
-
-
-def find_checkpoint(run_root: Path, which: str) -> Path | None:
-    """The newest run's `last.ckpt` (which='last') or its best checkpoint (which='best')."""
-    versions = sorted(
-        (d for d in run_root.glob("version_*") if d.name[8:].isdigit() and (d / "checkpoints").is_dir()),
-        key=lambda d: int(d.name[8:]),
-        reverse=True,
-    )
-    for version in versions:
-        ckpts = version / "checkpoints"
-        if which == "last" and (ckpts / "last.ckpt").is_file():
-            return ckpts / "last.ckpt"
-        if which == "best":
-            best = sorted(p for p in ckpts.glob("*.ckpt") if not p.name.startswith("last"))
-            if best:
-                return max(best, key=lambda p: p.stat().st_mtime)
-    return None
 
 
 class MedQACLI(LightningCLI):
@@ -41,15 +24,24 @@ class MedQACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")
         parser.link_arguments("data.max_length", "model.max_length")
+        # Two checkpoint callbacks: Lightning's save_last writes last.ckpt only when a top-k
+        # checkpoint was saved at the same step, so with a monitor it would not follow the run.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 1,
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch}-step{step}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",  # rewritten at every save: what resume reads
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -62,9 +54,14 @@ class MedQACLI(LightningCLI):
         checkpoint that does not fit them, naming the difference (`MedQALoRA.on_load_checkpoint`)."""
 
     def before_instantiate_classes(self) -> None:
-        """Resolve `--ckpt_path last|best` from the run directories on disk, and let a
-        resumed fit write its curves into the run it resumes."""
+        """Load checkpoints weights-only unless told otherwise; resolve `--ckpt_path
+        last|best` from the run directories on disk, and let a resumed fit write its curves
+        into the run it resumes."""
         config = self.config[self.subcommand]
+        if config.get("weights_only") is None:
+            # medqa's checkpoints hold only tensors and plain values: load them without
+            # unpickling code. Pass --weights_only false for a checkpoint that needs more.
+            config.weights_only = True
         if config.get("ckpt_path") not in ("last", "best"):
             return
         logger = config.trainer.logger
@@ -96,6 +93,7 @@ def main(args: list[str] | None = None) -> MedQACLI:
         args=args,
         trainer_defaults={
             "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa"}},
+            "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
         },
         save_config_kwargs={"config_filename": "config.yaml"},
     )

@@ -1,0 +1,89 @@
+"""Checkpoint files survive a kill in the middle of a write."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from medqa.checkpoints import AtomicCheckpointIO, find_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def test_atomic_write_replaces_whole_files_and_clears_leftovers(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    (tmp_path / "checkpoints" / "last.ckpt.tmp").write_bytes(b"half a checkpoint")
+    io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+def test_find_checkpoint_takes_the_newest_run(tmp_path):
+    for version, names in ((0, ["last.ckpt", "best-a.ckpt"]), (1, ["last.ckpt"]), (2, [])):
+        d = tmp_path / f"version_{version}" / "checkpoints"
+        d.mkdir(parents=True)
+        for name in names:
+            (d / name).write_bytes(b"x")
+    assert find_checkpoint(tmp_path, "last") == tmp_path / "version_1" / "checkpoints" / "last.ckpt"
+    assert find_checkpoint(tmp_path, "best") == tmp_path / "version_0" / "checkpoints" / "best-a.ckpt"
+    assert find_checkpoint(tmp_path / "nothing", "last") is None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_stalled(run: subprocess.Popen, seconds: float = 3.0, deadline: float = 120.0) -> bool:
+    """True once the process is alive but has used no CPU for `seconds`: blocked in a call."""
+    end = time.time() + deadline
+    last, since = cpu_seconds(run.pid), time.time()
+    while run.poll() is None and time.time() < end:
+        time.sleep(0.25)
+        now = cpu_seconds(run.pid)
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= seconds:
+            return True
+    return False
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
+    args = [sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir",
+            str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "4",
+            "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1"]
+    ckpts = tmp_path / "demo" / "version_0" / "checkpoints"
+    last = ckpts / "last.ckpt"
+    run = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not last.exists() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert last.exists(), "no first checkpoint"
+        # The next write of last.ckpt opens last.ckpt.tmp: make it a FIFO with no reader, so
+        # the writer blocks inside the write, and kill it there.
+        os.mkfifo(ckpts / "last.ckpt.tmp")
+        assert wait_until_stalled(run), "the run did not block in its second write"
+        assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 8  # the first checkpoint, whole
+    # A real kill leaves a partial regular file, not our FIFO: put one there instead.
+    (ckpts / "last.ckpt.tmp").unlink()
+    (ckpts / "last.ckpt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+
+    resumed = subprocess.run(args + ["--ckpt_path", "last"], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 32
+    assert not (ckpts / "last.ckpt.tmp").exists()
