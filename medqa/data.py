@@ -169,7 +169,8 @@ def read_file(path: str | Path) -> list[Record]:
 
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        # JSON Lines ends records at "\n" only (splitlines would also cut at U+0085, U+2028...).
+        for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -324,7 +325,7 @@ class PromptFormat:
         else:
             bos = self.tokenizer.bos_token or ""
             text = bos + prompts.plain_prompt(question)
-        prefix, suffix = text.split(prompts.CONTEXT_PLACEHOLDER)
+        prefix, suffix = text.split(prompts.CONTEXT_PLACEHOLDER, 1)  # the abstract comes first
         return prefix, suffix
 
     def label_token_ids(self) -> list[list[int]]:

@@ -199,6 +199,8 @@ def test_missing_file(tmp_path):
         ("CONTEXTS", "a string", r"record '10000001': field 'CONTEXTS' must be a list of strings, got str"),
         ("LONG_ANSWER", 3, r"record '10000001': field 'LONG_ANSWER' must be a string, got int"),
         ("final_decision", None, r"record '10000001': missing field 'final_decision'"),
+        ("final_decision", 1, r"record '10000001': field 'final_decision' must be one of yes/no/maybe, got 1"),
+        ("QUESTION", ["a list"], r"record '10000001': field 'QUESTION' must be a non-empty question"),
     ],
 )
 def test_bad_records_name_file_record_and_field(tmp_path, field, value, message):
@@ -209,6 +211,18 @@ def test_bad_records_name_file_record_and_field(tmp_path, field, value, message)
         data["10000001"][field] = value
     path = write(tmp_path, "pqal.json", json.dumps(data))
     with pytest.raises(DataError, match=r"pqal\.json: " + message):
+        read_file(path)
+
+
+def test_hub_schema_wrong_types(tmp_path):
+    record = as_hub(synthetic_records(1)[0])
+    record["context"]["contexts"] = "one string"
+    path = write(tmp_path, "bad.jsonl", json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 1: field 'context.contexts' must be a list of strings, got str"):
+        read_file(path)
+    record["context"] = "abstract"
+    path = write(tmp_path, "bad.json", json.dumps([record]))
+    with pytest.raises(DataError, match=r"bad\.json: record 0: field 'context' must be an object"):
         read_file(path)
 
 

@@ -1,0 +1,83 @@
+"""Property-based tests: whatever the text, the answer is never cut, it sits inside the
+sequence, and only the answer carries labels; readers give back what was written."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medqa.data import DataError, PromptFormat, Record, collate, read_file
+from medqa.prompts import LABELS
+
+# Unicode of every kind, odd whitespace included, but no lone surrogates (not valid UTF-8).
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+WHITESPACE = st.text(st.sampled_from(" \t\n\r\u00a0\u2003\u200b"), max_size=5)
+
+
+@st.composite
+def records(draw, ids=st.integers(1, 10**9)):
+    n = draw(st.integers(0, 6))
+    question = draw(WHITESPACE) + draw(TEXT.filter(lambda t: t.strip())) + draw(WHITESPACE)
+    return Record(
+        id=str(draw(ids)),
+        question=question.strip(),
+        contexts=draw(st.lists(st.one_of(TEXT, st.just(""), TEXT.map(lambda t: t * 20)), min_size=n, max_size=n)),
+        context_labels=draw(st.lists(st.sampled_from(["BACKGROUND", "METHODS", "RESULTS", ""]), min_size=n, max_size=n)),
+        long_answer=draw(TEXT),
+        decision=draw(st.sampled_from(LABELS)),
+    )
+
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("target", ["decision", "long_answer"])
+@SETTINGS
+@given(record=records(), max_length=st.integers(48, 700))
+def test_answer_is_never_cut_and_only_it_is_labelled(tokenizer, target, record, max_length):
+    fmt = PromptFormat(tokenizer, target, max_length)
+    try:
+        ex = fmt.encode(record)
+    except DataError as e:
+        # Allowed only when the question and answer alone do not fit, and said so.
+        assert f"record {record.id!r}" in str(e) and "max_length" in str(e)
+        return
+    word = fmt.label_token_ids()[record.label]
+    assert len(ex.input_ids) == len(ex.labels) <= max_length
+    assert 0 < ex.answer_pos and ex.answer_pos + len(word) < len(ex.input_ids)
+    assert ex.input_ids[ex.answer_pos : ex.answer_pos + len(word)] == word
+    first = next(i for i, t in enumerate(ex.labels) if t != -100)
+    assert all(t == -100 for t in ex.labels[:first])
+    assert ex.labels[first:] == ex.input_ids[first:]  # the whole answer, to the end
+    if target == "decision":
+        assert first == ex.answer_pos
+    # The question is never cut: it decodes intact from the prompt.
+    assert record.question in tokenizer.decode(ex.input_ids[:first])
+
+
+@SETTINGS
+@given(batch=st.lists(records(), min_size=1, max_size=6, unique_by=lambda r: r.id))
+def test_collate_keeps_every_example_whole(tokenizer, batch):
+    fmt = PromptFormat(tokenizer, "decision", 100_000)
+    examples = [fmt.encode(r) for r in batch]
+    out = collate(examples, pad_id=tokenizer.pad_token_id)
+    assert out["ids"] == [r.id for r in batch]
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        assert out["input_ids"][i, :n].tolist() == e.input_ids and out["labels"][i, :n].tolist() == e.labels
+        assert out["attention_mask"][i].sum() == n
+
+
+@SETTINGS
+@given(batch=st.lists(records(), min_size=1, max_size=8, unique_by=lambda r: r.id))
+def test_readers_give_back_what_was_written(tmp_path_factory, batch):
+    d = tmp_path_factory.mktemp("files")
+    original = {r.id: {"QUESTION": r.question, "CONTEXTS": r.contexts, "LABELS": r.context_labels,
+                       "LONG_ANSWER": r.long_answer, "final_decision": r.decision} for r in batch}
+    hub = [{"pubid": r.id, "question": r.question, "context": {"contexts": r.contexts, "labels": r.context_labels},
+            "long_answer": r.long_answer, "final_decision": r.decision} for r in batch]
+    (d / "ori.json").write_text(json.dumps(original), encoding="utf-8")
+    (d / "hub.jsonl").write_text("\n".join(json.dumps(h, ensure_ascii=False) for h in hub), encoding="utf-8")
+    assert read_file(d / "ori.json") == batch
+    assert read_file(d / "hub.jsonl") == batch
