@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -69,6 +70,9 @@ class MedQALoRA(L.LightningModule):
         gradient_checkpointing: Recompute activations in backward (Unsloth's own variant on
             that backend) to fit long sequences.
         trust_remote_code: Let the hub model run its own Python code. Off unless you trust it.
+        nonfinite: On a NaN or infinite training loss: `error` stops the run naming the step
+            and the questions in the batch; `skip` skips that batch's update and counts it
+            (`train/skipped_batches`).
         lora_seed: Seed for the LoRA initialisation.
         optimizer: Optimizer for the LoRA weights (e.g. torch.optim.AdamW,
             bitsandbytes.optim.AdamW8bit on a GPU).
@@ -89,6 +93,7 @@ class MedQALoRA(L.LightningModule):
         use_rslora: bool = False,
         gradient_checkpointing: bool = True,
         trust_remote_code: bool = False,
+        nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosine,
@@ -100,6 +105,7 @@ class MedQALoRA(L.LightningModule):
         self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules or LLAMA_LORA_TARGETS, use_rslora)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.nonfinite, self.skipped_batches = nonfinite, 0
         # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
@@ -175,9 +181,21 @@ class MedQALoRA(L.LightningModule):
             f"({self._train_tokens / max(seconds, 1e-9):,.0f} tokens/s, validation included){peak}."
         )
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self._train_tokens += batch["num_tokens"]  # counted on the host, no sync
         loss, _ = self._loss(batch)
+        if not torch.isfinite(loss):  # one host sync a step; the progress bar makes one anyway
+            where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            if self.nonfinite == "error":
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at {where}; questions in the batch: "
+                    f"{', '.join(batch['ids'])}. Check those records or lower the learning rate; "
+                    "--model.nonfinite skip skips such batches instead."
+                )
+            self.skipped_batches += 1
+            rank_zero_info(f"Skipped the update of {where}: non-finite loss; questions {', '.join(batch['ids'])}.")
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None  # Lightning skips the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
@@ -230,27 +248,40 @@ class MedQALoRA(L.LightningModule):
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
+    def base_fingerprint(self) -> dict[str, Any]:
+        """What identifies the base model: its name and architecture."""
+        config = self.model.get_base_model().config
+        keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size")
+        return {"name": Path(self.pretrained.rstrip("/")).name, **{k: getattr(config, k, None) for k in keys}}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["medqa_base"] = self.base_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, before any step, a checkpoint whose adapter does not fit this model."""
-        saved, ours = checkpoint["state_dict"], self.trainable_names()
-        if set(saved) != ours:
-            only_ckpt, only_model = sorted(set(saved) - ours), sorted(ours - set(saved))
-            problem = (f"{len(only_ckpt)} weights only in the checkpoint (e.g. {only_ckpt[:2]}), "
-                       f"{len(only_model)} only in the model (e.g. {only_model[:2]})")
+        """Refuse, before any step, a checkpoint made with another base model or other LoRA
+        settings, naming what differs."""
+        hp = checkpoint.get("hyper_parameters", {})
+        ours = {"lora_r": self.lora.r, "lora_alpha": self.lora.alpha, "target_modules": self.lora.target_modules,
+                "use_rslora": self.lora.use_rslora}
+        theirs = {**ours, **{k: hp[k] for k in ours if k in hp}}
+        theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
+        differs = [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items() if theirs[k] != v]
+        base, our_base = checkpoint.get("medqa_base", {}), self.base_fingerprint()
+        differs += [f"base model {k}: checkpoint {base[k]!r}, this run {our_base[k]!r}"
+                    for k in our_base if k in base and base[k] != our_base[k]]
+
+        saved, names = checkpoint["state_dict"], self.trainable_names()
+        if set(saved) != names:
+            only_ckpt, only_model = sorted(set(saved) - names), sorted(names - set(saved))
+            differs.append(f"{len(only_ckpt)} weights only in the checkpoint (e.g. {only_ckpt[:2]}), "
+                           f"{len(only_model)} only in the model (e.g. {only_model[:2]})")
         else:
             shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(self.get_parameter(k).shape)}"
                       for k, v in saved.items() if self.get_parameter(k).shape != v.shape]
-            problem = f"{len(shapes)} weights differ in shape (e.g. {shapes[0]})" if shapes else ""
-        if problem:
-            hp = checkpoint.get("hyper_parameters", {})
-            differs = [f"{k}: checkpoint {hp[k]!r}, this run {self.hparams.get(k)!r}"
-                       for k in ("pretrained", "lora_r", "target_modules", "use_rslora")
-                       if k in hp and hp[k] != self.hparams.get(k)]
-            raise CheckpointMismatch(
-                "the checkpoint's adapter does not fit this model"
-                + (f" ({'; '.join(differs)})" if differs else "") + f": {problem}"
-            )
+            if shapes:
+                differs.append(f"{len(shapes)} weights differ in shape (e.g. {shapes[0]})")
+        if differs:
+            raise CheckpointMismatch("the checkpoint does not fit this run's model: " + "; ".join(differs))

@@ -31,3 +31,97 @@ def test_warmup_cosine_schedule():
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5, abs=1e-6) and lrs[99] < 0.001
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # no increase after warm-up
+
+
+def tiny_module(**kwargs) -> MedQALoRA:
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+                       gradient_checkpointing=False, **kwargs)
+    module.configure_model()
+    return module
+
+
+def checkpoint_of(module: MedQALoRA) -> dict:
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    return ckpt
+
+
+def test_checkpoint_keeps_only_lora_and_names_its_base(medqa_cache):
+    ckpt = checkpoint_of(tiny_module())
+    assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])
+    assert ckpt["medqa_base"]["name"] == "builtin:tiny-llama" and ckpt["medqa_base"]["hidden_size"] == 64
+    tiny_module().on_load_checkpoint(ckpt)  # the same settings load
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["hyper_parameters"].update(lora_alpha=64), r"lora_alpha: checkpoint 64, this run 16"),
+        (lambda c: c["hyper_parameters"].update(use_rslora=True), r"use_rslora: checkpoint True, this run False"),
+        (lambda c: c["medqa_base"].update(name="Llama-3.1-8B"), r"base model name: checkpoint 'Llama-3.1-8B'"),
+        (lambda c: c["medqa_base"].update(hidden_size=4096), r"base model hidden_size: checkpoint 4096, this run 64"),
+        (lambda c: c["state_dict"].popitem(), r"0 weights only in the checkpoint.*1 only in the model"),
+    ],
+)
+def test_mismatched_checkpoints_are_refused_naming_the_difference(medqa_cache, change, message):
+    from medqa.model import CheckpointMismatch
+
+    ckpt = checkpoint_of(tiny_module())
+    change(ckpt)
+    with pytest.raises(CheckpointMismatch, match=message):
+        tiny_module().on_load_checkpoint(ckpt)
+
+
+class PoisonOneBatch:
+    """Sets one LoRA weight to NaN for training batch `at`, then puts it back."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.saved = at, None
+
+    def hooks(self):
+        import lightning as L
+
+        poison = self
+
+        class Hook(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if batch_idx == poison.at:
+                    name = sorted(module.trainable_names())[0]
+                    poison.param = module.get_parameter(name)
+                    poison.saved = poison.param.detach().clone()
+                    with torch.no_grad():
+                        poison.param.fill_(float("nan"))
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if batch_idx == poison.at:
+                    with torch.no_grad():
+                        poison.param.copy_(poison.saved)
+
+        return Hook()
+
+
+def run_with_poison(tmp_path, nonfinite: str):
+    import lightning as L
+
+    from medqa.data import PubMedQADataModule
+
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+                       gradient_checkpointing=False, nonfinite=nonfinite)
+    data = PubMedQADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                        callbacks=[PoisonOneBatch(at=2).hooks()])
+    trainer.fit(module, datamodule=data)
+    return module, trainer
+
+
+def test_nonfinite_loss_stops_naming_step_and_questions(medqa_cache, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 2 \(epoch 0, batch 2\); questions in the batch: \d+, \d+, \d+, \d+"):
+        run_with_poison(tmp_path, "error")
+
+
+def test_nonfinite_loss_can_skip_the_batch(medqa_cache, tmp_path):
+    module, trainer = run_with_poison(tmp_path, "skip")
+    assert module.skipped_batches == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the NaN never reached the weights
+    assert trainer.global_step == 5  # skipped batch is not a step; training went on to max_steps
