@@ -15,7 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from medqa import prompts
 from medqa.prompts import LABELS, Target
@@ -386,6 +386,31 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     }
 
 
+class ResumableSampler(Sampler[int]):
+    """A shuffle whose order is a function of (seed, epoch) alone, so a run resumed
+    mid-epoch sees the rest of that epoch in the order a run never stopped would.
+
+    Lightning calls `set_epoch` at each epoch start. The first `skip` examples are left out
+    of the next iteration only (set when resuming).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.skip = epoch, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        start, self.skip = self.skip, 0
+        return iter(order[start:])
+
+
 # ------------------------------------------------------------------------ DataModule
 
 
@@ -438,6 +463,8 @@ class PubMedQADataModule(L.LightningDataModule):
         self.predict_split, self.num_workers, self.shuffle_seed = predict_split, num_workers, shuffle_seed
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
+        self.train_sampler: ResumableSampler | None = None
+        self.consumed = 0  # training batches used in the current epoch
 
     def setup(self, stage: str) -> None:
         if self.format is None:
@@ -472,31 +499,54 @@ class PubMedQADataModule(L.LightningDataModule):
     def label_token_ids(self) -> list[list[int]]:
         return self.format.label_token_ids()
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         return DataLoader(
             self.examples[split],
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        if self.train_sampler is None:
+            self.train_sampler = ResumableSampler(len(self.examples["train"]), self.shuffle_seed)
+        return DataLoader(
+            self.examples["train"],
+            batch_size=self.batch_size,
+            sampler=self.train_sampler,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("dev", self.eval_batch_size, shuffle=False)
+        return self._loader("dev", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split, self.eval_batch_size, shuffle=False)
+        return self._loader(self.predict_split, self.eval_batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for each batch as a step takes it (not when Lightning prefetches it), so
+        # `consumed` is exactly the position a resumed run must continue from.
+        if self.trainer is not None and self.trainer.training:
+            sampler = self.train_sampler
+            if sampler is not None and sampler.epoch != getattr(self, "_consumed_epoch", sampler.epoch):
+                self.consumed = 0
+            self._consumed_epoch = sampler.epoch if sampler is not None else 0
+            self.consumed += 1
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "max_length": self.max_length}
+        state: dict[str, Any] = {"target": self.target, "max_length": self.max_length}
+        if self.train_sampler is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+            epoch, consumed = self.train_sampler.epoch, self.consumed
+            if consumed >= self.trainer.num_training_batches:  # the epoch is over
+                epoch, consumed = epoch + 1, 0
+            state["train_position"] = {"epoch": epoch, "batches": consumed, "seed": self.shuffle_seed,
+                                       "batch_size": self.batch_size, "size": len(self.examples["train"])}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("target", self.target) != self.target:
@@ -504,6 +554,20 @@ class PubMedQADataModule(L.LightningDataModule):
                 f"the checkpoint was trained with --data.target {state['target']!r}, this run uses "
                 f"{self.target!r}; pass --data.target {state['target']} so the prompt matches"
             )
+        position = state.get("train_position")
+        if position is not None and "train" in self.examples:
+            ours = {"seed": self.shuffle_seed, "batch_size": self.batch_size, "size": len(self.examples["train"])}
+            differs = [f"{k}: checkpoint {position[k]}, this run {v}" for k, v in ours.items() if position.get(k, v) != v]
+            if differs:
+                raise DataError(
+                    "cannot resume the training order: the checkpoint's training data differs ("
+                    + "; ".join(differs) + "); resume with the same --data settings"
+                )
+            if self.train_sampler is None:
+                self.train_sampler = ResumableSampler(len(self.examples["train"]), self.shuffle_seed)
+            self.train_sampler.epoch = position["epoch"]
+            self.train_sampler.skip = position["batches"] * self.batch_size
+            self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
 
 
 def label_counts(records: Iterable[Record]) -> dict[str, int]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa.data import DataError, PromptFormat, Record, collate, official_split, read_file, read_source
+from medqa.data import DataError, PromptFormat, Record, ResumableSampler, collate, official_split, read_file, read_source
 from medqa.demo import synthetic_records
 from medqa.prompts import LABELS
 
@@ -247,3 +247,15 @@ def test_hub_unreachable_says_how_to_work_offline():
 def test_every_label_word_is_scored(tokenizer):
     ids = PromptFormat(tokenizer, "decision", 512).label_token_ids()
     assert len(ids) == len(LABELS) and all(ids) and len({tuple(i) for i in ids}) == 3
+
+
+def test_training_order_depends_on_seed_and_epoch_alone():
+    a, b = ResumableSampler(50, seed=3), ResumableSampler(50, seed=3)
+    epoch0 = list(a)
+    assert sorted(epoch0) == list(range(50)) and list(b) == epoch0
+    a.set_epoch(1)
+    epoch1 = list(a)
+    assert epoch1 != epoch0 and sorted(epoch1) == list(range(50))
+    b.epoch, b.skip = 1, 20  # as a resumed run sets it
+    assert list(b) == epoch1[20:]
+    assert list(b) == epoch1  # the skip applies once
