@@ -1,7 +1,6 @@
 """fit, validate, test, predict and resume through the CLI on the tiny model (CPU)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
