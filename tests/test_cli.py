@@ -80,6 +80,15 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
     assert correct == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]), abs=1e-6)
 
 
+def test_predict_answers_every_question_once(demo_run, tmp_path):
+    _, run = demo_run
+    predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.predict_split", "all",
+                    "--data.eval_batch_size", "7", logs=tmp_path)
+    rows = (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    ids = [json.loads(r)["id"] for r in rows]
+    assert sorted(ids) == sorted(r.id for r in synthetic_records())  # 1,000 questions, none lost or doubled
+
+
 def test_zero_shot_test_without_a_checkpoint(tmp_path):
     tested = cli("test", logs=tmp_path)
     assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) < 0.9  # the untrained base
