@@ -31,31 +31,29 @@ def whole_word_log_prob(model, prompt: list[int], word: list[int]) -> float:
     return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(word))
 
 
+def scored_and_reference(llama, tokenizer, label_ids):
+    """medqa's batched label scores, and per question the one-sequence-per-label reference."""
+    batch = batch_of(tokenizer)
+    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
+    got = label_log_probs(hidden_fn(llama), llama.lm_head, hidden, batch["input_ids"], batch["answer_pos"],
+                          label_ids, tokenizer.pad_token_id)
+    prompts = [batch["input_ids"][i, : batch["answer_pos"][i]].tolist() for i in range(len(batch["ids"]))]
+    want = torch.tensor([[whole_word_log_prob(llama, p, w) for w in label_ids] for p in prompts])
+    return got, want
+
+
 @torch.no_grad()
 def test_scoring_matches_whole_word_log_probs_with_a_multi_token_label(llama, tokenizer):
     label_ids = PromptFormat(tokenizer, "decision", 512).label_token_ids()
     assert max(len(ids) for ids in label_ids) > 1, "the tiny tokenizer should split one label word"
-    batch = batch_of(tokenizer)
-    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
-    got = label_log_probs(hidden_fn(llama), llama.lm_head, hidden, batch["input_ids"], batch["answer_pos"],
-                          label_ids, tokenizer.pad_token_id)
-    for i in range(len(batch["ids"])):
-        prompt = batch["input_ids"][i, : batch["answer_pos"][i]].tolist()
-        want = [whole_word_log_prob(llama, prompt, w) for w in label_ids]
-        torch.testing.assert_close(got[i], torch.tensor(want), atol=1e-4, rtol=1e-4)
+    got, want = scored_and_reference(llama, tokenizer, label_ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
 def test_single_token_labels_use_only_their_rows(llama, tokenizer):
-    label_ids = [[11], [12], [13]]
-    batch = batch_of(tokenizer)
-    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
-    got = label_log_probs(hidden_fn(llama), llama.lm_head, hidden, batch["input_ids"], batch["answer_pos"],
-                          label_ids, tokenizer.pad_token_id)
-    for i in range(len(batch["ids"])):
-        prompt = batch["input_ids"][i, : batch["answer_pos"][i]].tolist()
-        full = torch.tensor([whole_word_log_prob(llama, prompt, w) for w in label_ids])
-        torch.testing.assert_close(got[i].softmax(-1), full.softmax(-1), atol=1e-5, rtol=1e-4)
+    got, want = scored_and_reference(llama, tokenizer, [[11], [12], [13]])
+    torch.testing.assert_close(got.softmax(-1), want.softmax(-1), atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()
