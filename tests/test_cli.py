@@ -89,6 +89,38 @@ def test_predict_answers_every_question_once(demo_run, tmp_path):
     assert sorted(ids) == sorted(r.id for r in synthetic_records())  # 1,000 questions, none lost or doubled
 
 
+@torch.no_grad()
+def test_checkpoint_adapter_loads_with_plain_peft_and_gives_the_same_answers(demo_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medqa.backends import load_tokenizer, resolve_pretrained
+    from medqa.data import PromptFormat
+
+    _, run = demo_run
+    best = next((run / "checkpoints").glob("best*.ckpt"))
+    adapter = best.with_suffix(".adapter")
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert len(list((run / "checkpoints").glob("*.adapter"))) == 2  # best and last, no stale ones
+
+    predicted = cli("predict", "--ckpt_path", str(best), "--data.predict_split", "dev", logs=tmp_path)
+    rows = [json.loads(r) for r in (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_pretrained("builtin:tiny-llama"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    fmt = PromptFormat(load_tokenizer("builtin:tiny-llama"), "decision", 512)
+    dev = {r.id: r for r in official_split(synthetic_records())["dev"]}
+    for row in rows[:12]:
+        ex = fmt.encode(dev[row["id"]])
+        prompt = ex.input_ids[: ex.answer_pos]
+        scores = []
+        for word in fmt.label_token_ids():
+            logp = model(torch.tensor([prompt + word])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(word)))
+        probs = torch.stack(scores).softmax(-1)
+        torch.testing.assert_close(probs, torch.tensor([row["p_yes"], row["p_no"], row["p_maybe"]]), atol=1e-5, rtol=1e-4)
+
+
 def test_zero_shot_test_without_a_checkpoint(tmp_path):
     tested = cli("test", logs=tmp_path)
     assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) < 0.9  # the untrained base
