@@ -465,6 +465,7 @@ class PubMedQADataModule(L.LightningDataModule):
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
         self.consumed = 0  # training batches used in the current epoch
+        self._consumed_epoch = 0
 
     def setup(self, stage: str) -> None:
         if self.format is None:
@@ -532,9 +533,9 @@ class PubMedQADataModule(L.LightningDataModule):
         # `consumed` is exactly the position a resumed run must continue from.
         if self.trainer is not None and self.trainer.training:
             sampler = self.train_sampler
-            if sampler is not None and sampler.epoch != getattr(self, "_consumed_epoch", sampler.epoch):
-                self.consumed = 0
-            self._consumed_epoch = sampler.epoch if sampler is not None else 0
+            epoch = sampler.epoch if sampler is not None else 0
+            if epoch != self._consumed_epoch:
+                self._consumed_epoch, self.consumed = epoch, 0
             self.consumed += 1
         return batch
 
@@ -555,7 +556,8 @@ class PubMedQADataModule(L.LightningDataModule):
                 f"{self.target!r}; pass --data.target {state['target']} so the prompt matches"
             )
         position = state.get("train_position")
-        if position is not None and "train" in self.examples:
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if position is not None and fitting and "train" in self.examples:
             ours = {"seed": self.shuffle_seed, "batch_size": self.batch_size, "size": len(self.examples["train"])}
             differs = [f"{k}: checkpoint {position[k]}, this run {v}" for k, v in ours.items() if position.get(k, v) != v]
             if differs:
