@@ -135,6 +135,19 @@ def test_predict_on_the_real_pqal_file_covers_the_official_test_set(demo_run, tm
     assert sorted(answers) == sorted(truth)
 
 
+def test_predict_on_other_data_with_a_training_checkpoint(demo_run, tmp_path):
+    _, run = demo_run
+    records = synthetic_records(100, seed=7)
+    source = tmp_path / "other.jsonl"
+    source.write_text("\n".join(json.dumps({
+        "pubid": r.id, "question": r.question, "context": {"contexts": r.contexts, "labels": r.context_labels},
+        "long_answer": r.long_answer, "final_decision": r.decision}) for r in records))
+    predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.source", str(source),
+                    logs=tmp_path)
+    answers = json.loads((Path(predicted.trainer.log_dir) / "predictions.json").read_text())
+    assert sorted(answers) == sorted(r.id for r in official_split(records)["test"])
+
+
 def test_mismatched_checkpoint_is_refused(demo_run, tmp_path):
     _, run = demo_run
     with pytest.raises(CheckpointMismatch, match=r"lora_r: checkpoint 8, this run 4"):
