@@ -244,6 +244,8 @@ def _split(decisions: dict[str, str], fold: int, rng: random.Random) -> list[dic
         {pmid: decisions[pmid] for label in LABELS for pmid in chunks[label][i]} for i in range(fold)
     ]
     if len(subsets[-1]) != len(subsets[0]):
+        if not all(subsets[:-1]):
+            raise DataError(f"{len(decisions)} records are too few for PubMedQA's {fold}-way split (PQA-L has 1,000)")
         for subset in subsets[:-1]:
             picked = rng.choice(list(subset))
             subsets[-1][picked] = subset.pop(picked)

@@ -72,6 +72,11 @@ def test_folds_partition_the_cv_pool(source, request):
         assert {r.id for r in s["test"]} == test_ids
 
 
+def test_too_few_records_for_the_split():
+    with pytest.raises(DataError, match="too few for PubMedQA's 10-way split"):
+        official_split(synthetic_records(12))
+
+
 def test_fold_out_of_range():
     with pytest.raises(DataError, match="0..9"):
         official_split(synthetic_records(), fold=10)
