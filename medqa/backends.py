@@ -217,7 +217,6 @@ def import_unsloth_first(argv: list[str]) -> None:
     backend never import it."""
     if not argv or argv[0] not in ("fit", "validate", "test", "predict") or "--help" in argv or "-h" in argv:
         return
-    backend = _requested_backend(argv[1:])
-    if backend == "unsloth" or (backend == "auto" and torch.cuda.is_available() and unsloth_available()):
-        if torch.cuda.is_available() and unsloth_available():
-            import unsloth  # noqa: F401
+    # Without CUDA or unsloth there is nothing to patch; resolve_backend explains later.
+    if _requested_backend(argv[1:]) in ("unsloth", "auto") and torch.cuda.is_available() and unsloth_available():
+        import unsloth  # noqa: F401

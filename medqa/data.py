@@ -502,24 +502,23 @@ class PubMedQADataModule(L.LightningDataModule):
     def label_token_ids(self) -> list[list[int]]:
         return self.format.label_token_ids()
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
         return DataLoader(
             self.examples[split],
             batch_size=batch_size,
+            sampler=sampler,
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _resumable_sampler(self) -> ResumableSampler:
+        """The one training sampler, made on first use (by the loader or by a resume)."""
         if self.train_sampler is None:
             self.train_sampler = ResumableSampler(len(self.examples["train"]), self.shuffle_seed)
-        return DataLoader(
-            self.examples["train"],
-            batch_size=self.batch_size,
-            sampler=self.train_sampler,
-            collate_fn=partial(collate, pad_id=self.pad_id),
-            num_workers=self.num_workers,
-        )
+        return self.train_sampler
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self._resumable_sampler())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("dev", self.eval_batch_size)
@@ -567,10 +566,8 @@ class PubMedQADataModule(L.LightningDataModule):
                     "cannot resume the training order: the checkpoint's training data differs ("
                     + "; ".join(differs) + "); resume with the same --data settings"
                 )
-            if self.train_sampler is None:
-                self.train_sampler = ResumableSampler(len(self.examples["train"]), self.shuffle_seed)
-            self.train_sampler.epoch = position["epoch"]
-            self.train_sampler.skip = position["batches"] * self.batch_size
+            sampler = self._resumable_sampler()
+            sampler.epoch, sampler.skip = position["epoch"], position["batches"] * self.batch_size
             self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
 
 
