@@ -71,6 +71,30 @@ def timed_loop(step, data: list[dict], warmup: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "steps": len(data) - warmup}
 
 
+def step_timer(warmup: int, steps: int):
+    """A Lightning callback timing `steps` training steps after `warmup`, the GPU
+    synchronised at both ends only."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        tokens, start, seconds = 0, 0.0, 0.0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+            if batch_idx >= warmup:
+                self.tokens += batch["num_tokens"]  # a host int: no sync
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == warmup + steps - 1:
+                torch.cuda.synchronize()
+                self.seconds = time.perf_counter() - self.start
+
+    return StepTimer()
+
+
 # ---------------------------------------------------------------------------- paths
 
 
@@ -85,20 +109,7 @@ def run_medqa(args) -> dict:
     dm = datamodule(args)
     n = args.warmup + args.steps
 
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == args.warmup:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                self.start = time.perf_counter()
-            if batch_idx >= args.warmup:
-                self.tokens = getattr(self, "tokens", 0) + batch["num_tokens"]  # a host int: no sync
-
-        def on_train_end(self, trainer, module):
-            torch.cuda.synchronize()
-            self.seconds = time.perf_counter() - self.start
-
-    timer = Timer()
+    timer = step_timer(args.warmup, args.steps)
     model = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"],

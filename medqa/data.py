@@ -413,11 +413,28 @@ class ResumableSampler(Sampler[int]):
         return iter(order[start:])
 
 
+class LongestFirst(Sampler[int]):
+    """Evaluation order: longest examples first. Each batch then holds examples of similar
+    length (little padding), and the largest batch runs first, so a batch that does not fit
+    in memory fails at once. Scores do not depend on the order; `predict` writes its files
+    back in the data's order."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+
 # ------------------------------------------------------------------------ DataModule
 
 
 class PubMedQADataModule(L.LightningDataModule):
-    """PubMedQA for LoRA fine-tuning: reads, splits and tokenizes; batches padded per batch.
+    """PubMedQA for LoRA fine-tuning: reads, splits and tokenizes; batches padded per batch
+    (evaluation batches longest first, see `LongestFirst`).
 
     Args:
         source: `qiaojin/PubMedQA` (hub), a local `ori_pqal.json` / hub-schema `.json` or
@@ -503,10 +520,11 @@ class PubMedQADataModule(L.LightningDataModule):
         return self.format.label_token_ids()
 
     def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
+        examples = self.examples[split]
         return DataLoader(
-            self.examples[split],
+            examples,
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=sampler or LongestFirst(examples),
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
         )

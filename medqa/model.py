@@ -149,8 +149,16 @@ class MedQALoRA(L.LightningModule):
     # ------------------------------------------------------------------ steps
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Last hidden states of a right-padded batch.
+
+        The mask is not passed on: pads come after every real token, so under causal
+        attention no real token sees one, and the values read (answer and label positions)
+        are the same. Without a mask, attention takes the fused causal kernels in training
+        and in evaluation alike; with one, Unsloth builds a 4D mask in eval mode and falls
+        back to a slower kernel.
+        """
         decoder, _ = decoder_and_head(self.model)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
         return out[0]
 
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

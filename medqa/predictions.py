@@ -36,6 +36,11 @@ class PredictionWriter(BasePredictionWriter):
         if len(ids) != expected or len(set(ids)) != len(ids):
             raise RuntimeError(f"predict produced {len(ids)} answers ({len(set(ids))} distinct) for {expected} questions")
 
+        # Batches come longest first; write in the data's order.
+        position = {e.id: i for i, e in enumerate(trainer.predict_dataloaders.dataset)}
+        rows = sorted(range(len(ids)), key=lambda i: position[ids[i]])
+        ids, probs, truth = [ids[i] for i in rows], probs[rows], truth[rows]
+
         out = Path(self.output_dir or trainer.log_dir or ".")
         out.mkdir(parents=True, exist_ok=True)
         json_path, jsonl_path = out / "predictions.json", out / "predictions.jsonl"

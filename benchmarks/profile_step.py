@@ -1,0 +1,212 @@
+"""Where medqa's training and scoring time goes, against Unsloth alone: one process, one
+loaded model, the same batches, so machine and compile-cache differences drop out.
+
+    source .gpukit/activate.sh   # on the lent GPU machine
+    python benchmarks/make_random_llama.py --shape 8b --out /tmp/llama-8b-random --corpus .gpudata/ori_pqal.json
+    python benchmarks/profile_step.py --model /tmp/llama-8b-random --data .gpudata/ori_pqal.json
+
+Training variants, each timed over the same batches after its own warm-up:
+  unsloth            the CausalLM forward with labels (Unsloth's fused loss), plain loop
+  medqa-loop         medqa's answer loss (decoder + head at the answer positions), plain loop
+  medqa-loop+sync    the same plus one host sync a step (what a finite-loss check costs)
+  lightning          MedQALoRA under Lightning's Trainer (the `medqa` path of throughput.py)
+  unsloth (again)    the first variant once more, to show drift over the run
+For each: tokens/s, step time, graphs compiled inside the timed window, and, from
+torch.profiler over a few steps, how busy the GPU was and the top kernels.
+Scoring variants (500 official test questions): the attention mask passed or not, and the
+questions in file order or longest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import LORA, LR, batches, datamodule, step_timer, timed_loop, to_device  # noqa: E402
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def gpu_profile(run_steps) -> dict:
+    """Busy fraction of the GPU and the top kernels while `run_steps()` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_steps()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    return {"wall_s": wall, "gpu_busy_s": busy,
+            "top": [(e.key[:70], round(e.self_device_time_total / 1e6, 3), e.count) for e in top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile_steps", type=int, default=3)
+    args = parser.parse_args()
+
+    import unsloth  # noqa: F401  (first: it patches transformers and peft)
+    import lightning as L
+
+    from medqa.model import MedQALoRA
+
+    dm = datamodule(args)
+    module = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
+                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                       target_modules=LORA["targets"], optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
+    module.configure_model()
+    module.label_ids, module.pad_id = dm.label_token_ids(), dm.pad_id
+    model = module.model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    data = batches(dm, args.warmup + args.steps)
+
+    def update(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def unsloth_step(b):
+        update(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss)
+
+    def medqa_step(b):
+        update(module._loss(b)[0])
+
+    def medqa_sync_step(b):
+        loss = module._loss(b)[0]
+        bool(torch.isfinite(loss))
+        update(loss)
+
+    rows = []
+
+    def record(name, result, graphs, prof):
+        rows.append({"name": name, "tok_s": result["tokens"] / result["seconds"],
+                     "step_s": result["seconds"] / result["steps"], "graphs": graphs,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **prof})
+        print(f"{name}: {rows[-1]}", flush=True)
+
+    def plain(name, step):
+        g = compiled_graphs()
+        result = timed_loop(step, data, args.warmup)
+        graphs = compiled_graphs() - g
+        prof = gpu_profile(lambda: [step(to_device(b)) for b in data[: args.profile_steps]])
+        record(name, result, graphs, prof)
+
+    plain("unsloth", unsloth_step)
+    plain("medqa-loop", medqa_step)
+    plain("medqa-loop+sync", medqa_sync_step)
+
+    # Lightning: the same module and loaded model under the Trainer.
+    timer = step_timer(args.warmup, args.steps)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=args.warmup + args.steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    g = compiled_graphs()
+    trainer.fit(module, datamodule=dm)
+    graphs = compiled_graphs() - g
+
+    class Profiled(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            self.wall = time.perf_counter() - self.start
+
+    profiled = Profiled()
+    trainer2 = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=args.profile_steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[profiled])
+    trainer2.fit(module, datamodule=dm)
+    kernels = [e for e in profiled.prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    prof = {"wall_s": profiled.wall, "gpu_busy_s": sum(e.self_device_time_total for e in kernels) / 1e6,
+            "top": [(e.key[:70], round(e.self_device_time_total / 1e6, 3), e.count)
+                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]]}
+    record("lightning", {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps}, graphs, prof)
+    plain("unsloth (again)", unsloth_step)
+
+    # Scoring the 500 official test questions.
+    model.eval()
+    test = dm.examples["test"]
+    from medqa.data import collate
+    from medqa.metrics import label_log_probs
+
+    def score(order, with_mask):
+        _, head = decoder_and_head(model)
+        hidden_fn = (lambda ids, mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]) \
+            if with_mask else module.hidden_states
+        correct = 0
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(order), args.eval_batch_size):
+                b = to_device(collate([test[j] for j in order[i : i + args.eval_batch_size]], dm.pad_id))
+                hidden = hidden_fn(b["input_ids"], b["attention_mask"])
+                logp = label_log_probs(hidden_fn, head, hidden, b["input_ids"], b["answer_pos"], dm.label_token_ids(), dm.pad_id)
+                correct += (logp.argmax(-1) == b["label"]).sum()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, int(correct)
+
+    from medqa.backends import decoder_and_head
+
+    decoder, _ = decoder_and_head(model)
+    file_order = list(range(len(test)))
+    longest_first = sorted(file_order, key=lambda i: -len(test[i].input_ids))
+    score(file_order[:64], True)  # warm-up
+    score(longest_first[:64], False)
+    scores = {}
+    for name, order, mask in [("file order, mask", file_order, True), ("file order, no mask", file_order, False),
+                              ("longest first, mask", longest_first, True),
+                              ("longest first, no mask", longest_first, False)]:
+        scores[name] = score(order, mask)
+        print(f"score {name}: {scores[name][0]:.2f} s, {scores[name][1]} correct", flush=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.test(module, datamodule=dm, verbose=False)
+    torch.cuda.synchronize()
+    scores["Trainer.test"] = (time.perf_counter() - start, -1)
+
+    card = torch.cuda.get_device_name(0)
+    print(f"\n{card}; {Path(args.model).name}; batch {args.batch_size}; {args.warmup} warm-up + {args.steps} timed steps\n")
+    print("| variant | tokens/s | step s | graphs compiled while timed | GPU busy (profiled steps) | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['tok_s']:,.0f} | {r['step_s']:.3f} | {r['graphs']} | "
+              f"{r['gpu_busy_s'] / r['wall_s']:.0%} of {r['wall_s']:.2f} s | {r['peak_gib']:.2f} |")
+    for r in rows:
+        print(f"\ntop kernels, {r['name']}:")
+        for k, s, n in r["top"]:
+            print(f"  {s:7.3f} s  x{n:<6} {k}")
+    print("\n| scoring 500 test questions | seconds | correct |")
+    print("|---|---|---|")
+    for name, (s, c) in scores.items():
+        print(f"| {name} | {s:.2f} | {c} |")
+
+
+if __name__ == "__main__":
+    main()
