@@ -20,6 +20,7 @@ questions in file order or longest first.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ def compiled_graphs() -> int:
 
 
 def gpu_profile(run_steps) -> dict:
-    """Busy fraction of the GPU and the top kernels while `run_steps()` runs."""
+    """GPU kernel time against wall time while `run_steps()` runs, the top kernels, and the
+    host's CUDA runtime calls that took longest (a blocking copy or sync shows up there)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -46,11 +48,16 @@ def gpu_profile(run_steps) -> dict:
         run_steps()
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key
+               and not e.key.startswith(("ProfilerStep", "Optimizer"))]
+    runtime = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("cuda")]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+    host = sorted(runtime, key=lambda e: -e.self_cpu_time_total)[:6]
     return {"wall_s": wall, "gpu_busy_s": busy,
-            "top": [(e.key[:70], round(e.self_device_time_total / 1e6, 3), e.count) for e in top]}
+            "top": [(e.key[:70], round(e.self_device_time_total / 1e6, 3), e.count) for e in top],
+            "host": [(e.key[:70], round(e.self_cpu_time_total / 1e6, 3), e.count) for e in host]}
 
 
 def main() -> None:
@@ -68,6 +75,8 @@ def main() -> None:
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
     import lightning as L
 
+    from medqa.backends import decoder_and_head
+    from medqa.metrics import answer_loss
     from medqa.model import MedQALoRA
 
     dm = datamodule(args)
@@ -96,6 +105,22 @@ def main() -> None:
         bool(torch.isfinite(loss))
         update(loss)
 
+    _, head = decoder_and_head(model)
+
+    def top_level_step(b):
+        # Through the PeftModel / CausalLM forward, as Unsloth alone, returning hidden states.
+        os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = "1"
+        try:
+            hidden = model(input_ids=b["input_ids"]).logits
+        finally:
+            os.environ.pop("UNSLOTH_RETURN_HIDDEN_STATES")
+        update(answer_loss(hidden, head, b["loss_pos"], b["loss_targets"]))
+
+    def index_select_step(b):
+        hidden = module.hidden_states(b["input_ids"], None)
+        logits = head(hidden.flatten(0, 1).index_select(0, b["loss_pos"])).float()
+        update(torch.nn.functional.cross_entropy(logits, b["loss_targets"]))
+
     rows = []
 
     def record(name, result, graphs, prof):
@@ -111,9 +136,13 @@ def main() -> None:
         prof = gpu_profile(lambda: [step(to_device(b)) for b in data[: args.profile_steps]])
         record(name, result, graphs, prof)
 
-    plain("unsloth", unsloth_step)
+    # medqa first, on a fresh process: nothing of the other variants' state yet.
     plain("medqa-loop", medqa_step)
+    plain("unsloth", unsloth_step)
     plain("medqa-loop+sync", medqa_sync_step)
+    plain("top-level call, hidden states", top_level_step)
+    plain("index_select loss", index_select_step)
+    plain("medqa-loop (again)", medqa_step)
 
     # Lightning: the same module and loaded model under the Trainer.
     timer = step_timer(args.warmup, args.steps)
@@ -122,32 +151,9 @@ def main() -> None:
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     g = compiled_graphs()
     trainer.fit(module, datamodule=dm)
-    graphs = compiled_graphs() - g
-
-    class Profiled(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            from torch.profiler import ProfilerActivity, profile
-
-            torch.cuda.synchronize()
-            self.start = time.perf_counter()
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            self.prof.__enter__()
-
-        def on_train_end(self, trainer, pl_module):
-            torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
-            self.wall = time.perf_counter() - self.start
-
-    profiled = Profiled()
-    trainer2 = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=args.profile_steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, callbacks=[profiled])
-    trainer2.fit(module, datamodule=dm)
-    kernels = [e for e in profiled.prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    prof = {"wall_s": profiled.wall, "gpu_busy_s": sum(e.self_device_time_total for e in kernels) / 1e6,
-            "top": [(e.key[:70], round(e.self_device_time_total / 1e6, 3), e.count)
-                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]]}
-    record("lightning", {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps}, graphs, prof)
+    module.to("cuda")  # the strategy's teardown moved it to the CPU
+    record("lightning", {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps},
+           compiled_graphs() - g, {"wall_s": 1.0, "gpu_busy_s": float("nan"), "top": [], "host": []})
     plain("unsloth (again)", unsloth_step)
 
     # Scoring the 500 official test questions.
@@ -171,8 +177,6 @@ def main() -> None:
                 correct += (logp.argmax(-1) == b["label"]).sum()
         torch.cuda.synchronize()
         return time.perf_counter() - start, int(correct)
-
-    from medqa.backends import decoder_and_head
 
     decoder, _ = decoder_and_head(model)
     file_order = list(range(len(test)))
@@ -202,6 +206,8 @@ def main() -> None:
         print(f"\ntop kernels, {r['name']}:")
         for k, s, n in r["top"]:
             print(f"  {s:7.3f} s  x{n:<6} {k}")
+        for k, s, n in r["host"]:
+            print(f"  host {s:7.3f} s  x{n:<6} {k}")
     print("\n| scoring 500 test questions | seconds | correct |")
     print("|---|---|---|")
     for name, (s, c) in scores.items():
