@@ -120,14 +120,83 @@ def run_medqa(args) -> dict:
     trainer.fit(model, datamodule=dm)
     result = {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
-    torch.cuda.synchronize()
-    result["score_seconds"] = time.perf_counter() - start
+
+    class ScoreTimer(L.Callback):  # the test epoch alone: not Lightning moving the model back
+        def on_test_epoch_start(self, trainer, module):
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_test_epoch_end(self, trainer, module):
+            torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.start
+
+    score_timer = ScoreTimer()
+    tester = L.Trainer(accelerator="gpu", devices=1, precision=args.precision, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, callbacks=[score_timer])
+    metrics = tester.test(model, datamodule=dm, verbose=False)[0]
+    result["score_seconds"] = score_timer.seconds
     result["scored"] = len(dm.examples["test"])
     result["test_acc"] = metrics["test/acc"]
+    if args.paired:
+        result["paired"] = paired_with_unsloth(model, dm, args)
     return result
+
+
+def paired_with_unsloth(module, dm, args) -> dict:
+    """medqa's Lightning step and Unsloth alone's step, interleaved batch by batch on the same
+    loaded model and the same batches, each timed on the GPU timeline with CUDA events.
+
+    Separate processes give each path its own GPU clocks and host load, which moved
+    throughput by up to 20% between identical runs; interleaving cancels that. Before each
+    Lightning step a callback runs Unsloth's own forward with labels (fused loss), backward
+    and an AdamW step on that batch; the Lightning span runs from there to the next
+    batch's start, so it includes everything the Trainer does between steps.
+    """
+    import lightning as L
+
+    n = args.paired_warmup + args.steps
+
+    class Paired(L.Callback):
+        def __init__(self):
+            self.unsloth, self.medqa, self.tokens, self.opt, self.open = [], [], [], None, None
+
+        def _event(self):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.open is not None:
+                self.medqa.append((self.open, self._event()))
+            if self.opt is None:
+                self.opt = torch.optim.AdamW([p for p in pl_module.model.parameters() if p.requires_grad], lr=LR)
+            start = self._event()
+            loss = pl_module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   labels=batch["labels"]).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.unsloth.append((start, self._event()))
+            self.tokens.append(batch["num_tokens"])
+            self.open = self._event()
+
+        def on_train_end(self, trainer, pl_module):
+            self.medqa.append((self.open, self._event()))
+
+    paired = Paired()
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision=args.precision, max_steps=n, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[paired])
+    trainer.fit(module, datamodule=dm)
+    torch.cuda.synchronize()
+    timed = slice(args.paired_warmup, n)
+    tokens = sum(paired.tokens[timed])
+    out = {}
+    for name, spans in (("unsloth", paired.unsloth), ("medqa", paired.medqa)):
+        seconds = sum(a.elapsed_time(b) for a, b in spans[timed]) / 1000
+        out[name] = {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps}
+    out["ratio"] = out["medqa"]["tokens_per_s"] / out["unsloth"]["tokens_per_s"]
+    return out
 
 
 def run_unsloth(args) -> dict:
@@ -220,6 +289,20 @@ def table(results: dict[str, dict], args, card: str) -> str:
         score = f"{r['score_seconds']:.1f}" if "score_seconds" in r else "-"
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         lines.append(f"| {TITLES[name]} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | {score} | {ratio} |")
+    paired = results.get("medqa", {}).get("paired")
+    if paired:
+        lines += [
+            "",
+            f"Interleaved in one process (same model, same {args.steps} batches, each step timed with CUDA events):",
+            "",
+            "| step | train tokens/s | step time (s) |",
+            "|---|---|---|",
+            f"| Unsloth alone (forward with labels, backward, AdamW) | {paired['unsloth']['tokens_per_s']:,.0f} | "
+            f"{paired['unsloth']['step_s']:.3f} |",
+            f"| medqa under Lightning's Trainer (step and everything between steps) | "
+            f"{paired['medqa']['tokens_per_s']:,.0f} | {paired['medqa']['step_s']:.3f} |",
+            f"| medqa / Unsloth alone | {paired['ratio']:.2f}x | |",
+        ]
     return "\n".join(lines)
 
 
@@ -234,6 +317,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="32-true", help="Lightning precision for the medqa path")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time medqa and Unsloth alone interleaved in one process")
+    parser.add_argument("--paired_warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))
     parser.add_argument("--one", choices=sorted(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
