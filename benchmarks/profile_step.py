@@ -12,9 +12,9 @@ Training variants, each timed over the same batches after its own warm-up:
   lightning          MedQALoRA under Lightning's Trainer (the `medqa` path of throughput.py)
   unsloth (again)    the first variant once more, to show drift over the run
 For each: tokens/s, step time, graphs compiled inside the timed window, and, from
-torch.profiler over a few steps, how busy the GPU was and the top kernels.
-Scoring variants (500 official test questions): the attention mask passed or not, and the
-questions in file order or longest first.
+torch.profiler over a few steps, the GPU kernel time, the top kernels and the host's time in
+CUDA runtime calls. Scoring is timed by throughput.py.
+Results and a reading of them: benchmarks/results/profile-h100-2026-11-27.md.
 """
 
 from __future__ import annotations
@@ -156,62 +156,21 @@ def main() -> None:
            compiled_graphs() - g, {"wall_s": 1.0, "gpu_busy_s": float("nan"), "top": [], "host": []})
     plain("unsloth (again)", unsloth_step)
 
-    # Scoring the 500 official test questions.
-    model.eval()
-    test = dm.examples["test"]
-    from medqa.data import collate
-    from medqa.metrics import label_log_probs
-
-    def score(order, with_mask):
-        _, head = decoder_and_head(model)
-        hidden_fn = (lambda ids, mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]) \
-            if with_mask else module.hidden_states
-        correct = 0
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, len(order), args.eval_batch_size):
-                b = to_device(collate([test[j] for j in order[i : i + args.eval_batch_size]], dm.pad_id))
-                hidden = hidden_fn(b["input_ids"], b["attention_mask"])
-                logp = label_log_probs(hidden_fn, head, hidden, b["input_ids"], b["answer_pos"], dm.label_token_ids(), dm.pad_id)
-                correct += (logp.argmax(-1) == b["label"]).sum()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, int(correct)
-
-    decoder, _ = decoder_and_head(model)
-    file_order = list(range(len(test)))
-    longest_first = sorted(file_order, key=lambda i: -len(test[i].input_ids))
-    score(file_order[:64], True)  # warm-up
-    score(longest_first[:64], False)
-    scores = {}
-    for name, order, mask in [("file order, mask", file_order, True), ("file order, no mask", file_order, False),
-                              ("longest first, mask", longest_first, True),
-                              ("longest first, no mask", longest_first, False)]:
-        scores[name] = score(order, mask)
-        print(f"score {name}: {scores[name][0]:.2f} s, {scores[name][1]} correct", flush=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    trainer.test(module, datamodule=dm, verbose=False)
-    torch.cuda.synchronize()
-    scores["Trainer.test"] = (time.perf_counter() - start, -1)
-
     card = torch.cuda.get_device_name(0)
     print(f"\n{card}; {Path(args.model).name}; batch {args.batch_size}; {args.warmup} warm-up + {args.steps} timed steps\n")
-    print("| variant | tokens/s | step s | graphs compiled while timed | GPU busy (profiled steps) | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"| variant | tokens/s | step s | graphs compiled while timed | GPU kernel time, {args.profile_steps} steps (s) "
+          f"| host CUDA calls, {args.profile_steps} steps (s) | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['tok_s']:,.0f} | {r['step_s']:.3f} | {r['graphs']} | "
-              f"{r['gpu_busy_s'] / r['wall_s']:.0%} of {r['wall_s']:.2f} s | {r['peak_gib']:.2f} |")
+        host = sum(t for _, t, _ in r["host"])
+        print(f"| {r['name']} | {r['tok_s']:,.0f} | {r['step_s']:.3f} | {r['graphs']} | {r['gpu_busy_s']:.3f} "
+              f"| {host:.3f} | {r['peak_gib']:.2f} |")
     for r in rows:
         print(f"\ntop kernels, {r['name']}:")
         for k, s, n in r["top"]:
             print(f"  {s:7.3f} s  x{n:<6} {k}")
         for k, s, n in r["host"]:
             print(f"  host {s:7.3f} s  x{n:<6} {k}")
-    print("\n| scoring 500 test questions | seconds | correct |")
-    print("|---|---|---|")
-    for name, (s, c) in scores.items():
-        print(f"| {name} | {s:.2f} | {c} |")
 
 
 if __name__ == "__main__":

@@ -264,3 +264,14 @@ def test_training_order_depends_on_seed_and_epoch_alone():
     b.epoch, b.skip = 1, 20  # as a resumed run sets it
     assert list(b) == epoch1[20:]
     assert list(b) == epoch1  # the skip applies once
+
+
+def test_evaluation_batches_come_longest_first(tokenizer):
+    from medqa.data import LongestFirst
+
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    examples = [fmt.encode(r) for r in synthetic_records(40, seed=5)]
+    order = list(LongestFirst(examples))
+    assert sorted(order) == list(range(40))  # every example once
+    lengths = [len(examples[i].input_ids) for i in order]
+    assert lengths == sorted(lengths, reverse=True)

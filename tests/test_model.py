@@ -125,3 +125,23 @@ def test_nonfinite_loss_can_skip_the_batch(medqa_cache, tmp_path):
     assert module.skipped_batches == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())  # the NaN never reached the weights
     assert trainer.global_step == 5  # skipped batch is not a step; training went on to max_steps
+
+
+@torch.no_grad()
+def test_a_padded_batch_scores_each_question_as_if_alone(medqa_cache, tokenizer):
+    """Attention runs without the padding mask: right padding is invisible to real tokens."""
+    from medqa.data import PromptFormat, collate
+    from medqa.demo import synthetic_records
+
+    module = tiny_module().eval()
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    module.label_ids, module.pad_id = fmt.label_token_ids(), tokenizer.pad_token_id
+    examples = [fmt.encode(r) for r in synthetic_records(6, seed=3)]
+    assert len({len(e.input_ids) for e in examples}) > 1  # the batch really is padded
+    loss, logp = module._forward(collate(examples, module.pad_id))
+    alone = [module._forward(collate([e], module.pad_id)) for e in examples]
+    torch.testing.assert_close(logp, torch.cat([lp for _, lp in alone]), atol=1e-5, rtol=1e-5)
+    # The batch loss is the mean over all answer tokens of the batch.
+    counts = torch.tensor([sum(t != -100 for t in e.labels[1:]) for e in examples], dtype=torch.float32)
+    mean = sum(l * n for (l, _), n in zip(alone, counts)) / counts.sum()
+    torch.testing.assert_close(loss, mean, atol=1e-5, rtol=1e-5)
