@@ -189,6 +189,34 @@ def load_hf(
     return model, load_tokenizer(pretrained, trust_remote_code)
 
 
+def save_merged(model: Any, tokenizer: Any, out: Path, backend: str, dtype: str) -> None:
+    """Write the base model with the LoRA weights merged in, and the tokenizer, to `out`:
+    Unsloth's merged 16-bit save on that backend (it dequantizes a 4-bit base), else
+    peft's `merge_and_unload` on a base loaded in 16/32-bit."""
+    if backend == "unsloth":
+        model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit")
+        return
+    merged = model.merge_and_unload().to(_dtype(dtype))
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, pad_id: int, unsloth: bool) -> torch.Tensor:
+    """Greedy generation from a PEFT model. Unsloth's training forward cannot generate: its
+    inference mode is switched on for the call and back off after."""
+    if unsloth:
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    finally:
+        if unsloth:
+            FastLanguageModel.for_training(model)
+            model.eval()  # predict runs in eval mode; for_training switched the modules to training
+
+
 def decoder_and_head(model: Any) -> tuple[Any, Any]:
     """The decoder stack (returns hidden states) and the output projection of a PEFT model,
     so logits are computed only at the positions that are used."""
@@ -215,7 +243,7 @@ def import_unsloth_first(argv: list[str]) -> None:
     """Import unsloth before anything imports transformers or peft (Lightning does, through
     torchmetrics), when this command will use the unsloth backend. `--help` and the `hf`
     backend never import it."""
-    if not argv or argv[0] not in ("fit", "validate", "test", "predict") or "--help" in argv or "-h" in argv:
+    if not argv or argv[0] not in ("fit", "validate", "test", "predict", "cv", "export") or "--help" in argv or "-h" in argv:
         return
     # Without CUDA or unsloth there is nothing to patch; resolve_backend explains later.
     if _requested_backend(argv[1:]) in ("unsloth", "auto") and torch.cuda.is_available() and unsloth_available():

@@ -1,18 +1,27 @@
 """`python -m medqa {fit,validate,test,predict}`: the LightningCLI with medqa's defaults
 (TensorBoard under logs/, best-by-val/acc and last checkpoints, learning-rate monitor,
-prediction files) and the links that keep each value in one place."""
+prediction files) and the links that keep each value in one place.
+
+Three more commands work on what those produce: `evaluate` (official scoring of a
+prediction file), `cv` (the 10-fold cross-validation of PQA-L) and `export` (the adapter
+in PEFT's format, optionally merged).
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from medqa.backends import BackendError
 from medqa.checkpoints import find_checkpoint
 from medqa.data import PubMedQADataModule
-from medqa.model import MedQALoRA
+from medqa.model import CheckpointMismatch, MedQALoRA
 from medqa.predictions import PredictionWriter
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -47,6 +56,12 @@ class MedQACLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument("--generate_rationale", type=bool, default=False,
+                            help="predict: after each scored decision, generate a short explanation "
+                                 "(written to predictions.jsonl; predictions.json is unchanged)")
+        parser.add_argument("--rationale_tokens", type=int, default=64, help="longest explanation, in tokens")
+        parser.link_arguments(("generate_rationale", "rationale_tokens"), "model.rationale_tokens",
+                              compute_fn=lambda on, n: n if on else 0)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite this run's model settings, command line included, with
@@ -86,13 +101,26 @@ class MedQACLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
 
 
-def main(args: list[str] | None = None) -> MedQACLI:
+COMMANDS = {"evaluate": "medqa.evaluate", "cv": "medqa.crossval", "export": "medqa.export"}
+"""Commands beside Lightning's, each a module with its own `main(argv)`."""
+
+
+def main(args: list[str] | None = None) -> Any:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        command = importlib.import_module(COMMANDS[argv[0]])
+        if args is not None:  # called from Python: let errors propagate
+            return command.main(argv[1:])
+        try:
+            return command.main(argv[1:])
+        except (ValueError, OSError, BackendError, CheckpointMismatch) as e:  # medqa's errors say what and where
+            sys.exit(f"medqa {argv[0]}: error: {e}")
     return MedQACLI(
         MedQALoRA,
         PubMedQADataModule,
         args=args,
         trainer_defaults={
-            "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa"}},
+            "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa", "default_hp_metric": False}},
             "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
         },
         save_config_kwargs={"config_filename": "config.yaml"},

@@ -330,6 +330,19 @@ class PromptFormat:
         prefix, suffix = text.split(prompts.CONTEXT_PLACEHOLDER, 1)  # the abstract comes first
         return prefix, suffix
 
+    def rationale_suffix_ids(self) -> list[int]:
+        """Tokens that follow the decision word to ask for a rationale: the end of the
+        assistant's turn, a user turn with the request, and the assistant's turn opening."""
+        if not self.chat:
+            return self._encode(prompts.plain_rationale_request())
+        marker = "MEDQA_DECISION_MARKER"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker},
+             {"role": "user", "content": prompts.RATIONALE_REQUEST}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        return self._encode(text[text.rindex(marker) + len(marker) :])
+
     def label_token_ids(self) -> list[list[int]]:
         """Token ids of each label word as written at the scoring position."""
         return [self._encode(prompts.label_surface(w, self.target, self.chat)) for w in LABELS]
@@ -518,6 +531,12 @@ class PubMedQADataModule(L.LightningDataModule):
 
     def label_token_ids(self) -> list[list[int]]:
         return self.format.label_token_ids()
+
+    def rationale_suffix_ids(self) -> list[int]:
+        return self.format.rationale_suffix_ids()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.format.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
         examples = self.examples[split]

@@ -10,12 +10,13 @@ one more pass for its continuation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import ConfusionMatrix, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
 from medqa.prompts import LABELS
 
@@ -105,6 +106,33 @@ def classification_metrics(prefix: str) -> MetricCollection:
 
 def confusion_matrix() -> ConfusionMatrix:
     return ConfusionMatrix(task="multiclass", num_classes=len(LABELS))
+
+
+def calibration_error() -> MulticlassCalibrationError:
+    """Expected calibration error of the yes/no/maybe probabilities (10 bins, L1)."""
+    return MulticlassCalibrationError(num_classes=len(LABELS), n_bins=10, norm="l1")
+
+
+def confusion_figure(matrix: Tensor) -> Any:
+    """The confusion matrix as a matplotlib figure (rows: truth, columns: prediction)."""
+    fig, ax = ConfusionMatrix(task="multiclass", num_classes=len(LABELS)).plot(val=matrix.cpu(), labels=list(LABELS))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    return fig
+
+
+def write_hparams(logger: Any, settings: dict[str, Any], metric_tags: list[str]) -> None:
+    """Write `settings` to TensorBoard's HPARAMS tab, tied to the scalars `metric_tags`.
+
+    Lightning's `log_hyperparams(params, metrics)` would also log each metric's starting
+    value as a point of its curve; this writes the HPARAMS summaries alone.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(plain, dict.fromkeys(metric_tags, 0.0)):
+        writer.add_summary(summary)
 
 
 def format_confusion(matrix: Tensor) -> str:

@@ -11,12 +11,30 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from medqa.backends import Backend, LoraSettings, decoder_and_head, load_hf, load_unsloth, resolve_backend
-from medqa.metrics import answer_loss, classification_metrics, confusion_matrix, format_confusion, label_log_probs
+from medqa.backends import (
+    Backend,
+    LoraSettings,
+    decoder_and_head,
+    generate,
+    load_hf,
+    load_unsloth,
+    resolve_backend,
+)
+from medqa.metrics import (
+    answer_loss,
+    calibration_error,
+    classification_metrics,
+    confusion_figure,
+    confusion_matrix,
+    format_confusion,
+    label_log_probs,
+    write_hparams,
+)
 from medqa.prompts import LABELS
 
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,6 +92,9 @@ class MedQALoRA(L.LightningModule):
             and the questions in the batch; `skip` skips that batch's update and counts it
             (`train/skipped_batches`).
         lora_seed: Seed for the LoRA initialisation.
+        rationale_tokens: `predict` only: after the scored decision, generate up to this many
+            tokens of explanation (greedy), written to predictions.jsonl. 0 (the default)
+            generates nothing. Set by `predict --generate_rationale true`.
         optimizer: Optimizer for the LoRA weights (e.g. torch.optim.AdamW,
             bitsandbytes.optim.AdamW8bit on a GPU).
         scheduler: Learning-rate schedule, stepped every optimizer step.
@@ -95,6 +116,7 @@ class MedQALoRA(L.LightningModule):
         trust_remote_code: bool = False,
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
+        rationale_tokens: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosine,
     ) -> None:
@@ -106,12 +128,15 @@ class MedQALoRA(L.LightningModule):
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.nonfinite, self.skipped_batches = nonfinite, 0
+        self.rationale_tokens = rationale_tokens
         # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
+        self.resolved_backend: str | None = None
         self.val_metrics = classification_metrics("val/")
         self.test_metrics = classification_metrics("test/")
-        self.test_confusion = confusion_matrix()
+        self.val_confusion, self.test_confusion = confusion_matrix(), confusion_matrix()
+        self.val_calibration, self.test_calibration = calibration_error(), calibration_error()
         self.label_ids: list[list[int]] = []
         self.pad_id = 0
         self._train_tokens, self._train_started = 0, 0.0
@@ -121,7 +146,7 @@ class MedQALoRA(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        backend = resolve_backend(self.backend)
+        backend = self.resolved_backend = resolve_backend(self.backend)
         common = dict(
             pretrained=self.pretrained, load_in_4bit=self.load_in_4bit, dtype=self.dtype_name, lora=self.lora,
             gradient_checkpointing=self.gradient_checkpointing, trust_remote_code=self.trust_remote_code,
@@ -145,6 +170,7 @@ class MedQALoRA(L.LightningModule):
         if dm is None or not hasattr(dm, "label_token_ids"):
             raise RuntimeError("MedQALoRA needs medqa's PubMedQADataModule (it supplies the label tokens)")
         self.label_ids, self.pad_id = dm.label_token_ids(), dm.pad_id
+        self.rationale_suffix = dm.rationale_suffix_ids() if self.rationale_tokens > 0 else []
 
     # ------------------------------------------------------------------ steps
 
@@ -207,39 +233,73 @@ class MedQALoRA(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logp = self._forward(batch)
-        self.val_metrics.update(logp.argmax(-1), batch["label"])
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0), sync_dist=True)
+        preds, labels = logp.argmax(-1), batch["label"]
+        getattr(self, f"{stage}_metrics").update(preds, labels)
+        getattr(self, f"{stage}_confusion").update(preds, labels)
+        getattr(self, f"{stage}_calibration").update(logp.float().exp(), labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=labels.size(0), sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val/")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, logp = self._forward(batch)
-        preds = logp.argmax(-1)
-        self.test_metrics.update(preds, batch["label"])
-        self.test_confusion.update(preds, batch["label"])
-        self.log("test/loss", loss, batch_size=batch["input_ids"].size(0), sync_dist=True)
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test/")
-        rank_zero_info("Test confusion matrix:\n" + format_confusion(self.test_confusion.compute()))
-        self.test_confusion.reset()
+        matrix = self._log_stage("test")
+        rank_zero_info("Test confusion matrix:\n" + format_confusion(matrix))
 
-    def _log_metrics(self, metrics: Any, prefix: str) -> None:
+    def _log_stage(self, stage: str) -> Tensor:
+        """Log a stage's accuracy, macro-F1, per-class F1 and calibration error; draw its
+        confusion matrix into TensorBoard. Returns the matrix."""
+        metrics, confusion, calibration = (getattr(self, f"{stage}_{m}") for m in ("metrics", "confusion", "calibration"))
         values = metrics.compute()
-        per_class = values.pop(f"{prefix}f1")
-        values.update({f"{prefix}f1_{w}": f for w, f in zip(LABELS, per_class)})
-        acc = values.pop(f"{prefix}acc")
-        self.log(f"{prefix}acc", acc, prog_bar=True)
+        per_class = values.pop(f"{stage}/f1")
+        values.update({f"{stage}/f1_{w}": f for w, f in zip(LABELS, per_class)})
+        values[f"{stage}/ece"] = calibration.compute()
+        self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True)
         self.log_dict(values)
-        metrics.reset()
+        matrix = confusion.compute()
+        if isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(matrix), self.global_step)
+        for metric in (metrics, confusion, calibration):
+            metric.reset()
+        return matrix
+
+    def on_fit_start(self) -> None:
+        """Record the run's settings in TensorBoard's HPARAMS tab, against its validation
+        scores, so runs can be compared side by side."""
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            dm = self.trainer.datamodule
+            settings = {f"model/{k}": v for k, v in self.hparams.items()}
+            settings.update({f"data/{k}": v for k, v in (dm.hparams.items() if dm is not None else [])})
+            write_hparams(self.logger, settings, ["val/acc", "val/macro_f1", "val/ece", "val/loss"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         _, logp = self._forward(batch)
         probs = logp.softmax(-1).float().cpu()
-        return {"ids": batch["ids"], "probs": probs, "truth": batch["label"].cpu()}
+        out = {"ids": batch["ids"], "probs": probs, "truth": batch["label"].cpu()}
+        if self.rationale_tokens > 0:
+            out["rationale_ids"] = self._rationales(batch, probs.argmax(-1).tolist())
+        return out
+
+    @torch.no_grad()
+    def _rationales(self, batch: dict[str, Any], decisions: list[int]) -> list[list[int]]:
+        """Greedy continuations after each question's scored decision and a request to
+        explain it; one question at a time (prompts differ in length, and this is for reading,
+        not for speed)."""
+        texts = []
+        for i, decision in enumerate(decisions):
+            prompt = batch["input_ids"][i, : int(batch["answer_pos"][i])].tolist()
+            ids = torch.tensor([prompt + self.label_ids[decision] + self.rationale_suffix], device=self.device)
+            generated = generate(self.model, ids, self.rationale_tokens, self.pad_id, self.resolved_backend == "unsloth")
+            texts.append(generated[0, ids.size(1) :].tolist())
+        return texts
 
     # ------------------------------------------------------------------ optimisation
 

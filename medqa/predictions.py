@@ -47,11 +47,17 @@ class PredictionWriter(BasePredictionWriter):
         for path in (json_path, jsonl_path):
             if path.exists():
                 raise FileExistsError(f"{path} exists; remove it or pass --predictions.output_dir elsewhere")
+        rationales = None
+        if predictions and "rationale_ids" in predictions[0]:
+            generated = [r for batch in predictions for r in batch["rationale_ids"]]
+            rationales = [trainer.datamodule.decode(generated[i]) for i in rows]
         labels = [LABELS[i] for i in probs.argmax(-1).tolist()]
         json_path.write_text(json.dumps(dict(zip(ids, labels)), indent=1) + "\n")
         with jsonl_path.open("w") as f:
-            for qid, label, p, t in zip(ids, labels, probs.tolist(), truth.tolist()):
+            for n, (qid, label, p, t) in enumerate(zip(ids, labels, probs.tolist(), truth.tolist())):
                 row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(LABELS, p)}}
                 row["truth"] = LABELS[t]
+                if rationales is not None:
+                    row["rationale"] = rationales[n]
                 f.write(json.dumps(row) + "\n")
         rank_zero_info(f"Wrote {len(ids)} predictions to {json_path} (probabilities in {jsonl_path.name})")

@@ -21,6 +21,9 @@ CONTEXT_PLACEHOLDER = "\x00MEDQA_CONTEXT\x00"
 """Stands in for the abstract while a prompt is rendered, so the tokenizer can cut the
 abstract alone when an example is too long (the question and answer are never cut)."""
 
+RATIONALE_REQUEST = "Explain your answer in one or two sentences."
+"""Asked after the scored decision when `predict` generates a rationale."""
+
 DECISION_LEAD = "Answer:"
 """Precedes the decision word when the long answer comes first (target `long_answer`)."""
 
@@ -63,3 +66,8 @@ def answer_head(long_answer: str, target: Target, chat: bool) -> str:
 def label_surface(word: str, target: Target, chat: bool) -> str:
     """A label word as written at the scoring position: after 'Answer:' it takes a space."""
     return word if chat and target == "decision" else f" {word}"
+
+
+def plain_rationale_request() -> str:
+    """The follow-up request after the decision, for tokenizers without a chat template."""
+    return f"\n{RATIONALE_REQUEST}\nExplanation:"

@@ -41,9 +41,15 @@ def demo_run(tmp_path_factory):
 def test_demo_learns_and_leaves_curves(demo_run):
     _, run = demo_run
     curves = scalars(run)
-    assert {"train/loss", "val/acc", "val/macro_f1", "val/loss", "val/f1_maybe"} <= set(curves)
+    assert {"train/loss", "val/acc", "val/macro_f1", "val/loss", "val/f1_maybe", "val/ece"} <= set(curves)
     assert curves["val/acc"][-1][1] >= 0.9
     assert curves["train/loss"][-1][1] < curves["train/loss"][0][1] / 5
+    assert 0 <= curves["val/ece"][-1][1] < curves["val/ece"][0][1]  # better calibrated as it learns
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("val/confusion_matrix")
+    assert len(images) == len(curves["val/acc"]) and images[-1].encoded_image_string.startswith(b"\x89PNG")
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")  # runs compare in HPARAMS
 
 
 def test_checkpoints_hold_only_the_adapter(demo_run):
@@ -89,13 +95,36 @@ def test_predict_answers_every_question_once(demo_run, tmp_path):
     assert sorted(ids) == sorted(r.id for r in synthetic_records())  # 1,000 questions, none lost or doubled
 
 
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(r) for r in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
 @torch.no_grad()
+def assert_same_answers(model, rows: list[dict], tokenizer_dir: str | None = None) -> None:
+    """A plain transformers / peft model, prompted and scored by hand, gives the
+    probabilities medqa's predict wrote."""
+    from medqa.backends import load_tokenizer
+    from medqa.data import PromptFormat
+
+    fmt = PromptFormat(load_tokenizer(tokenizer_dir or "builtin:tiny-llama"), "decision", 512)
+    dev = {r.id: r for r in official_split(synthetic_records())["dev"]}
+    model.eval()
+    for row in rows[:12]:
+        ex = fmt.encode(dev[row["id"]])
+        prompt = ex.input_ids[: ex.answer_pos]
+        scores = []
+        for word in fmt.label_token_ids():
+            logp = model(torch.tensor([prompt + word])).logits[0].float().log_softmax(-1)
+            scores.append(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(word)))
+        probs = torch.stack(scores).softmax(-1)
+        torch.testing.assert_close(probs, torch.tensor([row["p_yes"], row["p_no"], row["p_maybe"]]), atol=1e-5, rtol=1e-4)
+
+
 def test_checkpoint_adapter_loads_with_plain_peft_and_gives_the_same_answers(demo_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medqa.backends import load_tokenizer, resolve_pretrained
-    from medqa.data import PromptFormat
+    from medqa.backends import resolve_pretrained
 
     _, run = demo_run
     best = next((run / "checkpoints").glob("best*.ckpt"))
@@ -104,21 +133,76 @@ def test_checkpoint_adapter_loads_with_plain_peft_and_gives_the_same_answers(dem
     assert len(list((run / "checkpoints").glob("*.adapter"))) == 2  # best and last, no stale ones
 
     predicted = cli("predict", "--ckpt_path", str(best), "--data.predict_split", "dev", logs=tmp_path)
-    rows = [json.loads(r) for r in (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    base = AutoModelForCausalLM.from_pretrained(resolve_pretrained("builtin:tiny-llama"), dtype=torch.float32)
+    assert_same_answers(PeftModel.from_pretrained(base, adapter), read_rows(Path(predicted.trainer.log_dir)))
+
+
+def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medqa.backends import resolve_pretrained
+
+    _, run = demo_run
+    best = next((run / "checkpoints").glob("best*.ckpt"))
+    rows = read_rows(Path(cli("predict", "--ckpt_path", str(best), "--data.predict_split", "dev",
+                              logs=tmp_path).trainer.log_dir))
+
+    out = main(["export", "--ckpt_path", str(best), "--out", str(tmp_path / "export"), "--merged",
+                "--merged_dtype", "float32"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medqa_prompt.json",
+            "merged"} <= {p.name for p in out.iterdir()}
+    prompt = json.loads((out / "medqa_prompt.json").read_text())
+    assert prompt["target"] == "decision" and prompt["labels"] == ["yes", "no", "maybe"]
 
     base = AutoModelForCausalLM.from_pretrained(resolve_pretrained("builtin:tiny-llama"), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter).eval()
-    fmt = PromptFormat(load_tokenizer("builtin:tiny-llama"), "decision", 512)
-    dev = {r.id: r for r in official_split(synthetic_records())["dev"]}
-    for row in rows[:12]:
-        ex = fmt.encode(dev[row["id"]])
-        prompt = ex.input_ids[: ex.answer_pos]
-        scores = []
-        for word in fmt.label_token_ids():
-            logp = model(torch.tensor([prompt + word])).logits[0].log_softmax(-1)
-            scores.append(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(word)))
-        probs = torch.stack(scores).softmax(-1)
-        torch.testing.assert_close(probs, torch.tensor([row["p_yes"], row["p_no"], row["p_maybe"]]), atol=1e-5, rtol=1e-4)
+    assert_same_answers(PeftModel.from_pretrained(base, out), rows, tokenizer_dir=str(out))
+    assert_same_answers(AutoModelForCausalLM.from_pretrained(out / "merged"), rows, tokenizer_dir=str(out / "merged"))
+
+    # The default merged model is 16-bit; and nothing the user has is overwritten.
+    out16 = main(["export", "--ckpt_path", str(best), "--out", str(tmp_path / "export16"), "--merged"])
+    assert AutoModelForCausalLM.from_pretrained(out16 / "merged").dtype == torch.bfloat16
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        main(["export", "--ckpt_path", str(best), "--out", str(out)])
+
+
+def test_evaluate_agrees_with_scikit_learn_on_demo_predictions(demo_run, tmp_path):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from medqa.evaluate import EvaluationError
+
+    _, run = demo_run
+    predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), logs=tmp_path)
+    path = Path(predicted.trainer.log_dir) / "predictions.json"
+    answers = json.loads(path.read_text())
+    truth = {r.id: r.decision for r in official_split(synthetic_records())["test"]}
+    scores = main(["evaluate", str(path), "--source", "synthetic", "--out", str(tmp_path / "scores.json")])
+    ids = list(truth)
+    assert scores["accuracy"] == pytest.approx(accuracy_score([truth[i] for i in ids], [answers[i] for i in ids]))
+    assert scores["macro_f1"] == pytest.approx(
+        f1_score([truth[i] for i in ids], [answers[i] for i in ids], average="macro"))
+    assert json.loads((tmp_path / "scores.json").read_text())["questions"] == 500
+
+    missing, extra = dict(answers), dict(answers)
+    del missing[ids[0]]
+    extra["99999999"] = "yes"
+    for name, bad, message in [("missing", missing, f"1 test questions have no answer \\(e.g. {ids[0]}\\)"),
+                               ("extra", extra, "1 answers are for questions not in the test set \\(e.g. 99999999\\)")]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+        with pytest.raises(EvaluationError, match=message):
+            main(["evaluate", str(tmp_path / f"{name}.json"), "--source", "synthetic"])
+
+
+def test_predict_can_add_a_generated_rationale(demo_run, tmp_path):
+    _, run = demo_run
+    last = str(run / "checkpoints" / "last.ckpt")
+    plain = read_rows(Path(cli("predict", "--ckpt_path", last, "--data.predict_split", "dev", logs=tmp_path).trainer.log_dir))
+    explained = read_rows(Path(cli("predict", "--ckpt_path", last, "--data.predict_split", "dev", "--generate_rationale",
+                                   "true", "--rationale_tokens", "6", logs=tmp_path).trainer.log_dir))
+    assert all("rationale" not in r for r in plain)
+    assert all(isinstance(r["rationale"], str) for r in explained)
+    # The scored decision comes first and is not changed by the explanation.
+    assert [{k: v for k, v in r.items() if k != "rationale"} for r in explained] == plain
 
 
 def test_zero_shot_test_without_a_checkpoint(tmp_path):
@@ -133,6 +217,11 @@ def test_predict_on_the_real_pqal_file_covers_the_official_test_set(demo_run, tm
     answers = json.loads((Path(predicted.trainer.log_dir) / "predictions.json").read_text())
     truth = json.loads((pubmedqa_dir / "test_ground_truth.json").read_text())
     assert sorted(answers) == sorted(truth)
+    # The official truth file scores it, and medqa's own split of ori_pqal.json agrees.
+    path = Path(predicted.trainer.log_dir) / "predictions.json"
+    official = main(["evaluate", str(path), "--truth", str(pubmedqa_dir / "test_ground_truth.json")])
+    assert main(["evaluate", str(path), "--source", str(pubmedqa_dir / "ori_pqal.json")]) == official
+    assert official["accuracy"] == pytest.approx(sum(answers[k] == v for k, v in truth.items()) / 500)
 
 
 def test_predict_on_other_data_with_a_training_checkpoint(demo_run, tmp_path):

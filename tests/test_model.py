@@ -145,3 +145,19 @@ def test_a_padded_batch_scores_each_question_as_if_alone(medqa_cache, tokenizer)
     counts = torch.tensor([sum(t != -100 for t in e.labels[1:]) for e in examples], dtype=torch.float32)
     mean = sum(l * n for (l, _), n in zip(alone, counts)) / counts.sum()
     torch.testing.assert_close(loss, mean, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_an_untrained_adapter_scores_like_the_base_model(medqa_cache, tokenizer):
+    """Zero-shot: validate / test without a checkpoint score the base model itself."""
+    from medqa.data import PromptFormat, collate
+    from medqa.demo import synthetic_records
+
+    module = tiny_module().eval()
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    module.label_ids, module.pad_id = fmt.label_token_ids(), tokenizer.pad_token_id
+    batch = collate([fmt.encode(r) for r in synthetic_records(4, seed=1)], module.pad_id)
+    _, with_adapter = module._forward(batch)
+    with module.model.disable_adapter():
+        _, base = module._forward(batch)
+    torch.testing.assert_close(with_adapter, base, atol=0, rtol=0)

@@ -1,0 +1,113 @@
+"""`python -m medqa cv [fit arguments] [--cv_dir DIR]`: PQA-L's 10-fold cross-validation,
+the PubMedQA paper's protocol.
+
+For each official fold k (0-9) it trains on the other nine folds with dev = fold k (`fit
+--data.fold k`, every other fit argument as given), then scores the best checkpoint on
+fold k. Each fold's run lives in DIR/fold{k}/ (curves, checkpoints) and its result in
+DIR/fold{k}/result.json, written when the fold is done; at the end DIR/summary.json and
+DIR/summary.md hold every fold's dev accuracy and macro-F1 and their mean and standard
+deviation. Run again after a crash, it skips the folds with a result and resumes an
+unfinished fold from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+FOLDS = range(10)
+
+
+def fold_result(cv_dir: Path, fold: int) -> Path:
+    return cv_dir / f"fold{fold}" / "result.json"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)  # a fold is either done, with its whole result, or not
+
+
+def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
+    """Train on the nine other folds (resuming an unfinished run), score the best checkpoint
+    on fold `fold`."""
+    from medqa.checkpoints import find_checkpoint
+    from medqa.cli import main
+
+    args = ["fit", *fit_args, "--data.fold", str(fold), "--trainer.logger.init_args.save_dir", str(cv_dir),
+            "--trainer.logger.init_args.name", f"fold{fold}", "--ckpt_path", "last"]
+    cli = main(args)
+    best = find_checkpoint(cv_dir / f"fold{fold}", "best")
+    if best is None:
+        raise RuntimeError(f"fold {fold}: the fit saved no best checkpoint (did it validate?) under {cv_dir / f'fold{fold}'}")
+    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(best), verbose=False,
+                                   weights_only=True)[0]
+    result = {"fold": fold, "dev_acc": float(metrics["val/acc"]), "dev_macro_f1": float(metrics["val/macro_f1"]),
+              "dev_questions": len(cli.datamodule.examples["dev"]), "checkpoint": str(best)}
+    del cli
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation of the folds' dev scores."""
+    summary: dict[str, Any] = {"folds": results}
+    for key in ("dev_acc", "dev_macro_f1"):
+        values = [r[key] for r in results]
+        summary[f"{key}_mean"] = statistics.fmean(values)
+        summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = ["| fold | dev accuracy | dev macro-F1 |", "|---|---|---|"]
+    lines += [f"| {r['fold']} | {r['dev_acc']:.4f} | {r['dev_macro_f1']:.4f} |" for r in summary["folds"]]
+    lines.append(f"| mean ± std | {summary['dev_acc_mean']:.4f} ± {summary['dev_acc_std']:.4f} | "
+                 f"{summary['dev_macro_f1_mean']:.4f} ± {summary['dev_macro_f1_std']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(argv or [])
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\nFit arguments: see `python -m medqa fit --help`.")
+        return {}
+    cv_dir = Path("logs/cv")
+    if "--cv_dir" in argv:
+        i = argv.index("--cv_dir")
+        if i + 1 >= len(argv):
+            raise ValueError("--cv_dir needs a directory")
+        cv_dir = Path(argv[i + 1])
+        del argv[i : i + 2]
+    for flag in ("--data.fold", "--ckpt_path", "--trainer.logger.init_args.save_dir", "--trainer.logger.init_args.name"):
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise ValueError(f"{flag} is set by cv for each fold; leave it out (use --cv_dir for where runs go)")
+    cv_dir.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for fold in FOLDS:
+        done = fold_result(cv_dir, fold)
+        if done.is_file():
+            result = json.loads(done.read_text())
+            rank_zero_info(f"cv: fold {fold} already done (dev acc {result['dev_acc']:.4f}); skipped.")
+        else:
+            rank_zero_info(f"cv: fold {fold} of {len(FOLDS)}: training on the other nine folds.")
+            result = run_fold(argv, cv_dir, fold)
+            _write_json(done, result)
+        results.append(result)
+
+    summary = summarize(results)
+    _write_json(cv_dir / "summary.json", summary)
+    table = format_summary(summary)
+    (cv_dir / "summary.md").write_text(table + "\n")
+    print(f"\n10-fold cross-validation on PQA-L ({cv_dir}):\n\n{table}")
+    return summary

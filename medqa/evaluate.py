@@ -1,0 +1,117 @@
+"""`python -m medqa evaluate PREDICTIONS.json`: score a prediction file the way the PubMedQA
+authors' scorer does (their `evaluation.py`: scikit-learn's `accuracy_score` and
+`f1_score(average="macro")` over the label strings), refusing a file that does not answer
+exactly the test questions.
+
+The truth is the official `test_ground_truth.json` (`--truth`), or the test split that medqa
+computes from a data source (`--source`, PQA-L on the hub by default), which is the same 500
+questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from medqa.data import HUB_DATASET, DataError, official_split, read_source
+from medqa.prompts import LABELS
+
+
+class EvaluationError(ValueError):
+    """A prediction or truth file that cannot be scored, saying which and why."""
+
+
+def read_answers(path: Path, what: str) -> dict[str, str]:
+    """A JSON object `{question id: "yes" | "no" | "maybe"}`, checked."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvaluationError(f"{what} file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{what} file {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise EvaluationError(
+            f"{what} file {path}: expected a JSON object {{question id: label}}, got a {type(raw).__name__}"
+        )
+    bad = [(k, v) for k, v in raw.items() if v not in LABELS]
+    if bad:
+        shown = ", ".join(f"{k!r}: {v!r}" for k, v in bad[:3])
+        raise EvaluationError(
+            f"{what} file {path}: {len(bad)} entries are not one of {', '.join(LABELS)} (e.g. {shown})"
+        )
+    return raw
+
+
+def official_scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 with the official scorer's semantics: F1 is averaged over the
+    labels that occur in the truth or the predictions (scikit-learn's default), a label with
+    no true positive scoring 0."""
+    n = len(truth)
+    scores = {"accuracy": sum(t == p for t, p in zip(truth, predicted)) / n}
+    f1 = {}
+    for label in sorted(set(truth) | set(predicted)):
+        tp = sum(t == p == label for t, p in zip(truth, predicted))
+        fp = sum(p == label != t for t, p in zip(truth, predicted))
+        fn = sum(t == label != p for t, p in zip(truth, predicted))
+        f1[label] = 2 * tp / (2 * tp + fp + fn)
+    scores["macro_f1"] = sum(f1.values()) / len(f1)
+    scores.update({f"f1_{label}": f1.get(label, 0.0) for label in LABELS})
+    return scores
+
+
+def evaluate(predictions: Mapping[str, str], truth: Mapping[str, str], where: str) -> dict[str, float]:
+    """Scores of `predictions` against `truth`; refuses missing or extra question ids."""
+    missing = [k for k in truth if k not in predictions]
+    extra = [k for k in predictions if k not in truth]
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} test questions have no answer (e.g. {', '.join(missing[:5])})")
+        if extra:
+            problems.append(f"{len(extra)} answers are for questions not in the test set (e.g. {', '.join(extra[:5])})")
+        raise EvaluationError(
+            f"{where} must answer all and only the {len(truth)} test questions: " + "; ".join(problems)
+        )
+    ids = list(truth)
+    return official_scores([truth[k] for k in ids], [predictions[k] for k in ids])
+
+
+def truth_from_source(source: str, hub_config: str) -> dict[str, str]:
+    """The official test questions' decisions, from a medqa data source."""
+    return {r.id: r.decision for r in official_split(read_source(source, hub_config))["test"]}
+
+
+def format_scores(scores: Mapping[str, float], n: int) -> str:
+    lines = [f"{n} questions", f"accuracy  {scores['accuracy']:.4f}", f"macro-F1  {scores['macro_f1']:.4f}"]
+    lines += [f"F1 {label:<6}{scores[f'f1_{label}']:.4f}" for label in LABELS]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(prog="python -m medqa evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("predictions", type=Path, help="predictions.json: {question id: yes|no|maybe}")
+    parser.add_argument("--truth", type=Path, help="test_ground_truth.json from the PubMedQA repository")
+    parser.add_argument("--source", default=HUB_DATASET,
+                        help="without --truth: a medqa data source (hub id, ori_pqal.json, synthetic) whose "
+                             "official test split is the truth")
+    parser.add_argument("--hub_config", default="pqa_labeled")
+    parser.add_argument("--out", type=Path, help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+
+    predictions = read_answers(args.predictions, "predictions")
+    if args.truth is not None:
+        truth = read_answers(args.truth, "truth")
+    else:
+        try:
+            truth = truth_from_source(args.source, args.hub_config)
+        except DataError as e:
+            raise EvaluationError(f"could not read the truth from --source {args.source}: {e}") from None
+    scores = evaluate(predictions, truth, str(args.predictions))
+    print(format_scores(scores, len(truth)))
+    if args.out is not None:
+        if args.out.exists():
+            raise EvaluationError(f"{args.out} exists; remove it or choose another --out")
+        args.out.write_text(json.dumps({"questions": len(truth), **scores}, indent=1) + "\n")
+    return scores

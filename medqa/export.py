@@ -1,0 +1,106 @@
+"""`python -m medqa export --ckpt_path CKPT --out DIR [--merged]`: take a trained adapter out
+of medqa.
+
+DIR gets the LoRA adapter in PEFT's format (`adapter_config.json` and
+`adapter_model.safetensors`, loaded by `PeftModel.from_pretrained(base, DIR)` and by serving
+engines that take LoRA adapters), the tokenizer, and `medqa_prompt.json`: how medqa builds
+the prompt and scores the answer, so the adapter is used with the prompt it was trained on.
+`--merged` also writes the base with the adapter merged in, in 16-bit, to DIR/merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medqa import prompts
+from medqa.checkpoints import save_adapter
+
+
+def read_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if not checkpoint.get("state_dict") or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{path} is not a medqa training checkpoint (no LoRA weights or no model settings in it)")
+    return checkpoint
+
+
+def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Everything needed to ask the exported model a question the way medqa did."""
+    from medqa.data import PromptFormat, Record
+
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    fmt = PromptFormat(tokenizer, data.get("target", "decision"), data.get("max_length", 1024))
+    example = fmt.encode(Record("0", "QUESTION?", ["ABSTRACT"], ["RESULTS"], "LONG ANSWER.", "yes"))
+    return {
+        "base_model": checkpoint["hyper_parameters"]["pretrained"],
+        "target": fmt.target,
+        "max_length": fmt.max_length,
+        "chat_template": fmt.chat,
+        "system_prompt": prompts.SYSTEM_PROMPT,
+        "instruction": prompts.INSTRUCTION,
+        "labels": list(prompts.LABELS),
+        "label_token_ids": fmt.label_token_ids(),
+        "scoring": "softmax over the label words' log-probabilities at the answer position "
+                   "(a word of several tokens scores the sum of its tokens')",
+        "example_prompt": tokenizer.decode(example.input_ids[: example.answer_pos]),
+    }
+
+
+def export(ckpt_path: Path, out: Path, merged: bool = False, merged_dtype: str = "bfloat16",
+           weights_only: bool = True) -> Path:
+    """Write the adapter (and optionally the merged model) of `ckpt_path` to `out`."""
+    from medqa.backends import load_tokenizer
+
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; remove it or choose another directory")
+    checkpoint = read_checkpoint(ckpt_path, weights_only)
+    hp = checkpoint["hyper_parameters"]
+    tokenizer = load_tokenizer(hp["pretrained"], hp.get("trust_remote_code", False))
+
+    save_adapter(checkpoint, out)
+    tokenizer.save_pretrained(out)
+    (out / "medqa_prompt.json").write_text(json.dumps(prompt_settings(checkpoint, tokenizer), indent=1) + "\n")
+    print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json)")
+    if merged:
+        _export_merged(checkpoint, tokenizer, out / "merged", merged_dtype)
+        print(f"Wrote the merged {merged_dtype} model to {out / 'merged'}")
+    return out
+
+
+def _export_merged(checkpoint: dict[str, Any], tokenizer: Any, out: Path, dtype: str) -> None:
+    from medqa.backends import resolve_backend, save_merged
+    from medqa.model import MedQALoRA
+
+    hp = checkpoint["hyper_parameters"]
+    accepted = inspect.signature(MedQALoRA).parameters
+    settings = {k: v for k, v in hp.items() if k in accepted}
+    backend = resolve_backend(settings.get("backend", "auto"))
+    if backend == "hf":
+        # Merging into 4-bit weights would round the result to 4 bits again: merge into the
+        # base in 16/32-bit (`dtype`) instead.
+        settings.update(load_in_4bit=False, dtype=dtype)
+    module = MedQALoRA(**settings)
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    save_merged(module.model, tokenizer, out, backend, dtype)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m medqa export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", type=Path, required=True, help="a medqa checkpoint (.ckpt)")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write (must not exist or be empty)")
+    parser.add_argument("--merged", action="store_true", help="also write the merged 16-bit model to OUT/merged")
+    parser.add_argument("--merged_dtype", default="bfloat16",
+                        help="dtype of the merged model with the hf backend (bfloat16, float16, float32)")
+    parser.add_argument("--weights_only", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                        help="load the checkpoint without unpickling code (default true)")
+    args = parser.parse_args(argv)
+    return export(args.ckpt_path, args.out, args.merged, args.merged_dtype, args.weights_only)
