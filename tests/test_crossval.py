@@ -1,0 +1,66 @@
+"""The 10-fold cross-validation command: every fold, a summary, and a restart that skips
+the folds already done."""
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medqa.crossval import format_summary, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cv_command(cv_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "medqa", "cv", "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--cv_dir", str(cv_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+
+
+def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
+    cv_dir = tmp_path / "cv"
+    first = subprocess.Popen(cv_command(cv_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (cv_dir / "fold1" / "result.json").exists():
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "fold 1 did not finish in time"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = {k: (cv_dir / f"fold{k}" / "result.json").stat().st_mtime_ns for k in (0, 1)}
+    assert not (cv_dir / "summary.json").exists()
+
+    second = subprocess.run(cv_command(cv_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "fold 0 already done" in log and "fold 1 already done" in log and "fold 2 already done" not in log
+    assert {k: (cv_dir / f"fold{k}" / "result.json").stat().st_mtime_ns for k in (0, 1)} == done  # not redone
+
+    summary = json.loads((cv_dir / "summary.json").read_text())
+    folds = summary["folds"]
+    assert [f["fold"] for f in folds] == list(range(10))
+    assert all(f["dev_questions"] == 50 and 0 <= f["dev_acc"] <= 1 for f in folds)
+    assert len({f["checkpoint"] for f in folds}) == 10  # one run per fold
+    assert summary["dev_acc_mean"] == statistics.fmean(f["dev_acc"] for f in folds)
+    assert summary["dev_macro_f1_std"] == statistics.stdev(f["dev_macro_f1"] for f in folds)
+    assert (cv_dir / "summary.md").read_text().strip() == format_summary(summary)
+
+
+def test_summary_mean_and_std():
+    summary = summarize([{"fold": i, "dev_acc": a, "dev_macro_f1": a / 2} for i, a in enumerate([0.5, 0.7, 0.6])])
+    assert summary["dev_acc_mean"] == 0.6 and abs(summary["dev_acc_std"] - 0.1) < 1e-12
+    assert "| mean ± std | 0.6000 ± 0.1000 | 0.3000 ± 0.0500 |" in format_summary(summary)
+
+
+def test_cv_refuses_the_settings_it_sets_per_fold(tmp_path):
+    import pytest
+
+    from medqa.crossval import main
+
+    for flag in ("--data.fold", "--ckpt_path", "--trainer.logger.init_args.name"):
+        with pytest.raises(ValueError, match=f"{flag} is set by cv for each fold"):
+            main(["--config", str(ROOT / "configs" / "demo.yaml"), f"{flag}=3", "--cv_dir", str(tmp_path)])
