@@ -35,11 +35,14 @@ LORA = dict(r=16, alpha=16, dropout=0.0,
 LR = 2e-4
 
 
-def datamodule(args):
+def datamodule(args, bucket_batches: int = 0, packing: bool = False):
+    """medqa's DataModule on the benchmark's data: ordinary random batches, padded per batch,
+    unless told otherwise (the medqa path's --medqa_bucket_batches / --medqa_packing)."""
     from medqa.data import PubMedQADataModule
 
     dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=args.max_length,
-                            batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
+                            batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                            bucket_batches=bucket_batches, packing=packing)
     dm.setup("fit")
     return dm
 
@@ -106,7 +109,7 @@ def run_medqa(args) -> dict:
 
     from medqa.model import MedQALoRA
 
-    dm = datamodule(args)
+    dm = datamodule(args, args.medqa_bucket_batches, args.medqa_packing)
     n = args.warmup + args.steps
 
     timer = step_timer(args.warmup, args.steps)
@@ -137,7 +140,7 @@ def run_medqa(args) -> dict:
     result["score_seconds"] = score_timer.seconds
     result["scored"] = len(dm.examples["test"])
     result["test_acc"] = metrics["test/acc"]
-    if args.paired:
+    if args.paired and not (args.medqa_bucket_batches or args.medqa_packing):  # paired needs the same batches
         result["paired"] = paired_with_unsloth(model, dm, args)
     return result
 
@@ -320,6 +323,9 @@ def main() -> None:
     parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
                         help="also time medqa and Unsloth alone interleaved in one process")
     parser.add_argument("--paired_warmup", type=int, default=3)
+    parser.add_argument("--medqa_bucket_batches", type=int, default=0,
+                        help="length-aware batches for the medqa path (the others keep random batches)")
+    parser.add_argument("--medqa_packing", action="store_true", help="packed training batches for the medqa path")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))
     parser.add_argument("--one", choices=sorted(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,11 @@ def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
 
     args = ["fit", *fit_args, "--data.fold", str(fold), "--trainer.logger.init_args.save_dir", str(cv_dir),
             "--trainer.logger.init_args.name", f"fold{fold}", "--ckpt_path", "last"]
-    cli = main(args)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the fold's arguments are `args` alone
+    try:
+        cli = main(args)
+    finally:
+        sys.argv = argv
     best = find_checkpoint(cv_dir / f"fold{fold}", "best")
     if best is None:
         raise RuntimeError(f"fold {fold}: the fit saved no best checkpoint (did it validate?) under {cv_dir / f'fold{fold}'}")

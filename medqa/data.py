@@ -375,8 +375,11 @@ class PromptFormat:
         )
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch to its own longest example."""
+def collate(examples: Sequence[Example], pad_id: int, pack: bool = False) -> dict[str, Any]:
+    """Right-pad a batch to its own longest example, or, with `pack`, join its examples into
+    one row without padding (training only; see `pack_examples`)."""
+    if pack:
+        return pack_examples(examples)
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -401,16 +404,63 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     }
 
 
+def pack_examples(examples: Sequence[Example]) -> dict[str, Any]:
+    """A training batch as one row: the examples one after another, no padding.
+
+    `position_ids` restart at 0 for each example; with no attention mask, both backends
+    read them as packed sequences and keep attention inside each example (transformers'
+    masking utilities and Unsloth build a block-diagonal causal mask, or use variable-length
+    flash attention). The loss positions never cross from one example into the next, so
+    the loss equals the padded batch's.
+    """
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
+    labels = torch.tensor([t for e in examples for t in e.labels]).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
+    # Answer positions: next token an answer token, within the same example.
+    follows = (labels[0, 1:] != -100) & (position_ids[0, 1:] != 0)
+    cols = torch.nonzero(follows).squeeze(1)
+    return {
+        "ids": [e.id for e in examples],
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "position_ids": position_ids,
+        "labels": labels,
+        "label": torch.tensor([e.label for e in examples]),
+        "loss_pos": cols,
+        "loss_targets": labels[0, cols + 1],
+        "num_tokens": input_ids.size(1),
+    }
+
+
+def bucketed_order(order: list[int], lengths: Sequence[int], batch_size: int, bucket_batches: int,
+                   generator: torch.Generator) -> list[int]:
+    """Length-aware batches: `order` cut into runs of `bucket_batches` batches, each run
+    sorted by length and cut into batches, then all batches shuffled. Batches hold examples
+    of similar length (little padding) and still come in random order. A short last batch
+    stays last, so the DataLoader's batches are exactly these."""
+    run = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), run):
+        chunk = sorted(order[start : start + run], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    last = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in shuffled + last for i in batch]
+
+
 class ResumableSampler(Sampler[int]):
     """A shuffle whose order is a function of (seed, epoch) alone, so a run resumed
     mid-epoch sees the rest of that epoch in the order a run never stopped would.
 
     Lightning calls `set_epoch` at each epoch start. The first `skip` examples are left out
-    of the next iteration only (set when resuming).
+    of the next iteration only (set when resuming). With `lengths` and `bucket_batches`, the
+    order is length-bucketed (`bucketed_order`), still a function of (seed, epoch).
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1,
+                 bucket_batches: int = 0) -> None:
         self.size, self.seed = size, seed
+        self.lengths, self.batch_size, self.bucket_batches = lengths, batch_size, bucket_batches
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -421,7 +471,10 @@ class ResumableSampler(Sampler[int]):
         return self.size
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.bucket_batches > 0 and self.lengths is not None:
+            order = bucketed_order(order, self.lengths, self.batch_size, self.bucket_batches, generator)
         start, self.skip = self.skip, 0
         return iter(order[start:])
 
@@ -466,6 +519,11 @@ class PubMedQADataModule(L.LightningDataModule):
         predict_split: Which split `predict` answers.
         num_workers: DataLoader worker processes.
         shuffle_seed: Seed for the training order.
+        bucket_batches: Length-aware training batches: the shuffled order is cut into runs
+            of this many batches, each sorted by length, and the batches are shuffled again
+            (less padding, still random). 0: plain random batches.
+        packing: Join each training batch's examples into one row without padding, attention
+            kept inside each example (same loss as the padded batch, less work).
     """
 
     def __init__(
@@ -483,6 +541,8 @@ class PubMedQADataModule(L.LightningDataModule):
         predict_split: PredictSplit = "test",
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        bucket_batches: int = 16,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= fold < 10:
@@ -493,6 +553,9 @@ class PubMedQADataModule(L.LightningDataModule):
         self.fold, self.target, self.pretrained, self.max_length = fold, target, pretrained, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.predict_split, self.num_workers, self.shuffle_seed = predict_split, num_workers, shuffle_seed
+        if bucket_batches < 0:
+            raise DataError(f"--data.bucket_batches must be 0 (off) or more, got {bucket_batches}")
+        self.bucket_batches, self.packing = bucket_batches, packing
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
@@ -544,14 +607,16 @@ class PubMedQADataModule(L.LightningDataModule):
             examples,
             batch_size=batch_size,
             sampler=sampler or LongestFirst(examples),
-            collate_fn=partial(collate, pad_id=self.pad_id),
+            collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train"),
             num_workers=self.num_workers,
         )
 
     def _resumable_sampler(self) -> ResumableSampler:
         """The one training sampler, made on first use (by the loader or by a resume)."""
         if self.train_sampler is None:
-            self.train_sampler = ResumableSampler(len(self.examples["train"]), self.shuffle_seed)
+            train = self.examples["train"]
+            self.train_sampler = ResumableSampler(len(train), self.shuffle_seed, [len(e.input_ids) for e in train],
+                                                  self.batch_size, self.bucket_batches)
         return self.train_sampler
 
     def train_dataloader(self) -> DataLoader:
@@ -584,7 +649,8 @@ class PubMedQADataModule(L.LightningDataModule):
             if consumed >= self.trainer.num_training_batches:  # the epoch is over
                 epoch, consumed = epoch + 1, 0
             state["train_position"] = {"epoch": epoch, "batches": consumed, "seed": self.shuffle_seed,
-                                       "batch_size": self.batch_size, "size": len(self.examples["train"])}
+                                       "batch_size": self.batch_size, "size": len(self.examples["train"]),
+                                       "bucket_batches": self.bucket_batches}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -596,7 +662,8 @@ class PubMedQADataModule(L.LightningDataModule):
         position = state.get("train_position")
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"
         if position is not None and fitting and "train" in self.examples:
-            ours = {"seed": self.shuffle_seed, "batch_size": self.batch_size, "size": len(self.examples["train"])}
+            ours = {"seed": self.shuffle_seed, "batch_size": self.batch_size, "size": len(self.examples["train"]),
+                    "bucket_batches": self.bucket_batches}
             differs = [f"{k}: checkpoint {position[k]}, this run {v}" for k, v in ours.items() if position.get(k, v) != v]
             if differs:
                 raise DataError(

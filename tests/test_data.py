@@ -275,3 +275,39 @@ def test_evaluation_batches_come_longest_first(tokenizer):
     assert sorted(order) == list(range(40))  # every example once
     lengths = [len(examples[i].input_ids) for i in order]
     assert lengths == sorted(lengths, reverse=True)
+
+
+def test_bucketed_order_is_a_shuffle_of_length_grouped_batches():
+    lengths = [int(x) for x in torch.randint(100, 700, (203,), generator=torch.Generator().manual_seed(0))]
+    a = ResumableSampler(203, seed=5, lengths=lengths, batch_size=8, bucket_batches=4)
+    b = ResumableSampler(203, seed=5, lengths=lengths, batch_size=8, bucket_batches=4)
+    order = list(a)
+    assert sorted(order) == list(range(203)) and list(b) == order  # every example once, reproducible
+    plain = list(ResumableSampler(203, seed=5))
+
+    def spread(o):  # mean (longest - shortest) within the DataLoader's batches of 8
+        batches = [o[i : i + 8] for i in range(0, len(o), 8)]
+        return sum(max(lengths[j] for j in bt) - min(lengths[j] for j in bt) for bt in batches) / len(batches)
+
+    assert spread(order) < spread(plain) / 3
+    batch_lengths = [max(lengths[j] for j in order[i : i + 8]) for i in range(0, 200, 8)]
+    assert batch_lengths != sorted(batch_lengths, reverse=True)  # batches are not served longest first
+    a.set_epoch(1)
+    epoch1 = list(a)
+    assert epoch1 != order
+    b.epoch, b.skip = 1, 16  # a resumed run continues the same bucketed order
+    assert list(b) == epoch1[16:]
+
+
+def test_packed_batch_has_no_padding_and_restarts_positions(tokenizer):
+    from medqa.data import pack_examples
+
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    examples = [fmt.encode(r) for r in synthetic_records(3, seed=2)]
+    packed, padded = pack_examples(examples), collate(examples, tokenizer.pad_token_id)
+    lengths = [len(e.input_ids) for e in examples]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and packed["num_tokens"] == sum(lengths)
+    starts = [0, lengths[0], lengths[0] + lengths[1]]
+    assert packed["position_ids"][0, starts].tolist() == [0, 0, 0]
+    assert packed["loss_targets"].tolist() == padded["loss_targets"].tolist()  # the same answer tokens
+    assert len(packed["loss_pos"]) == len(padded["loss_pos"])
