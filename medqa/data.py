@@ -15,7 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from medqa import prompts
 from medqa.prompts import LABELS, Target
@@ -448,17 +448,25 @@ def bucketed_order(order: list[int], lengths: Sequence[int], batch_size: int, bu
     return [i for batch in shuffled + last for i in batch]
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """A shuffle whose order is a function of (seed, epoch) alone, so a run resumed
     mid-epoch sees the rest of that epoch in the order a run never stopped would.
 
-    Lightning calls `set_epoch` at each epoch start. The first `skip` examples are left out
-    of the next iteration only (set when resuming). With `lengths` and `bucket_batches`, the
-    order is length-bucketed (`bucketed_order`), still a function of (seed, epoch).
+    Lightning calls `set_epoch` at each epoch start. The first `skip` examples of the
+    epoch's order are left out of the next iteration only (set when resuming). With
+    `lengths` and `bucket_batches`, the order is length-bucketed (`bucketed_order`), still a
+    function of (seed, epoch).
+
+    Across `num_replicas` processes (DDP), each step takes the next `batch_size *
+    num_replicas` examples of the one order and gives each process its `batch_size`, so
+    the processes of a step get examples of similar length. The order is padded with its
+    first examples to a multiple of `num_replicas`, so every process runs the same number
+    of steps. It is a `DistributedSampler`, so Lightning uses it as it is.
     """
 
     def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1,
-                 bucket_batches: int = 0) -> None:
+                 bucket_batches: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size, self.seed = size, seed
         self.lengths, self.batch_size, self.bucket_batches = lengths, batch_size, bucket_batches
         self.epoch, self.skip = 0, 0
@@ -468,25 +476,46 @@ class ResumableSampler(Sampler[int]):
             self.epoch, self.skip = epoch, 0
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.num_replicas)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
+        step = self.batch_size * self.num_replicas
         if self.bucket_batches > 0 and self.lengths is not None:
-            order = bucketed_order(order, self.lengths, self.batch_size, self.bucket_batches, generator)
+            order = bucketed_order(order, self.lengths, step, self.bucket_batches, generator)
         start, self.skip = self.skip, 0
-        return iter(order[start:])
+        order = order[start:]
+        if self.num_replicas == 1:
+            return iter(order)
+        order += order[: -len(order) % self.num_replicas]  # every process the same number of steps
+        mine = []
+        for s in range(0, len(order), step):
+            chunk = order[s : s + step]
+            share = len(chunk) // self.num_replicas
+            mine += chunk[self.rank * share : (self.rank + 1) * share]
+        return iter(mine)
 
 
-class LongestFirst(Sampler[int]):
+class LongestFirst(DistributedSampler):
     """Evaluation order: longest examples first. Each batch then holds examples of similar
     length (little padding), and the largest batch runs first, so a batch that does not fit
     in memory fails at once. Scores do not depend on the order; `predict` writes its files
-    back in the data's order."""
+    back in the data's order.
 
-    def __init__(self, examples: Sequence[Example]) -> None:
-        self.order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    Across `num_replicas` processes, batch k goes to process k mod `num_replicas` (question k
+    when there are fewer batches than processes), and no question is repeated to even out the processes' shares (Lightning's default sampler
+    would repeat some, which would count them twice in the metrics).
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int = 1, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(examples, num_replicas=num_replicas, rank=rank, shuffle=False)
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if len(batches) >= num_replicas:
+            self.order = [i for batch in batches[rank::num_replicas] for i in batch]
+        else:  # fewer batches than processes: share the questions one by one
+            self.order = order[rank::num_replicas]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -601,12 +630,18 @@ class PubMedQADataModule(L.LightningDataModule):
     def decode(self, ids: list[int]) -> str:
         return self.format.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def _processes(self) -> tuple[int, int]:
+        """(number of processes, this one's rank): the samplers split the data themselves."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
         examples = self.examples[split]
+        world, rank = self._processes()
         return DataLoader(
             examples,
             batch_size=batch_size,
-            sampler=sampler or LongestFirst(examples),
+            sampler=sampler or LongestFirst(examples, batch_size, world, rank),
             collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train"),
             num_workers=self.num_workers,
         )
@@ -615,8 +650,9 @@ class PubMedQADataModule(L.LightningDataModule):
         """The one training sampler, made on first use (by the loader or by a resume)."""
         if self.train_sampler is None:
             train = self.examples["train"]
+            world, rank = self._processes()
             self.train_sampler = ResumableSampler(len(train), self.shuffle_seed, [len(e.input_ids) for e in train],
-                                                  self.batch_size, self.bucket_batches)
+                                                  self.batch_size, self.bucket_batches, world, rank)
         return self.train_sampler
 
     def train_dataloader(self) -> DataLoader:
@@ -650,7 +686,8 @@ class PubMedQADataModule(L.LightningDataModule):
                 epoch, consumed = epoch + 1, 0
             state["train_position"] = {"epoch": epoch, "batches": consumed, "seed": self.shuffle_seed,
                                        "batch_size": self.batch_size, "size": len(self.examples["train"]),
-                                       "bucket_batches": self.bucket_batches}
+                                       "bucket_batches": self.bucket_batches,
+                                       "processes": self.train_sampler.num_replicas}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -671,7 +708,9 @@ class PubMedQADataModule(L.LightningDataModule):
                     + "; ".join(differs) + "); resume with the same --data settings"
                 )
             sampler = self._resumable_sampler()
-            sampler.epoch, sampler.skip = position["epoch"], position["batches"] * self.batch_size
+            # The position counts each process's batches; the order is one for all processes.
+            done = position["batches"] * self.batch_size * position.get("processes", 1)
+            sampler.epoch, sampler.skip = position["epoch"], done
             self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
 
 

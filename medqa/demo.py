@@ -17,7 +17,7 @@ from pathlib import Path
 from medqa.prompts import LABELS
 
 TINY_LLAMA = "builtin:tiny-llama"
-_VERSION = 1  # bump when the recipe below changes, so old caches are not reused
+_VERSION = 2  # bump when the recipe below changes, so old caches are not reused
 
 # Llama 3's special tokens and a chat template of the same shape as Llama 3.1 Instruct's.
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
@@ -125,6 +125,7 @@ def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 1024):
 def build_tiny_llama(out: Path) -> None:
     """Write a tiny random Llama (Llama 3.1's architecture, small sizes) and its tokenizer."""
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer()
@@ -148,14 +149,18 @@ def build_tiny_llama(out: Path) -> None:
         # Through the final norm, a random head this narrow cannot make any answer
         # confident, whatever LoRA learns; a wider one can.
         model.lm_head.weight.mul_(10)
-    model.save_pretrained(out)
+    # Not model.save_pretrained: under DDP, transformers writes the weights from rank 0
+    # only, and every process may be the one building the cache.
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
 
 
 def tiny_llama() -> Path:
     """The directory of the built-in tiny Llama, built on first use (a few seconds)."""
     out = cache_dir() / f"tiny-llama-v{_VERSION}"
-    if not (out / "config.json").is_file():
+    if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out.parent))
         build_tiny_llama(tmp)

@@ -210,6 +210,9 @@ class MedQALoRA(L.LightningModule):
 
     def on_train_end(self) -> None:
         seconds = time.perf_counter() - self._train_started
+        if self.trainer.world_size > 1:  # every process's tokens
+            self._train_tokens = int(self.trainer.strategy.reduce(torch.tensor(float(self._train_tokens), device=self.device),
+                                                                  reduce_op="sum"))
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
         rank_zero_info(
             f"Trained on {self._train_tokens:,} non-padding tokens in {seconds:.1f} s "
@@ -263,8 +266,10 @@ class MedQALoRA(L.LightningModule):
         per_class = values.pop(f"{stage}/f1")
         values.update({f"{stage}/f1_{w}": f for w, f in zip(LABELS, per_class)})
         values[f"{stage}/ece"] = calibration.compute()
-        self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True)
-        self.log_dict(values)
+        # Already the same on every process (torchmetrics synchronises in compute); sync_dist
+        # only tells Lightning so.
+        self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
         matrix = confusion.compute()
         if isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(matrix), self.global_step)

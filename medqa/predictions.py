@@ -17,6 +17,7 @@ from medqa.prompts import LABELS
 
 class PredictionWriter(BasePredictionWriter):
     """Writes `predictions.json` (`{id: label}`) and `predictions.jsonl` to the run directory.
+    Under DDP the processes' answers are gathered and written once, each question once.
 
     Args:
         output_dir: Where to write; by default the run's log directory.
@@ -29,6 +30,15 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
+        out = Path(self.output_dir or trainer.log_dir or ".")  # log_dir is collective: every process asks
+        if trainer.world_size > 1:  # each process answered its share: the first one writes them all
+            import torch.distributed as dist
+
+            shares: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(shares, predictions)
+            if not trainer.is_global_zero:
+                return
+            predictions = [batch for share in shares for batch in share]
         ids = [i for batch in predictions for i in batch["ids"]]
         probs = torch.cat([batch["probs"] for batch in predictions]) if predictions else torch.empty(0, 3)
         truth = torch.cat([batch["truth"] for batch in predictions]) if predictions else torch.empty(0)
@@ -41,7 +51,6 @@ class PredictionWriter(BasePredictionWriter):
         rows = sorted(range(len(ids)), key=lambda i: position[ids[i]])
         ids, probs, truth = [ids[i] for i in rows], probs[rows], truth[rows]
 
-        out = Path(self.output_dir or trainer.log_dir or ".")
         out.mkdir(parents=True, exist_ok=True)
         json_path, jsonl_path = out / "predictions.json", out / "predictions.jsonl"
         for path in (json_path, jsonl_path):

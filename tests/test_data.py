@@ -311,3 +311,30 @@ def test_packed_batch_has_no_padding_and_restarts_positions(tokenizer):
     assert packed["position_ids"][0, starts].tolist() == [0, 0, 0]
     assert packed["loss_targets"].tolist() == padded["loss_targets"].tolist()  # the same answer tokens
     assert len(packed["loss_pos"]) == len(padded["loss_pos"])
+
+
+@pytest.mark.parametrize("bucket", [0, 4])
+def test_training_order_shared_by_processes(bucket):
+    """Each step gives each process its batch of one order: together they see every example
+    (a few twice, to even out the last step), each the same number of steps."""
+    lengths = list(range(100, 201))  # 101 examples
+    ranks = [list(ResumableSampler(101, 3, lengths, batch_size=4, bucket_batches=bucket, num_replicas=3, rank=r))
+             for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(ResumableSampler(101, 3, num_replicas=3))
+    seen = [i for r in ranks for i in r]
+    assert set(seen) == set(range(101)) and len(seen) == 102  # one example repeated
+    alone = list(ResumableSampler(101, 3, lengths, batch_size=12, bucket_batches=bucket))
+    step0 = sorted(ranks[0][:4] + ranks[1][:4] + ranks[2][:4])
+    assert step0 == sorted(alone[:12])  # a step of 3 processes takes the next 12 of the one order
+    resumed = ResumableSampler(101, 3, lengths, batch_size=4, bucket_batches=bucket, num_replicas=3, rank=1)
+    resumed.skip = 2 * 4 * 3  # two steps done, as load_state_dict sets it
+    assert list(resumed) == ranks[1][8:]
+
+
+def test_evaluation_shares_never_repeat_a_question(tokenizer):
+    from medqa.data import LongestFirst
+
+    examples = [PromptFormat(tokenizer, "decision", 512).encode(r) for r in synthetic_records(23, seed=6)]
+    for batch_size in (4, 16):  # enough batches for every process, and fewer batches than processes
+        shares = [list(LongestFirst(examples, batch_size, num_replicas=3, rank=r)) for r in range(3)]
+        assert sorted(i for s in shares for i in s) == list(range(23)) and all(shares)

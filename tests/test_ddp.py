@@ -1,0 +1,80 @@
+"""Lightning's DDP on the CPU (gloo, 2 processes) through the CLI: training runs, test
+metrics equal the single-process run's, and predict answers every question exactly once."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def medqa(command: str, logs: Path, *args: str) -> Path:
+    """Run a medqa command in its own process (DDP launches its workers from it); return
+    the run directory it wrote."""
+    before = set((logs / "demo").glob("version_*"))
+    done = subprocess.run(
+        [sys.executable, "-m", "medqa", command, "--config", str(ROOT / "configs" / "demo.yaml"),
+         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (run,) = set((logs / "demo").glob("version_*")) - before
+    return run
+
+
+def test_metrics(run: Path) -> dict[str, float]:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("test/")}
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_checkpoint(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("ddp")
+    run = medqa("fit", logs, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
+                "--last_checkpoint.every_n_train_steps", "4")
+    return logs, run / "checkpoints" / "last.ckpt"
+
+
+def test_ddp_training_saves_a_checkpoint_of_the_steps_of_both_processes(ddp_checkpoint):
+    import torch
+
+    _, last = ddp_checkpoint
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and (last.parent / "last.adapter").is_dir()
+    # Where a resume continues: 4 batches of each of the 2 processes into epoch 0.
+    position = state["PubMedQADataModule"]["train_position"]
+    assert (position["epoch"], position["batches"], position["processes"]) == (0, 4, 2)
+
+
+def test_ddp_test_and_predict_equal_the_single_process_run(ddp_checkpoint):
+    logs, last = ddp_checkpoint
+    one = ["--ckpt_path", str(last), "--trainer.devices", "1"]
+    two = ["--ckpt_path", str(last), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    single, double = test_metrics(medqa("test", logs, *one)), test_metrics(medqa("test", logs, *two))
+    assert {"test/acc", "test/macro_f1", "test/ece"} <= set(single)
+    for tag in ("test/acc", "test/macro_f1", "test/f1_yes", "test/f1_no", "test/f1_maybe", "test/ece"):
+        assert double[tag] == pytest.approx(single[tag], abs=1e-6), tag
+
+    # 1,000 questions in batches of 7: the last batch is short and the processes get
+    # different numbers of questions; none may be lost or answered twice.
+    extra = ["--data.predict_split", "all", "--data.eval_batch_size", "7"]
+    alone, shared = rows(medqa("predict", logs, *one, *extra)), rows(medqa("predict", logs, *two, *extra))
+    ids = [r["id"] for r in shared]
+    assert len(ids) == len(set(ids)) == 1000
+    assert ids == [r["id"] for r in alone]  # the data's order, as one process writes it
+    for a, b in zip(alone, shared):
+        assert a["label"] == b["label"] and abs(a["p_yes"] - b["p_yes"]) < 1e-5 and abs(a["p_no"] - b["p_no"]) < 1e-5
