@@ -121,20 +121,6 @@ def confusion_figure(matrix: Tensor) -> Any:
     return fig
 
 
-def write_hparams(logger: Any, settings: dict[str, Any], metric_tags: list[str]) -> None:
-    """Write `settings` to TensorBoard's HPARAMS tab, tied to the scalars `metric_tags`.
-
-    Lightning's `log_hyperparams(params, metrics)` would also log each metric's starting
-    value as a point of its curve; this writes the HPARAMS summaries alone.
-    """
-    from torch.utils.tensorboard.summary import hparams
-
-    plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
-    writer = logger.experiment._get_file_writer()
-    for summary in hparams(plain, dict.fromkeys(metric_tags, 0.0)):
-        writer.add_summary(summary)
-
-
 def format_confusion(matrix: Tensor) -> str:
     """The confusion matrix as a small text table (rows: truth, columns: prediction)."""
     width = max(len(w) for w in LABELS) + 2

@@ -33,7 +33,6 @@ from medqa.metrics import (
     confusion_matrix,
     format_confusion,
     label_log_probs,
-    write_hparams,
 )
 from medqa.prompts import LABELS
 
@@ -69,6 +68,20 @@ class WarmupCosine(LambdaLR):
             return step / warm
         progress = min(1.0, (step - warm) / max(1.0, self.total_steps - warm))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _write_hparams(logger: Any, settings: dict[str, Any], metric_tags: list[str]) -> None:
+    """Write `settings` to TensorBoard's HPARAMS tab, tied to the scalars `metric_tags`.
+
+    Lightning's `log_hyperparams(params, metrics)` would also log each metric's starting
+    value as a point of its curve; this writes the HPARAMS summaries alone.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(plain, dict.fromkeys(metric_tags, 0.0)):
+        writer.add_summary(summary)
 
 
 class MedQALoRA(L.LightningModule):
@@ -284,7 +297,7 @@ class MedQALoRA(L.LightningModule):
             dm = self.trainer.datamodule
             settings = {f"model/{k}": v for k, v in self.hparams.items()}
             settings.update({f"data/{k}": v for k, v in (dm.hparams.items() if dm is not None else [])})
-            write_hparams(self.logger, settings, ["val/acc", "val/macro_f1", "val/ece", "val/loss"])
+            _write_hparams(self.logger, settings, ["val/acc", "val/macro_f1", "val/ece", "val/loss"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         _, logp = self._forward(batch)
