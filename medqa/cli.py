@@ -107,6 +107,9 @@ COMMANDS = {"evaluate": "medqa.evaluate", "cv": "medqa.crossval", "export": "med
 
 def main(args: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in (["-h"], ["--help"]):
+        print("medqa commands: fit, validate, test, predict (below), and evaluate, cv, export "
+              "(python -m medqa evaluate --help, ...).\n")
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]])
         if args is not None:  # called from Python: let errors propagate
