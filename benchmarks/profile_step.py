@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import LORA, LR, batches, datamodule, step_timer, timed_loop, to_device  # noqa: E402
+from throughput import LORA, LR, batches, bench_trainer, datamodule, step_timer, timed_loop, to_device  # noqa: E402
 
 
 def compiled_graphs() -> int:
@@ -73,7 +73,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
-    import lightning as L
 
     from medqa.backends import decoder_and_head
     from medqa.metrics import answer_loss
@@ -146,9 +145,7 @@ def main() -> None:
 
     # Lightning: the same module and loaded model under the Trainer.
     timer = step_timer(args.warmup, args.steps)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=args.warmup + args.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    trainer = bench_trainer("32-true", args.warmup + args.steps, timer)
     g = compiled_graphs()
     trainer.fit(module, datamodule=dm)
     module.to("cuda")  # the strategy's teardown moved it to the CPU

@@ -74,6 +74,16 @@ def timed_loop(step, data: list[dict], warmup: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "steps": len(data) - warmup}
 
 
+def bench_trainer(precision: str, max_steps: int, callback):
+    """A one-GPU Lightning Trainer that only trains and times: no logger, checkpoints,
+    progress bar, summary or validation."""
+    import lightning as L
+
+    return L.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=max_steps, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, callbacks=[callback])
+
+
 def step_timer(warmup: int, steps: int):
     """A Lightning callback timing `steps` training steps after `warmup`, the GPU
     synchronised at both ends only."""
@@ -117,9 +127,7 @@ def run_medqa(args) -> dict:
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"],
                       optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision=args.precision, max_steps=n, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[timer])
+    trainer = bench_trainer(args.precision, n, timer)
     trainer.fit(model, datamodule=dm)
     result = {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -187,9 +195,7 @@ def paired_with_unsloth(module, dm, args) -> dict:
             self.medqa.append((self.open, self._event()))
 
     paired = Paired()
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision=args.precision, max_steps=n, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[paired])
+    trainer = bench_trainer(args.precision, n, paired)
     trainer.fit(module, datamodule=dm)
     torch.cuda.synchronize()
     timed = slice(args.paired_warmup, n)

@@ -304,14 +304,20 @@ class PromptFormat:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _after_answer(self, turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        """What the chat template writes after an assistant answer, up to the end of `turns`
+        (the turns that follow it), as text."""
+        marker = "MEDQA_ANSWER_MARKER"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}, *turns],
+            tokenize=False, add_generation_prompt=generation_prompt,
+        )
+        return text[text.rindex(marker) + len(marker) :]
+
     def _end_of_answer(self) -> list[int]:
         if self.chat:
             # The chat template closes the assistant turn with its own end-of-turn token.
-            marker = "MEDQA_ANSWER_MARKER"
-            closed = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
-            )
-            tail = closed[closed.rindex(marker) + len(marker) :]
+            tail = self._after_answer([])
             ids = self._encode(tail.strip() or tail)
             if ids:
                 return ids
@@ -335,13 +341,8 @@ class PromptFormat:
         assistant's turn, a user turn with the request, and the assistant's turn opening."""
         if not self.chat:
             return self._encode(prompts.plain_rationale_request())
-        marker = "MEDQA_DECISION_MARKER"
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker},
-             {"role": "user", "content": prompts.RATIONALE_REQUEST}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        return self._encode(text[text.rindex(marker) + len(marker) :])
+        return self._encode(self._after_answer([{"role": "user", "content": prompts.RATIONALE_REQUEST}],
+                                               generation_prompt=True))
 
     def label_token_ids(self) -> list[list[int]]:
         """Token ids of each label word as written at the scoring position."""
@@ -504,8 +505,9 @@ class LongestFirst(DistributedSampler):
     back in the data's order.
 
     Across `num_replicas` processes, batch k goes to process k mod `num_replicas` (question k
-    when there are fewer batches than processes), and no question is repeated to even out the processes' shares (Lightning's default sampler
-    would repeat some, which would count them twice in the metrics).
+    when there are fewer batches than processes), and no question is repeated to even out
+    the processes' shares (Lightning's default sampler would repeat some, which would count
+    them twice in the metrics).
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int = 1, num_replicas: int = 1, rank: int = 0) -> None:

@@ -113,9 +113,9 @@ def calibration_error() -> MulticlassCalibrationError:
     return MulticlassCalibrationError(num_classes=len(LABELS), n_bins=10, norm="l1")
 
 
-def confusion_figure(matrix: Tensor) -> Any:
-    """The confusion matrix as a matplotlib figure (rows: truth, columns: prediction)."""
-    fig, ax = ConfusionMatrix(task="multiclass", num_classes=len(LABELS)).plot(val=matrix.cpu(), labels=list(LABELS))
+def confusion_figure(metric: ConfusionMatrix, matrix: Tensor) -> Any:
+    """`metric`'s computed `matrix` as a matplotlib figure (rows: truth, columns: prediction)."""
+    fig, ax = metric.plot(val=matrix.cpu(), labels=list(LABELS))
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
     return fig

@@ -285,7 +285,7 @@ class MedQALoRA(L.LightningModule):
         self.log_dict(values, sync_dist=True)
         matrix = confusion.compute()
         if isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(matrix), self.global_step)
+            self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(confusion, matrix), self.global_step)
         for metric in (metrics, confusion, calibration):
             metric.reset()
         return matrix
