@@ -23,6 +23,7 @@ from medqa.checkpoints import find_checkpoint
 from medqa.data import PubMedQADataModule
 from medqa.model import CheckpointMismatch, MedQALoRA
 from medqa.predictions import PredictionWriter
+from medqa.speed import SpeedMonitor
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 
@@ -55,6 +56,7 @@ class MedQACLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(SpeedMonitor, "speed")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument("--generate_rationale", type=bool, default=False,
                             help="predict: after each scored decision, generate a short explanation "

@@ -4,7 +4,6 @@ yes/no/maybe scoring, and checkpoints that hold only what was trained."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,7 +151,6 @@ class MedQALoRA(L.LightningModule):
         self.val_calibration, self.test_calibration = calibration_error(), calibration_error()
         self.label_ids: list[list[int]] = []
         self.pad_id = 0
-        self._train_tokens, self._train_started = 0, 0.0
 
     # ------------------------------------------------------------------ building
 
@@ -216,24 +214,7 @@ class MedQALoRA(L.LightningModule):
         )
         return loss, logp
 
-    def on_train_start(self) -> None:
-        self._train_tokens, self._train_started = 0, time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-
-    def on_train_end(self) -> None:
-        seconds = time.perf_counter() - self._train_started
-        if self.trainer.world_size > 1:  # every process's tokens
-            self._train_tokens = int(self.trainer.strategy.reduce(torch.tensor(float(self._train_tokens), device=self.device),
-                                                                  reduce_op="sum"))
-        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
-        rank_zero_info(
-            f"Trained on {self._train_tokens:,} non-padding tokens in {seconds:.1f} s "
-            f"({self._train_tokens / max(seconds, 1e-9):,.0f} tokens/s, validation included){peak}."
-        )
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        self._train_tokens += batch["num_tokens"]  # counted on the host, no sync
         loss, _ = self._loss(batch)
         if not torch.isfinite(loss):  # one host sync a step; the progress bar makes one anyway
             where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"

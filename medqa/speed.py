@@ -1,0 +1,148 @@
+"""Training speed as a user of one or several GPUs needs it: tokens/s inside the steps
+after warm-up, the time spent between steps (checkpoint writes, validation, data), and the
+whole fit, each summed or maxed over the processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+SPEED_FILE = "speed.json"
+TOP_GAPS = 3
+
+
+class SpeedMonitor(L.Callback):
+    """Times every training batch of every process and says, at the end of `fit`, where the
+    time went; logs `speed/tokens_per_s` (this process's step rate) to TensorBoard.
+
+    The GPU is synchronised at the end of each batch (one host sync a step), so a step's time
+    is its real GPU time, and the time from one batch's end to the next one's start is time
+    the GPU spent waiting for the host: checkpoint writes, validation, the data loader,
+    epoch ends. Under DDP the processes meet in every backward pass, so their step times
+    agree; the figures take the slowest process and sum the tokens of all of them.
+
+    Args:
+        warmup_steps: Batches left out of the step figures: the first steps compile
+            Unsloth's kernels and allocate memory.
+    """
+
+    def __init__(self, warmup_steps: int = 10) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"--speed.warmup_steps must be 0 or more, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.summary: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_start = time.perf_counter()
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
+        self.summary = {}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.starts.append(time.perf_counter())
+        self.tokens.append(int(batch["num_tokens"]))  # counted on the host by collate: no sync
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.ends.append(time.perf_counter())
+        seconds = self.ends[-1] - self.starts[-1]
+        pl_module.log("speed/tokens_per_s", self.tokens[-1] / max(seconds, 1e-9), batch_size=1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ours = self._process_figures(time.perf_counter())
+        everyone = _gather(trainer, ours)
+        self.summary = summarize(everyone, self.warmup_steps)
+        self.summary["processes"] = trainer.world_size
+        rank_zero_info(describe(self.summary))
+        log_dir = trainer.log_dir if trainer.logger is not None else None  # collective: every process asks
+        if log_dir is not None and trainer.is_global_zero:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / SPEED_FILE).write_text(json.dumps(self.summary, indent=1) + "\n")
+
+    def _process_figures(self, now: float) -> list[float]:
+        """This process's figures, as one flat list of floats (gathered over processes)."""
+        done = len(self.ends)  # a batch that raised has a start and no end
+        starts, ends, tokens, w = self.starts[:done], self.ends, self.tokens[:done], min(self.warmup_steps, len(self.ends))
+        timed = range(w, done)
+        in_steps = sum(ends[i] - starts[i] for i in timed)
+        wall = (ends[-1] - starts[w]) if done > w else 0.0
+        gaps = sorted(((starts[i] - ends[i - 1], i) for i in range(w + 1, done)), reverse=True)[:TOP_GAPS]
+        gaps += [(0.0, -1)] * (TOP_GAPS - len(gaps))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        return [
+            float(sum(tokens)), now - self.fit_start, float(sum(tokens[i] for i in timed)), in_steps, wall,
+            (starts[w] - self.fit_start) if done > w else now - self.fit_start, float(len(timed)), peak,
+            *[x for gap in gaps for x in gap],
+        ]
+
+
+def _gather(trainer: L.Trainer, figures: list[float]) -> list[list[float]]:
+    """Every process's figures (one row a process); a single process's own."""
+    if trainer.world_size == 1:
+        return [figures]
+    import torch.distributed as dist
+
+    mine = torch.tensor(figures, dtype=torch.float64, device=trainer.strategy.root_device)
+    rows = [torch.empty_like(mine) for _ in range(trainer.world_size)]
+    dist.all_gather(rows, mine)
+    return [row.tolist() for row in rows]
+
+
+def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
+    """Sum the tokens over processes, take the slowest process's times."""
+    def column(i: int) -> list[float]:
+        return [row[i] for row in rows]
+
+    tokens, fit_s, step_tokens = sum(column(0)), max(column(1)), sum(column(2))
+    in_steps, wall, warmup_s = max(column(3)), max(column(4)), max(column(5))
+    slowest: dict[int, float] = {}  # batch -> the longest wait before it on any process
+    for row in rows:
+        for k in range(TOP_GAPS):
+            batch = int(row[9 + 2 * k])
+            slowest[batch] = max(slowest.get(batch, 0.0), row[8 + 2 * k])
+    gaps = sorted(((s, i) for i, s in slowest.items() if i >= 0), reverse=True)
+    return {
+        "tokens": int(tokens),
+        "fit_seconds": fit_s,
+        "fit_tokens_per_s": tokens / max(fit_s, 1e-9),
+        "warmup_steps": warmup_steps,
+        "warmup_seconds": warmup_s,
+        "timed_steps": int(min(column(6))),
+        "step_tokens_per_s": step_tokens / max(in_steps, 1e-9) if in_steps else None,
+        "wall_tokens_per_s": step_tokens / max(wall, 1e-9) if wall else None,
+        "seconds_in_steps": in_steps,
+        "seconds_between_steps": max(w - s for w, s in zip(column(4), column(3))),
+        "longest_gaps": [{"seconds": s, "before_batch": i} for s, i in gaps[:TOP_GAPS]],
+        "peak_gpu_gib": max(column(7)),
+        "per_process": [{"seconds_in_steps": r[3], "seconds_between_steps": r[4] - r[3], "tokens": int(r[0])}
+                        for r in rows],
+    }
+
+
+def describe(s: dict[str, Any]) -> str:
+    """The end-of-fit lines."""
+    over = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
+    lines = [f"Trained on {s['tokens']:,} non-padding tokens{over} in {s['fit_seconds']:.1f} s: "
+             f"{s['fit_tokens_per_s']:,.0f} tokens/s over the whole fit (warm-up, validation and checkpoints included)."]
+    if s["step_tokens_per_s"] is not None:
+        gaps = ", ".join(f"{g['seconds']:.1f} s before batch {g['before_batch']}" for g in s["longest_gaps"])
+        lines.append(
+            f"After {s['warmup_steps']} warm-up batches ({s['warmup_seconds']:.1f} s): {s['step_tokens_per_s']:,.0f} "
+            f"tokens/s in steps, {s['wall_tokens_per_s']:,.0f} tokens/s of wall time; "
+            f"{s['seconds_between_steps']:.1f} s between steps" + (f" (longest: {gaps})" if gaps else "") + "."
+        )
+    if s["peak_gpu_gib"]:
+        lines.append(f"Peak GPU memory {s['peak_gpu_gib']:.2f} GiB.")
+    return " ".join(lines)
