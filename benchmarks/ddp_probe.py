@@ -11,6 +11,11 @@ both ends (the slowest process counts; tokens are summed over processes):
   allreduce    the same plus one all-reduce of all LoRA gradients after backward (no overlap)
   ddp          torch DDP as Lightning builds it (find_unused_parameters=False, 25 MB buckets)
   ddp-static   DDP with static_graph=True and gradient_as_bucket_view=True
+  *-sync       the same, the GPU synchronised after every step (as medqa's SpeedMonitor does)
+  lightning    medqa's LightningModule under Lightning's Trainer (DDP with several processes),
+               bucketed batches, gradient clipping 1.0, as `configs/lora.yaml`; timed by SpeedMonitor
+  lightning-plain / lightning-noclip   the same with plain random batches / without clipping
+Lightning moves the model to the CPU at the end of each fit: put its stages last.
 `--load_first` loads the model before the process group exists, so Unsloth sees a single
 process while loading (Lightning starts the group first).
 """
@@ -23,13 +28,15 @@ import json
 import os
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-STAGES = ["local", "allreduce", "ddp", "ddp-static"]
+STAGES = ["local", "local-sync", "allreduce", "ddp", "ddp-sync", "ddp-static", "lightning", "lightning-plain",
+          "lightning-noclip"]
 
 
 class StepLoss(torch.nn.Module):
@@ -103,6 +110,7 @@ def worker(rank: int, world: int, args, queue) -> None:
     module.configure_model()
     if args.load_first:
         init()
+    module.to(torch.device("cuda", rank) if cuda else "cpu")  # as Lightning does: DDP broadcasts every buffer
     batches = _batches(args, rank, world)
     params = [p for p in module.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -120,31 +128,61 @@ def worker(rank: int, world: int, args, queue) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def lightning(variant: str, warmup: int) -> dict:
+        """medqa's step under Lightning's Trainer (DDP when several processes), timed by
+        medqa's SpeedMonitor (the GPU synchronised after every step)."""
+        import lightning as L
+
+        from medqa.data import PubMedQADataModule
+        from medqa.speed import SpeedMonitor
+
+        dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=1024, batch_size=args.batch_size,
+                                bucket_batches=0 if variant == "lightning-plain" else 16)
+        monitor = SpeedMonitor(warmup_steps=warmup)
+        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+                            precision="32-true", max_steps=warmup + args.steps, logger=False,
+                            gradient_clip_val=None if variant == "lightning-noclip" else 1.0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=[monitor])
+        trainer.fit(module, datamodule=dm)
+        s = monitor.summary
+        return {"tokens": int(s["step_tokens_per_s"] * s["seconds_in_steps"]), "seconds": s["seconds_in_steps"],
+                "tokens_per_s": s["step_tokens_per_s"], "step_s": s["seconds_in_steps"] / s["timed_steps"],
+                "wall_tokens_per_s": s["wall_tokens_per_s"]}
+
+    def synced(run_step):
+        def step(batch):
+            run_step(batch)
+            _sync()
+        return step
+
     results = {}
     warm = args.warmup
-    for stage in STAGES if world > 1 else ["local"]:
-        if stage == "local":
-            step = plain
-        elif stage == "allreduce":
-            def step(batch):
-                plain(batch, exchange=True)
+    for stage in args.stages:
+        if world == 1 and stage in ("allreduce", "ddp", "ddp-static", "ddp-sync"):
+            continue
+        if stage.startswith("lightning"):
+            results[stage] = lightning(stage, warm)
         else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            wrapped = None
+            if stage in ("local", "allreduce"):
+                step = partial(plain, exchange=stage == "allreduce")
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
 
-            extra = {"static_graph": True, "gradient_as_bucket_view": True} if stage == "ddp-static" else {}
-            wrapped = DDP(loss_module, device_ids=[rank] if cuda else None, find_unused_parameters=False, **extra)
+                extra = {"static_graph": True, "gradient_as_bucket_view": True} if stage == "ddp-static" else {}
+                wrapped = DDP(loss_module, device_ids=[rank] if cuda else None, find_unused_parameters=False, **extra)
 
-            def step(batch, wrapped=wrapped):
-                wrapped(batch).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        results[stage] = _time(step, batches, warm, args.steps, world)
+                def step(batch, wrapped=wrapped):
+                    wrapped(batch).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            results[stage] = _time(synced(step) if stage.endswith("-sync") else step, batches, warm, args.steps, world)
+            del wrapped, step
+            gc.collect()
         warm = 3  # compiled once, in the first stage
         if rank == 0:
             print(f"processes={world} load_first={args.load_first} {stage}: {json.dumps(results[stage])}", flush=True)
-        if stage.startswith("ddp"):
-            del wrapped, step
-            gc.collect()
     if rank == 0:
         results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         queue.put(results)
@@ -159,6 +197,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--load_first", action="store_true")
+    p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="in this order; 1 process skips the exchange stages")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=12)
     p.add_argument("--steps", type=int, default=20)
