@@ -15,6 +15,7 @@ both ends (the slowest process counts; tokens are summed over processes):
   lightning    medqa's LightningModule under Lightning's Trainer (DDP with several processes),
                bucketed batches, gradient clipping 1.0, as `configs/lora.yaml`; timed by SpeedMonitor
   lightning-plain / lightning-noclip   the same with plain random batches / without clipping
+  lightning-ddp   Lightning's DDP strategy even for one process (needs --group there)
 Lightning moves the model to the CPU at the end of each fit: put its stages last.
 `--load_first` loads the model before the process group exists, so Unsloth sees a single
 process while loading (Lightning starts the group first).
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 STAGES = ["local", "local-sync", "allreduce", "ddp", "ddp-sync", "ddp-static", "lightning", "lightning-plain",
-          "lightning-noclip"]
+          "lightning-noclip", "lightning-ddp"]
 
 
 class StepLoss(torch.nn.Module):
@@ -99,8 +100,10 @@ def worker(rank: int, world: int, args, queue) -> None:
 
     from medqa.model import MedQALoRA
 
+    grouped = world > 1 or args.group
+
     def init() -> None:
-        if world > 1:
+        if grouped:
             dist.init_process_group(*(["nccl"] if cuda else ["gloo"]), device_id=torch.device("cuda", rank) if cuda else None)
 
     if not args.load_first:
@@ -139,7 +142,7 @@ def worker(rank: int, world: int, args, queue) -> None:
         dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=1024, batch_size=args.batch_size,
                                 bucket_batches=0 if variant == "lightning-plain" else 16)
         monitor = SpeedMonitor(warmup_steps=warmup)
-        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=world, strategy="ddp" if world > 1 or variant == "lightning-ddp" else "auto",
                             precision="32-true", max_steps=warmup + args.steps, logger=False,
                             gradient_clip_val=None if variant == "lightning-noclip" else 1.0,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -159,7 +162,7 @@ def worker(rank: int, world: int, args, queue) -> None:
     results = {}
     warm = args.warmup
     for stage in args.stages:
-        if world == 1 and stage in ("allreduce", "ddp", "ddp-static", "ddp-sync"):
+        if not grouped and stage in ("allreduce", "ddp", "ddp-static", "ddp-sync", "lightning-ddp"):
             continue
         if stage.startswith("lightning"):
             results[stage] = lightning(stage, warm)
@@ -182,11 +185,11 @@ def worker(rank: int, world: int, args, queue) -> None:
             gc.collect()
         warm = 3  # compiled once, in the first stage
         if rank == 0:
-            print(f"processes={world} load_first={args.load_first} {stage}: {json.dumps(results[stage])}", flush=True)
+            print(f"processes={world} group={grouped} load_first={args.load_first} {stage}: {json.dumps(results[stage])}", flush=True)
     if rank == 0:
         results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         queue.put(results)
-    if world > 1:
+    if grouped:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -197,6 +200,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--load_first", action="store_true")
+    p.add_argument("--group", action="store_true", help="start a process group with 1 process too (as DDP would)")
     p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="in this order; 1 process skips the exchange stages")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=12)
@@ -210,7 +214,7 @@ def main() -> None:
         mp.start_processes(worker, args=(world, args, queue), nprocs=world, start_method="spawn")
         results = queue.get()
         row = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": str(date.today()), "processes": world,
-               "load_first": args.load_first, **results}
+               "load_first": args.load_first, "group": args.group or world > 1, **results}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
