@@ -18,7 +18,10 @@ both ends (the slowest process counts; tokens are summed over processes):
   lightning-ddp   Lightning's DDP strategy even for one process (needs --group there)
 Lightning moves the model to the CPU at the end of each fit: put its stages last.
 `--load_first` loads the model before the process group exists, so Unsloth sees a single
-process while loading (Lightning starts the group first).
+process while loading (Lightning starts the group first). `--group` starts a process group
+even for one process. `--unsloth_before_device` imports Unsloth while every process still
+has GPU 0 as its current device, as `python -m medqa` does before Lightning picks each
+process's GPU.
 """
 
 from __future__ import annotations
@@ -95,8 +98,10 @@ def worker(rank: int, world: int, args, queue) -> None:
                       LOCAL_RANK=str(rank))
     cuda = torch.cuda.is_available()  # without CUDA (a check of this script): gloo, the hf backend
     if cuda:
+        if args.unsloth_before_device:  # as `python -m medqa` does: unsloth first, Lightning picks the GPU later
+            import unsloth  # noqa: F401
         torch.cuda.set_device(rank)
-        import unsloth  # noqa: F401  (before transformers and peft, as medqa does)
+        import unsloth  # noqa: F401,F811  (before transformers and peft, as medqa does)
 
     from medqa.model import MedQALoRA
 
@@ -168,8 +173,8 @@ def worker(rank: int, world: int, args, queue) -> None:
             results[stage] = lightning(stage, warm)
         else:
             wrapped = None
-            if stage in ("local", "allreduce"):
-                step = partial(plain, exchange=stage == "allreduce")
+            if stage.removesuffix("-sync") in ("local", "allreduce"):
+                step = partial(plain, exchange=stage.startswith("allreduce"))
             else:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -200,6 +205,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--load_first", action="store_true")
+    p.add_argument("--unsloth_before_device", action="store_true",
+                   help="import unsloth before choosing this process's GPU, as `python -m medqa` does")
     p.add_argument("--group", action="store_true", help="start a process group with 1 process too (as DDP would)")
     p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="in this order; 1 process skips the exchange stages")
     p.add_argument("--batch_size", type=int, default=8)
