@@ -1,8 +1,10 @@
 """Lightning's DDP on the CPU (gloo, 2 processes) through the CLI: training runs, test
-metrics equal the single-process run's, and predict answers every question exactly once."""
+metrics equal the single-process run's, and predict answers every question exactly once;
+the same over 2 nodes x 1 process launched by torchrun, as a multi-node job is."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,32 @@ def medqa(command: str, logs: Path, *args: str) -> Path:
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (run,) = set((logs / "demo").glob("version_*")) - before
+    return run
+
+
+def medqa_on_nodes(command: str, logs: Path, *args: str, nodes: int = 2) -> Path:
+    """Run a medqa command as `nodes` nodes x 1 process on this machine: one torchrun per
+    node, as the README's multi-node launch does, meeting at 127.0.0.1 (gloo)."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = set((logs / "demo").glob("version_*"))
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1",
+             "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "medqa", command, "--config", str(ROOT / "configs" / "demo.yaml"),
+             "--trainer.num_nodes", str(nodes), "--trainer.devices", "1", "--trainer.strategy", "ddp",
+             "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for rank in range(nodes)
+    ]
+    outputs = [launch.communicate(timeout=600)[0] for launch in launches]
+    for rank, (launch, out) in enumerate(zip(launches, outputs)):
+        assert launch.returncode == 0, f"node {rank}:\n{out[-4000:]}"
     (run,) = set((logs / "demo").glob("version_*")) - before
     return run
 
@@ -76,5 +104,27 @@ def test_ddp_test_and_predict_equal_the_single_process_run(ddp_checkpoint):
     ids = [r["id"] for r in shared]
     assert len(ids) == len(set(ids)) == 1000
     assert ids == [r["id"] for r in alone]  # the data's order, as one process writes it
+    for a, b in zip(alone, shared):
+        assert a["label"] == b["label"] and abs(a["p_yes"] - b["p_yes"]) < 1e-5 and abs(a["p_no"] - b["p_no"]) < 1e-5
+
+
+def test_two_nodes_train_and_predict_every_question_once_as_one_process_does(tmp_path):
+    import torch
+
+    logs = tmp_path / "logs"
+    run = medqa_on_nodes("fit", logs, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+                         "--trainer.limit_val_batches", "2")
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    position = state["PubMedQADataModule"]["train_position"]
+    assert state["global_step"] == 4 and (position["epoch"], position["batches"], position["processes"]) == (1, 0, 2)
+    assert json.loads((run / "speed.json").read_text())["processes"] == 2
+
+    # The 500 test questions in batches of 7: the last batch is short, the nodes' shares differ.
+    extra = ["--ckpt_path", str(last), "--data.eval_batch_size", "7"]
+    shared = rows(medqa_on_nodes("predict", logs, *extra))
+    alone = rows(medqa("predict", logs, *extra, "--trainer.devices", "1"))
+    ids = [r["id"] for r in shared]
+    assert len(ids) == len(set(ids)) == 500 and ids == [r["id"] for r in alone]
     for a, b in zip(alone, shared):
         assert a["label"] == b["label"] and abs(a["p_yes"] - b["p_yes"]) < 1e-5 and abs(a["p_no"] - b["p_no"]) < 1e-5
