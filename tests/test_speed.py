@@ -1,0 +1,74 @@
+"""SpeedMonitor: what each process timed, summed and maxed over processes, and a real fit's
+figures against the tokens its batches hold."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from medqa.speed import SpeedMonitor, describe, summarize
+
+
+def row(tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, gaps):
+    flat = [x for gap in gaps for x in gap]
+    return [tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, 0.0, *flat]
+
+
+def test_summary_sums_tokens_takes_the_slowest_process_and_one_wait_per_batch():
+    rows = [row(1000, 10.0, 800, 4.0, 5.0, 3.0, 8, [(0.5, 7), (0.2, 4), (0.0, -1)]),
+            row(900, 11.0, 700, 4.5, 5.2, 2.0, 8, [(0.6, 7), (0.1, 3), (0.0, -1)])]
+    s = summarize(rows, warmup_steps=2)
+    assert s["tokens"] == 1900 and s["fit_seconds"] == 11.0
+    assert s["step_tokens_per_s"] == pytest.approx(1500 / 4.5)
+    assert s["wall_tokens_per_s"] == pytest.approx(1500 / 5.2)
+    assert s["seconds_between_steps"] == pytest.approx(1.0)  # the larger of 5.0-4.0 and 5.2-4.5
+    # batch 7 waited on both processes: listed once, with the longer wait
+    assert [(g["before_batch"], g["seconds"]) for g in s["longest_gaps"]] == [(7, 0.6), (4, 0.2), (3, 0.1)]
+    assert "1,900 non-padding tokens" in describe({**s, "processes": 2})
+
+
+class Batches(torch.utils.data.Dataset):
+    """Batches of known non-padding token counts, one a step."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def __len__(self):
+        return len(self.counts)
+
+    def __getitem__(self, i):
+        return {"x": torch.ones(2, 4), "num_tokens": self.counts[i]}
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["x"]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_fit_counts_every_batch_and_times_only_those_after_warm_up(tmp_path):
+    counts = list(range(10, 22))
+    loader = torch.utils.data.DataLoader(Batches(counts), batch_size=None)
+    monitor = SpeedMonitor(warmup_steps=3)
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="speed")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=logger, callbacks=[monitor], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(Tiny(), train_dataloaders=loader)
+    s = json.loads((tmp_path / "speed" / "version_0" / "speed.json").read_text())
+    assert s["tokens"] == 2 * sum(counts) and s["timed_steps"] == 2 * len(counts) - 3
+    assert s["step_tokens_per_s"] == pytest.approx((2 * sum(counts) - sum(counts[:3])) / s["seconds_in_steps"])
+    assert 0 < s["seconds_in_steps"] <= s["seconds_in_steps"] + s["seconds_between_steps"] <= s["fit_seconds"]
+    assert s["processes"] == 1 and len(s["per_process"]) == 1
+    assert "speed/tokens_per_s" in trainer.logged_metrics
+
+
+def test_negative_warm_up_is_refused():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        SpeedMonitor(warmup_steps=-1)
