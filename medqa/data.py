@@ -63,6 +63,24 @@ def _str_list(value: Any, key: str, where: str) -> list[str]:
     return value
 
 
+def _text(value: Any, key: str, where: str) -> str:
+    """A string that can be written as UTF-8 (JSON's \\ud800 escapes give lone surrogates,
+    which the tokenizer would fail on later, far from the record)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {key!r} holds text that is not valid Unicode ({e.reason} at "
+                        f"character {e.start}, e.g. an unpaired \\ud800-\\udfff escape)") from None
+    return value
+
+
+def record_id(rid: Any, key: str, where: str) -> str:
+    """A question id: a non-empty string or an integer, as PubMedQA's PMIDs are."""
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+        raise DataError(f"{where}: field {key!r} must be a non-empty string or an integer id, got {rid!r}")
+    return _text(str(rid), key, where)
+
+
 def make_record(
     rid: Any,
     question: Any,
@@ -72,9 +90,11 @@ def make_record(
     decision: Any,
     where: str,
     names: tuple[str, str, str, str, str] = ("question", "contexts", "labels", "long_answer", "final_decision"),
+    id_name: str = "pubid",
 ) -> Record:
     """Check one record's fields and build it; `names` are the fields as the source spells them."""
     q_name, c_name, l_name, a_name, d_name = names
+    rid = record_id(rid, id_name, where)
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: field {q_name!r} must be a non-empty question, got {question!r}")
     contexts = _str_list(contexts, c_name, where)
@@ -88,7 +108,10 @@ def make_record(
         raise DataError(f"{where}: field {a_name!r} must be a string, got {type(long_answer).__name__}")
     if decision not in LABELS:
         raise DataError(f"{where}: field {d_name!r} must be one of yes/no/maybe, got {decision!r}")
-    return Record(str(rid), question.strip(), contexts, context_labels, long_answer, decision)
+    for value, key in [(question, q_name), (long_answer, a_name), *((c, c_name) for c in contexts),
+                       *((c, l_name) for c in context_labels)]:
+        _text(value, key, where)
+    return Record(rid, question.strip(), contexts, context_labels, long_answer, decision)
 
 
 def _from_original(pmid: str, raw: Any, where: str) -> Record:
@@ -104,6 +127,7 @@ def _from_original(pmid: str, raw: Any, where: str) -> Record:
         _field(raw, "final_decision", where),
         where,
         ("QUESTION", "CONTEXTS", "LABELS", "LONG_ANSWER", "final_decision"),
+        "PMID",
     )
 
 
@@ -135,18 +159,31 @@ def _check_unique(records: list[Record], origin: str) -> list[Record]:
     return records
 
 
-def _unique_keys(path: Path):
-    """A json object hook that refuses repeated keys, which json.loads would keep only once."""
+def _unique_keys(where: str, error: type[ValueError] = DataError):
+    """A json object hook that refuses repeated keys, which json.loads would silently keep
+    only the last of."""
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {}
         for key, value in pairs:
             if key in obj:
-                raise DataError(f"{path}: key {key!r} appears more than once in one object; ids must be unique")
+                raise error(f"{where}: key {key!r} appears more than once in one object; keys (ids, fields) "
+                            "must be unique")
             obj[key] = value
         return obj
 
     return hook
+
+
+def parse_json(text: str, where: str, error: type[ValueError] = DataError) -> Any:
+    """`json.loads` refusing repeated keys and saying where a file is not JSON or is nested
+    deeper than the parser allows."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys(where, error))
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply to read (thousands of levels of [ or {{); not a PubMedQA file") from None
 
 
 def read_file(path: str | Path) -> list[Record]:
@@ -173,17 +210,11 @@ def read_file(path: str | Path) -> list[Record]:
         for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            raw = parse_json(line, f"{path}: line {n}")
             records.append(_from_hub(raw, f"{path}: line {n}"))
         return _check_unique(records, str(path))
 
-    try:
-        data = json.loads(text, object_pairs_hook=_unique_keys(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    data = parse_json(text, str(path))
     if isinstance(data, dict):
         # The official split needs file order, which dicts keep.
         return [_from_original(pmid, raw, f"{path}: record {pmid!r}") for pmid, raw in data.items()]
@@ -555,6 +586,9 @@ class PubMedQADataModule(L.LightningDataModule):
             (less padding, still random). 0: plain random batches.
         packing: Join each training batch's examples into one row without padding, attention
             kept inside each example (same loss as the padded batch, less work).
+        drop_eval_overlap: Leave out of `train_source` its questions that are also dev or test
+            questions (same id or same question text), saying how many. Without it such a
+            source is refused: training on test questions inflates every score.
     """
 
     def __init__(
@@ -574,6 +608,7 @@ class PubMedQADataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         bucket_batches: int = 16,
         packing: bool = False,
+        drop_eval_overlap: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= fold < 10:
@@ -586,7 +621,7 @@ class PubMedQADataModule(L.LightningDataModule):
         self.predict_split, self.num_workers, self.shuffle_seed = predict_split, num_workers, shuffle_seed
         if bucket_batches < 0:
             raise DataError(f"--data.bucket_batches must be 0 (off) or more, got {bucket_batches}")
-        self.bucket_batches, self.packing = bucket_batches, packing
+        self.bucket_batches, self.packing, self.drop_eval_overlap = bucket_batches, packing, drop_eval_overlap
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
@@ -604,7 +639,8 @@ class PubMedQADataModule(L.LightningDataModule):
         splits: dict[str, list[Record]] = dict(official_split(records, self.fold))
         origin = {name: self.source for name in splits}
         if self.train_source is not None:
-            splits["train"] = read_source(self.train_source, self.train_hub_config)
+            splits["train"] = self._without_eval_questions(read_source(self.train_source, self.train_hub_config),
+                                                           splits["dev"] + splits["test"])
             origin["train"] = self.train_source
         splits["all"] = records
         rank_zero_info(f"Read {len(records)} records from {self.source} (fold {self.fold} is dev).")
@@ -617,6 +653,24 @@ class PubMedQADataModule(L.LightningDataModule):
                     f"  {name}: {len(recs)} records from {origin[name]} ({counts}); "
                     f"{len(recs)} used, {cut} with the abstract cut to fit {self.max_length} tokens"
                 )
+
+    def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
+        """`train` with no dev or test question in it: refused, or left out when asked to."""
+        ids, questions = {r.id for r in held_out}, {" ".join(r.question.split()).lower() for r in held_out}
+        leaked = [r for r in train if r.id in ids or " ".join(r.question.split()).lower() in questions]
+        if not leaked:
+            return train
+        if not self.drop_eval_overlap:
+            raise DataError(
+                f"--data.train_source {self.train_source}: {len(leaked)} of its {len(train)} questions are dev or "
+                f"test questions of {self.source} (same id or question; e.g. {', '.join(r.id for r in leaked[:5])}). "
+                "Training on them would inflate every score: remove them from the file, or pass "
+                "--data.drop_eval_overlap true to leave them out"
+            )
+        rank_zero_info(f"Left out {len(leaked)} questions of {self.train_source} that are dev or test questions "
+                       f"(--data.drop_eval_overlap).")
+        dropped = {id(r) for r in leaked}
+        return [r for r in train if id(r) not in dropped]
 
     @property
     def pad_id(self) -> int:

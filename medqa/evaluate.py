@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medqa.data import HUB_DATASET, DataError, official_split, read_source
+from medqa.data import HUB_DATASET, DataError, official_split, parse_json, read_source
 from medqa.prompts import LABELS
 
 
@@ -26,15 +26,20 @@ class EvaluationError(ValueError):
 def read_answers(path: Path, what: str) -> dict[str, str]:
     """A JSON object `{question id: "yes" | "no" | "maybe"}`, checked."""
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EvaluationError(f"{what} file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{what} file {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{what} file {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise EvaluationError(f"{what} file {path}: cannot be read ({e.strerror})") from None
+    raw = parse_json(text, f"{what} file {path}", EvaluationError)  # repeated ids refused, not overwritten
     if not isinstance(raw, dict):
         raise EvaluationError(
             f"{what} file {path}: expected a JSON object {{question id: label}}, got a {type(raw).__name__}"
         )
+    if not raw:
+        raise EvaluationError(f"{what} file {path}: holds no answers (an empty object)")
     bad = [(k, v) for k, v in raw.items() if v not in LABELS]
     if bad:
         shown = ", ".join(f"{k!r}: {v!r}" for k, v in bad[:3])

@@ -183,7 +183,7 @@ def good_original() -> dict:
         ("number.json", "42", r"number\.json: top level is a int; expected an object keyed by PMID"),
         ("latin1.json", b'{"1": "\xe9"}', r"latin1\.json: not UTF-8"),
         ("bad.jsonl", '{"pubid": 1}\nnot json\n', r"bad\.jsonl: line 1: missing field 'context'"),
-        ("brokenline.jsonl", json.dumps(as_hub(synthetic_records(1)[0])) + "\n{oops\n", r"brokenline\.jsonl: line 2 is not valid JSON"),
+        ("brokenline.jsonl", json.dumps(as_hub(synthetic_records(1)[0])) + "\n{oops\n", r"brokenline\.jsonl: line 2: not valid JSON"),
     ],
 )
 def test_unreadable_files(tmp_path, name, content, message):
@@ -338,3 +338,54 @@ def test_evaluation_shares_never_repeat_a_question(tokenizer):
     for batch_size in (4, 16):  # enough batches for every process, and fewer batches than processes
         shares = [list(LongestFirst(examples, batch_size, num_replicas=3, rank=r)) for r in range(3)]
         assert sorted(i for s in shares for i in s) == list(range(23)) and all(shares)
+
+
+@pytest.mark.parametrize("pubid, shown", [
+    (None, "None"), ("", "''"), ("  ", "'  '"), ([1], r"\[1\]"), ({"a": 1}, r"\{'a': 1\}"), (True, "True"), (1.5, "1.5"),
+])
+def test_ids_must_be_non_empty_strings_or_integers(tmp_path, pubid, shown):
+    record = as_hub(synthetic_records(1)[0])
+    record["pubid"] = pubid
+    path = write(tmp_path, "ids.jsonl", json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"ids\.jsonl: line 1: field 'pubid' must be a non-empty string or an integer id, got " + shown):
+        read_file(path)
+
+
+def test_a_json_lines_record_with_a_repeated_field_is_refused(tmp_path):
+    line = json.dumps(as_hub(synthetic_records(1)[0]))
+    path = write(tmp_path, "twice.jsonl", line[:-1] + ', "final_decision": "no"}\n')
+    with pytest.raises(DataError, match=r"twice\.jsonl: line 1: key 'final_decision' appears more than once"):
+        read_file(path)
+
+
+def test_unpaired_surrogates_are_refused_naming_record_and_field(tmp_path):
+    data = good_original()
+    text = json.dumps(data).replace('"QUESTION": "', '"QUESTION": "\\ud800', 1)
+    path = write(tmp_path, "surrogate.json", text)
+    with pytest.raises(DataError, match=r"surrogate\.json: record '10000000': field 'QUESTION' holds text that is not valid Unicode"):
+        read_file(path)
+
+
+def test_pathological_nesting_is_a_clear_error(tmp_path):
+    path = write(tmp_path, "deep.json", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep\.json: nested too deeply"):
+        read_file(path)
+
+
+def test_training_sources_with_test_questions_are_refused_or_filtered(tmp_path):
+    from medqa.data import PubMedQADataModule
+
+    records = synthetic_records()
+    test = official_split(records)["test"]
+    # a PQA-A-like source: 300 questions of its own, plus 2 test questions (one renamed)
+    own = synthetic_records(300, seed=11)
+    own = [Record(f"9{r.id}", r.question + " (own)", r.contexts, r.context_labels, r.long_answer, r.decision) for r in own]
+    renamed = Record("777", test[1].question, test[1].contexts, test[1].context_labels, test[1].long_answer, test[1].decision)
+    path = write(tmp_path, "train.jsonl", "\n".join(json.dumps(as_hub(r)) for r in own + [test[0], renamed]) + "\n")
+    dm = PubMedQADataModule(source="synthetic", train_source=str(path), pretrained="builtin:tiny-llama", max_length=512)
+    with pytest.raises(DataError, match=r"train\.jsonl: 2 of its 302 questions are dev or test questions .*drop_eval_overlap"):
+        dm.setup("fit")
+    dm = PubMedQADataModule(source="synthetic", train_source=str(path), pretrained="builtin:tiny-llama", max_length=512,
+                            drop_eval_overlap=True)
+    dm.setup("fit")
+    assert len(dm.examples["train"]) == 300

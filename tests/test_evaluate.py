@@ -37,10 +37,14 @@ def test_refuses_missing_and_extra_ids_naming_them():
     ('{"1": "yes",', r"not valid JSON \(.* at line 1"),
     ('["yes"]', r"expected a JSON object \{question id: label\}, got a list"),
     ('{"1": "Yes", "2": "no", "3": 1}', r"2 entries are not one of yes, no, maybe \(e\.g\. '1': 'Yes', '3': 1\)"),
+    ('{"1": "yes", "2": "no", "1": "no"}', r"key '1' appears more than once"),
+    ("{}", r"holds no answers"),
+    ("[" * 100_000 + "]" * 100_000, r"nested too deeply"),
+    (b'{"1": "\xe9"}', r"not UTF-8 text"),
 ])
 def test_bad_prediction_files_get_a_clear_error(tmp_path, text, message):
     path = tmp_path / "predictions.json"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(EvaluationError, match=r"predictions file .*predictions\.json: " + message):
         read_answers(path, "predictions")
 
