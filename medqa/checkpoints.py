@@ -6,8 +6,10 @@ frozen base) is the LightningModule's business, in `model.py`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +22,37 @@ from medqa.model import LLAMA_LORA_TARGETS
 TMP_SUFFIX = ".tmp"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file medqa cannot use: what the file is, and what was expected."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes `X.ckpt` as `X.ckpt.tmp`, syncs it to disk, then renames it over `X.ckpt`.
+    """Writes `X.ckpt` as a temporary file, syncs it to disk, writes its adapter (`X.adapter/`),
+    then renames the file over `X.ckpt`.
 
     A run killed mid-write leaves the previous `X.ckpt` whole (and a stray `.tmp`, which
-    resume ignores); after a power loss the rename is never seen without its data.
+    resume ignores); after a power loss the rename is never seen without its data. The
+    adapter is published just before the checkpoint and records which weights it holds, so
+    a kill between the two renames leaves an adapter that `ensure_adapter` sees is not the
+    checkpoint's and rewrites on the next load.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
-        with open(tmp, "wb") as f:  # truncates what a killed write left behind
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:  # truncates what a killed write left behind
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if checkpoint.get("state_dict") and "hyper_parameters" in checkpoint:
+                save_adapter(checkpoint, adapter_dir(path))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves the previous checkpoint alone
+            raise
         _fsync_dir(path.parent)
-        if checkpoint.get("state_dict") and "hyper_parameters" in checkpoint:
-            save_adapter(checkpoint, adapter_dir(path))
 
     def remove_checkpoint(self, path: _PATH) -> None:
         super().remove_checkpoint(path)
@@ -53,14 +67,70 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    """A medqa training checkpoint's contents, or a one-line error saying what the file is
+    instead (empty, damaged, code to unpickle, a plain state dict, another program's)."""
+    import pickle
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint; resume from another one or start afresh")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        if weights_only and "Weights only load failed" in first:
+            raise CheckpointError(
+                f"{path} holds Python objects that loading would execute, and medqa's checkpoints hold only "
+                "tensors and plain values; pass --weights_only false only for a file you trust") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first})") from None
+    except Exception as e:  # torch.load raises many types for a damaged file (EOFError, RuntimeError, ...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a medqa training checkpoint")
+    if "state_dict" not in checkpoint:
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise CheckpointError(f"{path} is a plain state dict ({len(checkpoint)} tensors), not a medqa training "
+                                  "checkpoint (no settings, optimizer or loop state); medqa writes .ckpt files under "
+                                  "logs/NAME/version_N/checkpoints")
+        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' "
+                              f"(keys: {', '.join(map(str, list(checkpoint)[:6]))})")
+    if not checkpoint["state_dict"] or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"{path} is a Lightning checkpoint but not medqa's (no LoRA weights or no model settings in it)")
+    return checkpoint
+
+
 def adapter_dir(checkpoint: Path) -> Path:
     """Where a checkpoint's adapter is written in PEFT's format: `X.ckpt` -> `X.adapter/`."""
     return checkpoint.with_suffix(".adapter")
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().contiguous().cpu()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+STAMP_KEY = "medqa_checkpoint"
+"""Metadata of the adapter's safetensors file: the checkpoint weights it was written from."""
+
+
 def save_adapter(checkpoint: dict[str, Any], out: Path) -> None:
     """Write the checkpoint's LoRA weights as a PEFT adapter (`adapter_config.json` and
-    `adapter_model.safetensors`) that `PeftModel.from_pretrained(base, out)` loads."""
+    `adapter_model.safetensors`) that `PeftModel.from_pretrained(base, out)` loads, synced to
+    disk and swapped in whole. Only paths of its own are made and removed beside `out`."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -75,13 +145,47 @@ def save_adapter(checkpoint: dict[str, Any], out: Path) -> None:
         target_modules=hp.get("target_modules") or LLAMA_LORA_TARGETS, use_rslora=hp.get("use_rslora", False),
         bias="none", task_type="CAUSAL_LM", base_model_name_or_path=hp.get("pretrained"),
     )
-    tmp = out.with_name(out.name + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config.save_pretrained(tmp)
-    save_file(weights, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
+    try:
+        config.save_pretrained(tmp)
+        save_file(weights, tmp / ADAPTER_FILE,
+                  metadata={"format": "pt", STAMP_KEY: weights_digest(checkpoint["state_dict"])})
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapter_matches(checkpoint: dict[str, Any], adapter: Path) -> bool:
+    """Whether `adapter` holds exactly the checkpoint's LoRA weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(adapter / ADAPTER_FILE), framework="pt") as f:
+            stamp = (f.metadata() or {}).get(STAMP_KEY)
+    except Exception:  # missing, damaged, or written by something else
+        return False
+    return stamp == weights_digest(checkpoint["state_dict"]) and (adapter / "adapter_config.json").is_file()
+
+
+def ensure_adapter(checkpoint: dict[str, Any], path: Path) -> bool:
+    """Rewrite the adapter beside checkpoint `path` when it is missing or not the
+    checkpoint's (a run killed between the two renames of a save). True if rewritten."""
+    adapter = adapter_dir(path)
+    if adapter_matches(checkpoint, adapter):
+        return False
+    save_adapter(checkpoint, adapter)
+    return True
 
 
 def find_checkpoint(run_root: Path, which: str) -> Path | None:

@@ -10,16 +10,20 @@ in PEFT's format, optionally merged).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa.backends import BackendError
-from medqa.checkpoints import find_checkpoint
+from medqa.checkpoints import CheckpointError, adapter_dir, ensure_adapter, find_checkpoint, load_checkpoint
+from medqa.data import DataError
 from medqa.data import PubMedQADataModule
 from medqa.model import CheckpointMismatch, MedQALoRA
 from medqa.predictions import PredictionWriter
@@ -73,14 +77,31 @@ class MedQACLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Load checkpoints weights-only unless told otherwise; resolve `--ckpt_path
         last|best` from the run directories on disk, and let a resumed fit write its curves
-        into the run it resumes."""
+        into the run it resumes. A checkpoint is read once here, so a damaged or foreign
+        file is refused in one line before any model is built, and its adapter is rewritten
+        if a save was interrupted between the two."""
         config = self.config[self.subcommand]
         if config.get("weights_only") is None:
             # medqa's checkpoints hold only tensors and plain values: load them without
             # unpickling code. Pass --weights_only false for a checkpoint that needs more.
             config.weights_only = True
-        if config.get("ckpt_path") not in ("last", "best"):
-            return
+        if config.get("ckpt_path") in ("last", "best"):
+            self._resolve_ckpt_path(config)
+        if config.get("ckpt_path") is not None:
+            path = Path(config.ckpt_path)
+            checkpoint = load_checkpoint(path, config.weights_only)
+            if self.subcommand == "fit":
+                finished = finished_run(checkpoint, config.trainer.max_epochs, config.trainer.max_steps)
+                if finished:
+                    raise CheckpointError(
+                        f"{path} comes from a run that finished ({finished}): resuming it would train nothing. "
+                        "Start a new run (leave out --ckpt_path), or raise --trainer.max_epochs / "
+                        "--trainer.max_steps to train it further")
+            if rank_zero_only.rank == 0 and ensure_adapter(checkpoint, path):
+                rank_zero_info(f"Rewrote {adapter_dir(path)}: it was missing or held other weights than {path.name} "
+                               "(a save was interrupted).")
+
+    def _resolve_ckpt_path(self, config: Any) -> None:
         logger = config.trainer.logger
         if not (hasattr(logger, "class_path") and logger.class_path == LOGGER):
             return  # another logger: leave 'last' to Lightning
@@ -92,7 +113,7 @@ class MedQACLI(LightningCLI):
                 rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run.")
                 config.ckpt_path = None
                 return
-            raise FileNotFoundError(f"--ckpt_path {config.ckpt_path}: no such checkpoint under {root}/version_*/checkpoints")
+            raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no such checkpoint under {root}/version_*/checkpoints")
         rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found}")
         config.ckpt_path = str(found)
         if self.subcommand == "fit":
@@ -103,8 +124,24 @@ class MedQACLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
 
 
+def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: int | None) -> str | None:
+    """Why a checkpoint's run has nothing left to train under these limits, or None."""
+    step = checkpoint.get("global_step", 0)
+    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        return f"step {step} of --trainer.max_steps {max_steps}"
+    if max_epochs is None and (max_steps is None or max_steps == -1):
+        max_epochs = 1000  # Lightning's default when neither is set
+    if max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs:
+        return f"{epochs} of --trainer.max_epochs {max_epochs} epochs done"
+    return None
+
+
 COMMANDS = {"evaluate": "medqa.evaluate", "cv": "medqa.crossval", "export": "medqa.export"}
 """Commands beside Lightning's, each a module with its own `main(argv)`."""
+
+USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, FloatingPointError)
+"""What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
 
 
 def main(args: list[str] | None = None) -> Any:
@@ -114,19 +151,24 @@ def main(args: list[str] | None = None) -> Any:
               "(python -m medqa evaluate --help, ...).\n")
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]])
-        if args is not None:  # called from Python: let errors propagate
-            return command.main(argv[1:])
-        try:
-            return command.main(argv[1:])
-        except (ValueError, OSError, BackendError, CheckpointMismatch) as e:  # medqa's errors say what and where
-            sys.exit(f"medqa {argv[0]}: error: {e}")
-    return MedQACLI(
-        MedQALoRA,
-        PubMedQADataModule,
-        args=args,
-        trainer_defaults={
-            "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa", "default_hp_metric": False}},
-            "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
-        },
-        save_config_kwargs={"config_filename": "config.yaml"},
-    )
+        run = partial(command.main, argv[1:])
+        expected: tuple[type[BaseException], ...] = (ValueError, OSError, *USER_ERRORS)
+    else:
+        run = partial(
+            MedQACLI,
+            MedQALoRA,
+            PubMedQADataModule,
+            args=args,
+            trainer_defaults={
+                "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa", "default_hp_metric": False}},
+                "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
+            },
+            save_config_kwargs={"config_filename": "config.yaml"},
+        )
+        expected = USER_ERRORS
+    if args is not None or os.environ.get("MEDQA_DEBUG") == "1":  # from Python, or asked for: the traceback
+        return run()
+    try:
+        return run()
+    except expected as e:  # medqa's errors say what and where
+        sys.exit(f"medqa {argv[0] if argv else ''}: error: {e}")

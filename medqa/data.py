@@ -3,9 +3,11 @@ with answer-only labels, per-batch padding and the `LightningDataModule`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+from array import array
 from functools import partial
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -625,6 +627,7 @@ class PubMedQADataModule(L.LightningDataModule):
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
+        self._identity: dict[str, Any] | None = None
         self.consumed = 0  # training batches used in the current epoch
         self._consumed_epoch = 0
 
@@ -734,8 +737,25 @@ class PubMedQADataModule(L.LightningDataModule):
             self.consumed += 1
         return batch
 
+    def identity(self) -> dict[str, Any]:
+        """What a resumed fit must train on again: the settings that shape the examples, and
+        digests of the tokenized training examples and of the dev questions (another file,
+        fold, tokenizer, prompt or max_length changes them)."""
+        if self._identity is None:
+            train = hashlib.sha256()
+            for e in self.examples["train"]:
+                train.update(f"{e.id}|{e.answer_pos}|{e.label}|".encode())
+                train.update(array("q", e.input_ids).tobytes())
+            dev = hashlib.sha256("\n".join(e.id for e in self.examples["dev"]).encode())
+            self._identity = {"source": self.source, "train_source": self.train_source, "fold": self.fold,
+                              "target": self.target, "max_length": self.max_length,
+                              "train_sha256": train.hexdigest(), "dev_sha256": dev.hexdigest()}
+        return self._identity
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"target": self.target, "max_length": self.max_length}
+        if self.examples:
+            state["identity"] = self.identity()
         if self.train_sampler is not None and self.trainer is not None and self.trainer.state.fn == "fit":
             epoch, consumed = self.train_sampler.epoch, self.consumed
             if consumed >= self.trainer.num_training_batches:  # the epoch is over
@@ -754,6 +774,8 @@ class PubMedQADataModule(L.LightningDataModule):
             )
         position = state.get("train_position")
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and "identity" in state and "train" in self.examples:
+            self._check_identity(state["identity"])
         if position is not None and fitting and "train" in self.examples:
             ours = {"seed": self.shuffle_seed, "batch_size": self.batch_size, "size": len(self.examples["train"]),
                     "bucket_batches": self.bucket_batches}
@@ -768,6 +790,24 @@ class PubMedQADataModule(L.LightningDataModule):
             done = position["batches"] * self.batch_size * position.get("processes", 1)
             sampler.epoch, sampler.skip = position["epoch"], done
             self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
+
+
+    def _check_identity(self, theirs: dict[str, Any]) -> None:
+        """Refuse to resume a fit on other data, naming what differs."""
+        ours = self.identity()
+        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("fold", "target", "max_length")
+                 if k in theirs and theirs[k] != ours[k]]
+        digests = [k for k in ("train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
+        if not named and not digests:
+            return
+        sources = [f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in ("source", "train_source")
+                   if theirs.get(k) != ours[k]]
+        what = {"train_sha256": "the tokenized training examples", "dev_sha256": "the dev questions"}
+        raise DataError(
+            "cannot resume: the checkpoint was trained on other data ("
+            + "; ".join(named + [f"{what[k]} differ" for k in digests] + sources)
+            + "). Resume with the run's own --data settings and tokenizer, or start a new run"
+        )
 
 
 def label_counts(records: Iterable[Record]) -> dict[str, int]:

@@ -11,27 +11,39 @@ the prompt and scores the answer, so the adapter is used with the prompt it was 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from medqa import prompts
-from medqa.checkpoints import save_adapter
+from medqa.checkpoints import CheckpointError, load_checkpoint, save_adapter
 
 
-def read_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    if not checkpoint.get("state_dict") or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} is not a medqa training checkpoint (no LoRA weights or no model settings in it)")
-    return checkpoint
+SHAPE_SETTINGS = {"lora_r": int, "lora_alpha": int, "lora_dropout": float, "target_modules": list, "use_rslora": bool,
+                  "load_in_4bit": bool, "max_length": int}
+"""What `export` takes from a checkpoint: the adapter's shape, checked for type. What decides
+which code runs (the base model, backend, remote code, dtype) comes from the command line."""
 
 
-def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    hp, settings = checkpoint["hyper_parameters"], {}
+    for key, kind in SHAPE_SETTINGS.items():
+        if key not in hp or hp[key] is None:
+            continue
+        value = hp[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is list:
+            ok = ok and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise CheckpointError(f"{path}: saved setting {key}={value!r} is not a {kind.__name__}")
+        settings[key] = value
+    return settings
+
+
+def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str) -> dict[str, Any]:
     """Everything needed to ask the exported model a question the way medqa did."""
     from medqa.data import PromptFormat, Record
 
@@ -39,7 +51,7 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any) -> dict[str, Any
     fmt = PromptFormat(tokenizer, data.get("target", "decision"), data.get("max_length", 1024))
     example = fmt.encode(Record("0", "QUESTION?", ["ABSTRACT"], ["RESULTS"], "LONG ANSWER.", "yes"))
     return {
-        "base_model": checkpoint["hyper_parameters"]["pretrained"],
+        "base_model": base_model,
         "target": fmt.target,
         "max_length": fmt.max_length,
         "chat_template": fmt.chat,
@@ -53,35 +65,38 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any) -> dict[str, Any
     }
 
 
-def export(ckpt_path: Path, out: Path, merged: bool = False, merged_dtype: str = "bfloat16",
-           weights_only: bool = True) -> Path:
-    """Write the adapter (and optionally the merged model) of `ckpt_path` to `out`."""
+def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, merged_dtype: str = "bfloat16",
+           weights_only: bool = True, backend: str = "auto", trust_remote_code: bool = False) -> Path:
+    """Write the adapter (and optionally the merged model) of `ckpt_path`, trained on the base
+    `pretrained`, to `out`."""
     from medqa.backends import load_tokenizer
 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; remove it or choose another directory")
-    checkpoint = read_checkpoint(ckpt_path, weights_only)
-    hp = checkpoint["hyper_parameters"]
-    tokenizer = load_tokenizer(hp["pretrained"], hp.get("trust_remote_code", False))
+    checkpoint = load_checkpoint(ckpt_path, weights_only)
+    trained_on = checkpoint["hyper_parameters"].get("pretrained")
+    if isinstance(trained_on, str) and Path(trained_on.rstrip("/")).name != Path(pretrained.rstrip("/")).name:
+        print(f"Note: {ckpt_path} was trained on {trained_on!r}; exporting against --pretrained {pretrained!r}"
+              + (" (the merged model checks that the weights fit)" if merged else ""))
+    tokenizer = load_tokenizer(pretrained, trust_remote_code)
 
     save_adapter(checkpoint, out)
     tokenizer.save_pretrained(out)
-    (out / "medqa_prompt.json").write_text(json.dumps(prompt_settings(checkpoint, tokenizer), indent=1) + "\n")
+    (out / "medqa_prompt.json").write_text(json.dumps(prompt_settings(checkpoint, tokenizer, pretrained), indent=1) + "\n")
     print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json)")
     if merged:
-        _export_merged(checkpoint, tokenizer, out / "merged", merged_dtype)
+        settings = {**shape_settings(checkpoint, ckpt_path), "pretrained": pretrained, "backend": backend,
+                    "trust_remote_code": trust_remote_code}
+        _export_merged(checkpoint, settings, tokenizer, out / "merged", merged_dtype)
         print(f"Wrote the merged {merged_dtype} model to {out / 'merged'}")
     return out
 
 
-def _export_merged(checkpoint: dict[str, Any], tokenizer: Any, out: Path, dtype: str) -> None:
+def _export_merged(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer: Any, out: Path, dtype: str) -> None:
     from medqa.backends import resolve_backend, save_merged
     from medqa.model import MedQALoRA
 
-    hp = checkpoint["hyper_parameters"]
-    accepted = inspect.signature(MedQALoRA).parameters
-    settings = {k: v for k, v in hp.items() if k in accepted}
-    backend = resolve_backend(settings.get("backend", "auto"))
+    backend = resolve_backend(settings["backend"])
     if backend == "hf":
         # Merging into 4-bit weights would round the result to 4 bits again: merge into the
         # base in 16/32-bit (`dtype`) instead.
@@ -96,6 +111,13 @@ def _export_merged(checkpoint: dict[str, Any], tokenizer: Any, out: Path, dtype:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m medqa export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", type=Path, required=True, help="a medqa checkpoint (.ckpt)")
+    parser.add_argument("--pretrained", required=True,
+                        help="the base model the checkpoint was trained on (hub id or local directory); "
+                             "taken from you, never from the checkpoint")
+    parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
+                        help="backend for --merged (auto: unsloth with CUDA, else transformers + peft)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="let the base model's own Python code run (only for a model you trust)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write (must not exist or be empty)")
     parser.add_argument("--merged", action="store_true", help="also write the merged 16-bit model to OUT/merged")
     parser.add_argument("--merged_dtype", default="bfloat16",
@@ -103,4 +125,5 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--weights_only", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="load the checkpoint without unpickling code (default true)")
     args = parser.parse_args(argv)
-    return export(args.ckpt_path, args.out, args.merged, args.merged_dtype, args.weights_only)
+    return export(args.ckpt_path, args.out, args.pretrained, args.merged, args.merged_dtype, args.weights_only,
+                  args.backend, args.trust_remote_code)

@@ -3,6 +3,7 @@ yes/no/maybe scoring, and checkpoints that hold only what was trained."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -317,11 +318,18 @@ class MedQALoRA(L.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def base_fingerprint(self) -> dict[str, Any]:
-        """What identifies the base model: its name and architecture."""
-        config = self.model.get_base_model().config
+        """What identifies the base model: its name, architecture and a digest of weights no
+        LoRA touches (the input embeddings' first rows and the final norm, rounded to
+        bfloat16 so 4-bit, 16-bit and CPU loads of one model agree)."""
+        base = self.model.get_base_model()
+        config = base.config
         keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
-        return {"name": Path(self.pretrained.rstrip("/")).name, **{k: getattr(config, k, None) for k in keys}}
+        digest = hashlib.sha256()
+        for tensor in (base.get_input_embeddings().weight[:64], base.model.norm.weight):
+            digest.update(tensor.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return {"name": Path(self.pretrained.rstrip("/")).name, **{k: getattr(config, k, None) for k in keys},
+                "weights_sha256": digest.hexdigest()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
@@ -336,7 +344,9 @@ class MedQALoRA(L.LightningModule):
                 "use_rslora": self.lora.use_rslora}
         theirs = {**ours, **{k: hp[k] for k in ours if k in hp}}
         theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
-        differs = [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items() if theirs[k] != v]
+        same = {"target_modules": lambda a, b: isinstance(a, list) and set(a) == set(b)}  # an order means nothing
+        differs = [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items()
+                   if not same.get(k, lambda a, b: a == b)(theirs[k], v)]
         base, our_base = checkpoint.get("medqa_base", {}), self.base_fingerprint()
         differs += [f"base model {k}: checkpoint {base[k]!r}, this run {our_base[k]!r}"
                     for k in our_base if k in base and base[k] != our_base[k]]

@@ -148,8 +148,8 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
     rows = read_rows(Path(cli("predict", "--ckpt_path", str(best), "--data.predict_split", "dev",
                               logs=tmp_path).trainer.log_dir))
 
-    out = main(["export", "--ckpt_path", str(best), "--out", str(tmp_path / "export"), "--merged",
-                "--merged_dtype", "float32"])
+    out = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out",
+                str(tmp_path / "export"), "--merged", "--merged_dtype", "float32"])
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medqa_prompt.json",
             "merged"} <= {p.name for p in out.iterdir()}
     prompt = json.loads((out / "medqa_prompt.json").read_text())
@@ -160,10 +160,11 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
     assert_same_answers(AutoModelForCausalLM.from_pretrained(out / "merged"), rows, tokenizer_dir=str(out / "merged"))
 
     # The default merged model is 16-bit; and nothing the user has is overwritten.
-    out16 = main(["export", "--ckpt_path", str(best), "--out", str(tmp_path / "export16"), "--merged"])
+    out16 = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out",
+                  str(tmp_path / "export16"), "--merged"])
     assert AutoModelForCausalLM.from_pretrained(out16 / "merged").dtype == torch.bfloat16
     with pytest.raises(FileExistsError, match="exists and is not empty"):
-        main(["export", "--ckpt_path", str(best), "--out", str(out)])
+        main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
 
 
 def test_evaluate_agrees_with_scikit_learn_on_demo_predictions(demo_run, tmp_path):
