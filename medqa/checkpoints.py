@@ -85,11 +85,11 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
-        if weights_only and "Weights only load failed" in first:
+        if weights_only and "Unsupported global" in str(e):  # a class or function to import: code
             raise CheckpointError(
                 f"{path} holds Python objects that loading would execute, and medqa's checkpoints hold only "
                 "tensors and plain values; pass --weights_only false only for a file you trust") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint (unreadable pickle data)") from None
     except Exception as e:  # torch.load raises many types for a damaged file (EOFError, RuntimeError, ...)
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({type(e).__name__}: {first})") from None

@@ -1,0 +1,238 @@
+"""Hostile and mismatched files: a checkpoint never decides which code runs, a resume never
+crosses runs, data or base models, adapters never go stale, damaged files get one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medqa.checkpoints import CheckpointError, adapter_dir, adapter_matches
+from medqa.cli import main
+from medqa.data import DataError
+from medqa.model import CheckpointMismatch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def cli(*args: str, logs: Path):
+    return main([args[0], "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
+                 "--trainer.enable_progress_bar", "false", *args[1:]])
+
+
+def run_cli(*args: str, logs: Path) -> subprocess.CompletedProcess:
+    """`python -m medqa ...` as a user types it: exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "medqa", args[0], "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
+         "--trainer.enable_progress_bar", "false", *args[1:]],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "MEDQA_DEBUG"},
+    )
+
+
+SHORT = ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short finished run: (logs, its last.ckpt)."""
+    logs = tmp_path_factory.mktemp("logs")
+    fitted = cli("fit", *SHORT, logs=logs)
+    return logs, Path(fitted.trainer.log_dir) / "checkpoints" / "last.ckpt"
+
+
+def hostile_model_dir(root: Path) -> tuple[Path, Path]:
+    """A model folder whose tokenizer asks for its own Python code, which would leave a
+    marker file if it ever ran."""
+    from medqa.backends import resolve_pretrained
+
+    folder = root / "hostile-model"
+    shutil.copytree(resolve_pretrained("builtin:tiny-llama"), folder)
+    marker = root / "code-ran"
+    (folder / "evil_tokenizer.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+def with_settings(checkpoint: Path, out: Path, **hparams) -> Path:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["hyper_parameters"].update(hparams)
+    torch.save(state, out)
+    return out
+
+
+# ------------------------------------------------------------------ 1. a checkpoint chooses code
+
+
+def test_export_takes_the_base_and_remote_code_from_the_user_not_the_checkpoint(trained, tmp_path):
+    _, last = trained
+    folder, marker = hostile_model_dir(tmp_path)
+    hostile = with_settings(last, tmp_path / "hostile.ckpt", pretrained=str(folder), trust_remote_code=True,
+                            backend="unsloth", dtype="float16")
+    out = main(["export", "--ckpt_path", str(hostile), "--pretrained", "builtin:tiny-llama", "--out",
+                str(tmp_path / "export"), "--merged", "--merged_dtype", "float32"])
+    assert not marker.exists()
+    prompt = json.loads((out / "medqa_prompt.json").read_text())
+    assert prompt["base_model"] == "builtin:tiny-llama"
+    # and test / predict build the model from the command line's settings alone
+    cli("validate", "--ckpt_path", str(hostile), logs=tmp_path)
+    assert not marker.exists()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(saved=st.fixed_dictionaries({}, optional={
+    "pretrained": st.sampled_from(["HOSTILE", "unsloth/some-model", "", "builtin:tiny-llama"]),
+    "trust_remote_code": st.booleans(),
+    "backend": st.sampled_from(["unsloth", "hf", "auto", "os.system"]),
+    "dtype": st.sampled_from(["bfloat16", "float16", "__import__"]),
+}))
+def test_no_saved_setting_changes_which_code_export_runs(trained, tmp_path_factory, saved):
+    _, last = trained
+    root = tmp_path_factory.mktemp("prop")
+    folder, marker = hostile_model_dir(root)
+    saved = {k: (str(folder) if v == "HOSTILE" else v) for k, v in saved.items()}
+    hostile = with_settings(last, root / "h.ckpt", **saved)
+    out = main(["export", "--ckpt_path", str(hostile), "--pretrained", "builtin:tiny-llama", "--out", str(root / "out")])
+    assert not marker.exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_users_remote_code_flag_is_what_lets_a_model_run_its_code(trained, tmp_path):
+    _, last = trained
+    folder, marker = hostile_model_dir(tmp_path)
+    main(["export", "--ckpt_path", str(last), "--pretrained", str(folder), "--out", str(tmp_path / "o")])
+    assert not marker.exists()  # the folder's own tokenizer.json is used; its Python is not
+    try:
+        main(["export", "--ckpt_path", str(last), "--pretrained", str(folder), "--out", str(tmp_path / "p"),
+              "--trust_remote_code"])
+    except Exception:
+        pass  # the planted module has no tokenizer class; what matters is that it ran only now
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------ 2. a resume crosses runs or data
+
+
+def test_resume_on_another_fold_or_max_length_is_refused(trained, tmp_path):
+    logs, last = trained
+    more = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
+    with pytest.raises(DataError, match=r"fold: checkpoint 0, this run 1.*training examples differ"):
+        cli("fit", *more, "--ckpt_path", str(last), "--data.fold", "1", logs=tmp_path)
+    with pytest.raises(DataError, match=r"max_length: checkpoint 512, this run 200.*training examples differ"):
+        cli("fit", *more, "--ckpt_path", str(last), "--data.max_length", "200", logs=tmp_path)
+
+
+def test_resuming_a_finished_run_is_refused_not_silently_continued(trained):
+    logs, _ = trained
+    done = run_cli("fit", *SHORT, "--ckpt_path", "last", logs=logs)
+    assert done.returncode == 1
+    assert "comes from a run that finished (2 of --trainer.max_epochs 2 epochs done)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_another_base_with_the_same_name_and_shape_is_refused(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from medqa.backends import resolve_pretrained
+
+    _, last = trained
+    original = resolve_pretrained("builtin:tiny-llama")
+    other = tmp_path / "elsewhere" / "builtin:tiny-llama"  # the name the checkpoint records, the same config
+    shutil.copytree(original, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] + 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatch, match=r"base model weights_sha256"):
+        cli("validate", "--ckpt_path", str(last), "--model.pretrained", str(other), logs=tmp_path)
+
+
+# ------------------------------------------------------------------ 3. a stale adapter
+
+
+def test_a_stale_or_missing_adapter_is_rewritten_from_its_checkpoint(trained, tmp_path):
+    logs, last = trained
+    copy = tmp_path / "copy.ckpt"
+    shutil.copy(last, copy)
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    older = {**state, "state_dict": {k: torch.zeros_like(v) for k, v in state["state_dict"].items()}}
+    from medqa.checkpoints import save_adapter
+
+    save_adapter(older, adapter_dir(copy))  # what a kill between the two renames leaves
+    assert not adapter_matches(state, adapter_dir(copy))
+    cli("validate", "--ckpt_path", str(copy), logs=tmp_path)
+    assert adapter_matches(state, adapter_dir(copy))
+    shutil.rmtree(adapter_dir(copy))
+    cli("validate", "--ckpt_path", str(copy), logs=tmp_path)
+    assert adapter_matches(state, adapter_dir(copy))
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_and_adapter(trained, tmp_path, monkeypatch):
+    from medqa import checkpoints
+
+    _, last = trained
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    path = tmp_path / "best.ckpt"
+    io = checkpoints.AtomicCheckpointIO()
+    io.save_checkpoint(state, path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    newer = {**state, "state_dict": {k: v + 1 for k, v in state["state_dict"].items()}}
+    monkeypatch.setattr(checkpoints, "save_file", disk_full, raising=False)
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint(newer, path)
+    assert adapter_matches(torch.load(path, map_location="cpu", weights_only=True), adapter_dir(path))
+    assert adapter_matches(state, adapter_dir(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.adapter", "best.ckpt"]  # no leftovers
+
+
+# ------------------------------------------------------------------ 4. paths the command does not own
+
+
+def test_export_leaves_the_users_neighbouring_folders_alone(trained, tmp_path):
+    _, last = trained
+    mine = tmp_path / "out.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    main(["export", "--ckpt_path", str(last), "--pretrained", "builtin:tiny-llama", "--out", str(tmp_path / "out")])
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp"]
+
+
+# ------------------------------------------------------------------ 7. damaged and foreign checkpoints
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("empty.ckpt", lambda p, s: p.write_bytes(b""), r"empty\.ckpt is empty \(0 bytes\), not a checkpoint"),
+    ("noise.ckpt", lambda p, s: p.write_bytes(os.urandom(4096)), r"noise\.ckpt is damaged or not a PyTorch checkpoint"),
+    ("plain.ckpt", lambda p, s: torch.save(s["state_dict"], p), r"plain\.ckpt is a plain state dict \(\d+ tensors\)"),
+    ("other.ckpt", lambda p, s: torch.save({"epoch": 1, "model": 3}, p), r"other\.ckpt is not a Lightning checkpoint: it has no 'state_dict'"),
+    ("pickle.ckpt", lambda p, s: torch.save({"state_dict": {}, "x": Path("/")}, p), r"pickle\.ckpt holds Python objects that loading would execute"),
+])
+def test_damaged_or_foreign_checkpoints_get_one_line(trained, tmp_path, name, make, message):
+    _, last = trained
+    path = tmp_path / name
+    make(path, torch.load(last, map_location="cpu", weights_only=True))
+    with pytest.raises(CheckpointError, match=message):
+        cli("validate", "--ckpt_path", str(path), logs=tmp_path)
+    if name == "empty.ckpt":  # as a user sees it: one line, exit code 1, no traceback
+        done = run_cli("validate", "--ckpt_path", str(path), logs=tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("medqa validate: error: ")
+
+
+def test_lora_targets_in_another_order_are_the_same_targets(trained, tmp_path):
+    _, last = trained
+    targets = ["down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_proj"]
+    cli("validate", "--ckpt_path", str(last), "--model.target_modules", json.dumps(targets), logs=tmp_path)
+    with pytest.raises(CheckpointMismatch, match="target_modules"):
+        cli("validate", "--ckpt_path", str(last), "--model.target_modules", json.dumps(targets[1:]), logs=tmp_path)
