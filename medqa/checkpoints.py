@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint file medqa cannot use: what the file is, and what was expected."""
 
 
+class FinishedRun(CheckpointError):
+    """`fit --ckpt_path` on a checkpoint whose run has nothing left to train."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes `X.ckpt` as a temporary file, syncs it to disk, writes its adapter (`X.adapter/`),
     then renames the file over `X.ckpt`.

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa.backends import BackendError
-from medqa.checkpoints import CheckpointError, adapter_dir, ensure_adapter, find_checkpoint, load_checkpoint
+from medqa.checkpoints import CheckpointError, FinishedRun, adapter_dir, ensure_adapter, find_checkpoint, load_checkpoint
 from medqa.data import DataError
 from medqa.data import PubMedQADataModule
 from medqa.model import CheckpointMismatch, MedQALoRA
@@ -93,7 +93,7 @@ class MedQACLI(LightningCLI):
             if self.subcommand == "fit":
                 finished = finished_run(checkpoint, config.trainer.max_epochs, config.trainer.max_steps)
                 if finished:
-                    raise CheckpointError(
+                    raise FinishedRun(
                         f"{path} comes from a run that finished ({finished}): resuming it would train nothing. "
                         "Start a new run (leave out --ckpt_path), or raise --trainer.max_epochs / "
                         "--trainer.max_steps to train it further")

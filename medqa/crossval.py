@@ -39,21 +39,31 @@ def _write_json(path: Path, value: Any) -> None:
 def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
     """Train on the nine other folds (resuming an unfinished run), score the best checkpoint
     on fold `fold`."""
-    from medqa.checkpoints import find_checkpoint
+    from medqa.checkpoints import FinishedRun, find_checkpoint
     from medqa.cli import main
 
-    args = ["fit", *fit_args, "--data.fold", str(fold), "--trainer.logger.init_args.save_dir", str(cv_dir),
-            "--trainer.logger.init_args.name", f"fold{fold}", "--ckpt_path", "last"]
+    where = ["--data.fold", str(fold), "--trainer.logger.init_args.save_dir", str(cv_dir),
+             "--trainer.logger.init_args.name", f"fold{fold}"]
     argv, sys.argv = sys.argv, sys.argv[:1]  # the fold's arguments are `args` alone
     try:
-        cli = main(args)
+        cli = main(["fit", *fit_args, *where, "--ckpt_path", "last"])
+    except FinishedRun:  # trained to the end, stopped before its result was written
+        cli = None
     finally:
         sys.argv = argv
     best = find_checkpoint(cv_dir / f"fold{fold}", "best")
     if best is None:
         raise RuntimeError(f"fold {fold}: the fit saved no best checkpoint (did it validate?) under {cv_dir / f'fold{fold}'}")
-    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(best), verbose=False,
-                                   weights_only=True)[0]
+    if cli is None:
+        sys.argv = sys.argv[:1]
+        try:
+            cli = main(["validate", *fit_args, *where, "--ckpt_path", str(best)])
+        finally:
+            sys.argv = argv
+        metrics = dict(cli.trainer.callback_metrics)
+    else:
+        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(best), verbose=False,
+                                       weights_only=True)[0]
     result = {"fold": fold, "dev_acc": float(metrics["val/acc"]), "dev_macro_f1": float(metrics["val/macro_f1"]),
               "dev_questions": len(cli.datamodule.examples["dev"]), "checkpoint": str(best)}
     del cli

@@ -64,3 +64,17 @@ def test_cv_refuses_the_settings_it_sets_per_fold(tmp_path):
     for flag in ("--data.fold", "--ckpt_path", "--trainer.logger.init_args.name"):
         with pytest.raises(ValueError, match=f"{flag} is set by cv for each fold"):
             main(["--config", str(ROOT / "configs" / "demo.yaml"), f"{flag}=3", "--cv_dir", str(tmp_path)])
+
+
+def test_a_fold_trained_to_the_end_but_not_scored_is_scored_not_refused(tmp_path):
+    from medqa.cli import main
+    from medqa.crossval import run_fold
+
+    cv_dir = tmp_path / "cv"
+    args = cv_command(cv_dir)[4:]  # the fit arguments cv passes on
+    args = args[: args.index("--cv_dir")] + args[args.index("--cv_dir") + 2:]
+    main(["fit", *args, "--data.fold", "3", "--trainer.logger.init_args.save_dir", str(cv_dir),
+          "--trainer.logger.init_args.name", "fold3"])  # a kill came before result.json
+    result = run_fold(args, cv_dir, 3)
+    assert result["fold"] == 3 and result["dev_questions"] == 50 and 0 <= result["dev_acc"] <= 1
+    assert "fold3/version_0/checkpoints/best" in result["checkpoint"]
