@@ -115,6 +115,10 @@ class MedQACLI(LightningCLI):
                 return
             raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no such checkpoint under {root}/version_*/checkpoints")
         rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found}")
+        newest = max((d for d in root.glob("version_*") if d.name[8:].isdigit()), key=lambda d: int(d.name[8:]))
+        if newest != found.parent.parent:
+            rank_zero_info(f"Note: that is an earlier run's checkpoint ({found.parent.parent.name}); the newest run, "
+                           f"{newest.name}, has none. Pass --ckpt_path PATH to choose another.")
         config.ckpt_path = str(found)
         if self.subcommand == "fit":
             version = found.parent.parent.name

@@ -48,7 +48,11 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str)
     from medqa.data import PromptFormat, Record
 
     data = checkpoint.get("datamodule_hyper_parameters", {})
-    fmt = PromptFormat(tokenizer, data.get("target", "decision"), data.get("max_length", 1024))
+    target, max_length = data.get("target", "decision"), data.get("max_length", 1024)
+    if target not in ("decision", "long_answer") or isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise CheckpointError(f"saved data settings target={target!r}, max_length={max_length!r} are not "
+                              "'decision' / 'long_answer' and a whole number")
+    fmt = PromptFormat(tokenizer, target, max_length)
     example = fmt.encode(Record("0", "QUESTION?", ["ABSTRACT"], ["RESULTS"], "LONG ANSWER.", "yes"))
     return {
         "base_model": base_model,
