@@ -49,6 +49,11 @@ def resolve_pretrained(pretrained: str) -> str:
 
 def _hub_error(pretrained: str, e: Exception) -> BackendError:
     local = Path(pretrained).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+        return BackendError(f"{pretrained} is not a model folder: it has no config.json or tokenizer files (expected "
+                            "a folder that save_pretrained or a hub download wrote)")
+    if not local.exists() and pretrained.startswith((".", "/", "~")):
+        return BackendError(f"--model.pretrained {pretrained}: no such folder")
     if local.exists() or pretrained.startswith((".", "/", "~")):
         return BackendError(f"could not load the model from {pretrained}: {type(e).__name__}: {e}")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,19 +194,36 @@ def ensure_adapter(checkpoint: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def find_checkpoint(run_root: Path, which: str) -> Path | None:
-    """The newest run's `last.ckpt` (which='last') or its best checkpoint (which='best')."""
-    versions = sorted(
-        (d for d in run_root.glob("version_*") if d.name[8:].isdigit() and (d / "checkpoints").is_dir()),
-        key=lambda d: int(d.name[8:]),
-        reverse=True,
-    )
-    for version in versions:
-        ckpts = version / "checkpoints"
+RUN_NAME = re.compile(r"^(?:(fit|validate|test|predict)-|version_)(\d+)$")
+"""A run directory: `fit-3`, `test-4`, ... (the command that made it and a number counted over
+the experiment), or Lightning's `version_N` from before medqa named them."""
+SCORE = re.compile(r"acc(\d+(?:\.\d+)?)")
+"""The val/acc in a best checkpoint's name (`best-epoch{epoch}-step{step}-acc{val/acc:.4f}`)."""
+
+
+def runs(root: Path) -> list[Path]:
+    """The experiment's run directories, newest first."""
+    found = [(int(m.group(2)), d) for d in root.glob("*") if d.is_dir() and (m := RUN_NAME.match(d.name))]
+    return [d for _, d in sorted(found, key=lambda x: x[0], reverse=True)]
+
+
+def next_run_name(root: Path, command: str) -> str:
+    """`COMMAND-N`, N one past the experiment's highest run number."""
+    numbers = [int(RUN_NAME.match(d.name).group(2)) for d in runs(root)]
+    return f"{command}-{max(numbers, default=-1) + 1}"
+
+
+def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], bool] | None = None) -> Path | None:
+    """The newest run's `last.ckpt` (which='last'), or the best checkpoint by the val/acc in
+    its name over the runs that `compatible` accepts (which='best'; the newest on ties)."""
+    candidates = []
+    for order, run in enumerate(runs(run_root)):
+        ckpts = run / "checkpoints"
         if which == "last" and (ckpts / "last.ckpt").is_file():
             return ckpts / "last.ckpt"
-        if which == "best":
-            best = [p for p in ckpts.glob("best*.ckpt") if p.is_file()]
-            if best:
-                return max(best, key=lambda p: p.stat().st_mtime)
-    return None
+        if which == "best" and ckpts.is_dir() and (compatible is None or compatible(run)):
+            for path in ckpts.glob("best*.ckpt"):
+                score = SCORE.search(path.stem)
+                if path.is_file() and score:
+                    candidates.append((float(score.group(1)), -order, path.stat().st_mtime, path))
+    return max(candidates)[-1] if candidates else None

@@ -9,27 +9,70 @@ in PEFT's format, optionally merged).
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import json
+import logging
 import os
+import re
+import shutil
 import sys
+import warnings
 from functools import partial
+from unittest import mock
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa.backends import BackendError
-from medqa.checkpoints import CheckpointError, FinishedRun, adapter_dir, ensure_adapter, find_checkpoint, load_checkpoint
+from medqa.checkpoints import (
+    CheckpointError,
+    FinishedRun,
+    adapter_dir,
+    ensure_adapter,
+    find_checkpoint,
+    load_checkpoint,
+    next_run_name,
+    runs,
+)
 from medqa.data import DataError
 from medqa.data import PubMedQADataModule
-from medqa.model import CheckpointMismatch, MedQALoRA
+from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PredictionWriter
 from medqa.speed import SpeedMonitor
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa", "default_hp_metric": False}},
+    "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
+}
+
+
+class MedQAParser(LightningArgumentParser):
+    """Lightning's parser, with short errors: the message, a "did you mean" for a mistyped
+    option, and where the help is (not the 120 lines of usage)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for typo in re.findall(r"(--[\w.\-]+)", message.split("\n")[0]):
+            close = difflib.get_close_matches(typo, options, n=3, cutoff=0.75)
+            if close and typo not in options:
+                hints.append(f"{typo}: did you mean {' or '.join(close)}?")
+        prog = parser.prog.replace("__main__.py", "python -m medqa").replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {message.strip()}\n" + "".join(f"  {h}\n" for h in hints)
+                         + f"  (all options: {prog} --help)\n")
+        self.exit(2)
 
 
 class MedQACLI(LightningCLI):
@@ -66,6 +109,9 @@ class MedQACLI(LightningCLI):
                             help="predict: after each scored decision, generate a short explanation "
                                  "(written to predictions.jsonl; predictions.json is unchanged)")
         parser.add_argument("--rationale_tokens", type=int, default=64, help="longest explanation, in tokens")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="CPU threads for torch's kernels; results on the CPU depend on it, so the demo "
+                                 "fixes it to give the same numbers on every machine")
         parser.link_arguments(("generate_rationale", "rationale_tokens"), "model.rationale_tokens",
                               compute_fn=lambda on, n: n if on else 0)
 
@@ -81,12 +127,23 @@ class MedQACLI(LightningCLI):
         file is refused in one line before any model is built, and its adapter is rewritten
         if a save was interrupted between the two."""
         config = self.config[self.subcommand]
+        if config.get("threads") is not None:
+            if config.threads < 1:
+                raise SettingsError(f"--threads must be 1 or more, got {config.threads}")
+            torch.set_num_threads(config.threads)
+        accumulate = config.trainer.get("accumulate_grad_batches")
+        if accumulate is not None and accumulate < 1:
+            raise SettingsError(f"--trainer.accumulate_grad_batches must be 1 or more, got {accumulate}")
         if config.get("weights_only") is None:
             # medqa's checkpoints hold only tensors and plain values: load them without
             # unpickling code. Pass --weights_only false for a checkpoint that needs more.
             config.weights_only = True
         if config.get("ckpt_path") in ("last", "best"):
             self._resolve_ckpt_path(config)
+        experiment = self._experiment(config)
+        if experiment is not None and experiment[0].version is None:
+            experiment[0].version = next_run_name(experiment[1], self.subcommand)  # logs/NAME/fit-3, test-4, ...
+            NEW_RUNS.append(experiment[1] / experiment[0].version)
         if config.get("ckpt_path") is not None:
             path = Path(config.ckpt_path)
             checkpoint = load_checkpoint(path, config.weights_only)
@@ -101,31 +158,95 @@ class MedQACLI(LightningCLI):
                 rank_zero_info(f"Rewrote {adapter_dir(path)}: it was missing or held other weights than {path.name} "
                                "(a save was interrupted).")
 
-    def _resolve_ckpt_path(self, config: Any) -> None:
+    @staticmethod
+    def _experiment(config: Any) -> tuple[Any, Path] | None:
+        """(the TensorBoard logger's settings, the experiment directory logs/NAME), or None
+        with another logger."""
         logger = config.trainer.logger
         if not (hasattr(logger, "class_path") and logger.class_path == LOGGER):
+            return None
+        return logger.init_args, Path(logger.init_args.save_dir) / (logger.init_args.name or "")
+
+    def _resolve_ckpt_path(self, config: Any) -> None:
+        experiment = self._experiment(config)
+        if experiment is None:
             return  # another logger: leave 'last' to Lightning
-        args = logger.init_args
-        root = Path(args.save_dir) / (args.name or "")
-        found = find_checkpoint(root, config.ckpt_path)
+        args, root = experiment
+        model = config.model
+
+        def compatible(run: Path) -> bool:
+            """Whether the run trained the LoRA this command builds (its hparams.yaml)."""
+            try:
+                saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                return False
+            if not isinstance(saved, dict):
+                return False
+            ours = {"pretrained": model.pretrained, "lora_r": model.lora_r, "lora_alpha": model.lora_alpha,
+                    "use_rslora": model.use_rslora}
+            if any(saved.get(k) != v for k, v in ours.items()):
+                return False
+            targets = saved.get("target_modules") or LLAMA_LORA_TARGETS
+            return isinstance(targets, list) and set(targets) == set(model.target_modules or LLAMA_LORA_TARGETS)
+
+        found = find_checkpoint(root, config.ckpt_path, compatible)
         if found is None:
             if self.subcommand == "fit" and config.ckpt_path == "last":
                 rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run.")
                 config.ckpt_path = None
                 return
-            raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no such checkpoint under {root}/version_*/checkpoints")
-        rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found}")
-        newest = max((d for d in root.glob("version_*") if d.name[8:].isdigit()), key=lambda d: int(d.name[8:]))
-        if newest != found.parent.parent:
+            kind = "last.ckpt" if config.ckpt_path == "last" else "best checkpoint of a run with this command's model settings"
+            raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no {kind} under {root}/*/checkpoints; "
+                                  "train one with `fit`, or pass --ckpt_path PATH")
+        which = "the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/acc of the compatible runs"
+        rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found} ({which})")
+        newest = runs(root)[0]
+        if config.ckpt_path == "last" and newest != found.parent.parent:
             rank_zero_info(f"Note: that is an earlier run's checkpoint ({found.parent.parent.name}); the newest run, "
                            f"{newest.name}, has none. Pass --ckpt_path PATH to choose another.")
         config.ckpt_path = str(found)
         if self.subcommand == "fit":
-            version = found.parent.parent.name
-            args.version = version
+            args.version = found.parent.parent.name
             # Keep the first run's config.yaml; record the resumed run's beside it.
             n = len(list(found.parent.parent.glob("config*.yaml")))
             self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
+
+    def after_fit(self) -> None:
+        """Where the run went and what to do next."""
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # collective: every process asks
+        if not trainer.is_global_zero:
+            return
+        best, last = self.trainer.checkpoint_callbacks[:2]
+        lines = [f"Run directory: {log_dir}"]
+        if best.best_model_path:
+            lines.append(f"Best checkpoint: {best.best_model_path} (val/acc {float(best.best_model_score):.4f})")
+        if last.best_model_path:
+            lines.append(f"Last checkpoint: {last.best_model_path} (step {trainer.global_step})")
+        config = " ".join(f"--config {c}" for c in (self.config.fit.get("config") or [])) or "..."
+        lines += [f"Curves: tensorboard --logdir {Path(log_dir).parent}",
+                  f"Next: python -m medqa test {config} --ckpt_path best",
+                  f"      python -m medqa predict {config} --ckpt_path best",
+                  f"      python -m medqa export --ckpt_path {best.best_model_path or '...'} "
+                  f"--pretrained {self.model.pretrained} --out adapter"]
+        print("\n".join(lines))
+
+    def after_validate(self) -> None:
+        self._write_metrics()
+
+    def after_test(self) -> None:
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """The stage's scores as `metrics.json` in its run directory, which is printed."""
+        log_dir = self.trainer.log_dir  # collective: every process asks
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
+        path = Path(log_dir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"checkpoint": self.config[self.subcommand].get("ckpt_path"), **metrics}, indent=1) + "\n")
+        print(f"Scores written to {path}")
 
 
 def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: int | None) -> str | None:
@@ -141,15 +262,67 @@ def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: 
     return None
 
 
-COMMANDS = {"evaluate": "medqa.evaluate", "cv": "medqa.crossval", "export": "medqa.export"}
+COMMANDS = {"evaluate": "medqa.evaluate", "cv": "medqa.crossval", "export": "medqa.export", "ask": "medqa.ask"}
 """Commands beside Lightning's, each a module with its own `main(argv)`."""
 
-USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, FloatingPointError)
+NEW_RUNS: list[Path] = []
+"""Run directories this process's commands are writing to for the first time."""
+
+
+def discard_unused_runs() -> None:
+    """After a failed command: remove the run directories it started and left with nothing
+    in them worth keeping (no checkpoint, prediction or score)."""
+    while NEW_RUNS:
+        run = NEW_RUNS.pop()
+        if run.is_dir() and not any((run / k).exists() for k in ("checkpoints", "predictions.json", "metrics.json")):
+            shutil.rmtree(run, ignore_errors=True)
+            if run.parent.is_dir() and not any(run.parent.iterdir()):
+                run.parent.rmdir()  # the experiment folder it made for it
+
+
+def explain(error: BaseException) -> str:
+    """An error's message, with what to do where Lightning's own message does not say."""
+    message = str(error).strip()
+    if isinstance(error, MisconfigurationException) and "gpu" in message.lower() and not torch.cuda.is_available():
+        message += (" This configuration asks for a GPU (trainer.accelerator: gpu) and none is visible here. "
+                    "To try medqa on this machine: python -m medqa fit --config configs/demo.yaml (CPU, minutes).")
+    return message
+
+
+USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, SettingsError, FloatingPointError,
+               MisconfigurationException)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet(command: str) -> None:
+    """Filter noise users cannot act on; real warnings stay."""
+    logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector.logger_connector").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
+    if command != "fit":  # test / predict from a training checkpoint never write checkpoints
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+class _Unrun(MedQACLI):
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Built, not run: for commands that use the model and data another way (`ask`)."""
+
+
+def cli_for(subcommand: str, args: list[str]) -> tuple[MedQACLI, str | None]:
+    """The model, data and trainer `subcommand` would use, built but not run, and the
+    checkpoint it resolved (`--ckpt_path last|best` included), or None."""
+    cli = _Unrun(MedQALoRA, PubMedQADataModule, args=[subcommand, *args], trainer_defaults=TRAINER_DEFAULTS,
+                 parser_class=MedQAParser)
+    return cli, cli.config[subcommand].get("ckpt_path")
 
 
 def main(args: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if args is None else list(args)
+    quiet(argv[0] if argv else "")
     if argv[:1] in (["-h"], ["--help"]):
         print("medqa commands: fit, validate, test, predict (below), and evaluate, cv, export "
               "(python -m medqa evaluate --help, ...).\n")
@@ -158,21 +331,16 @@ def main(args: list[str] | None = None) -> Any:
         run = partial(command.main, argv[1:])
         expected: tuple[type[BaseException], ...] = (ValueError, OSError, *USER_ERRORS)
     else:
-        run = partial(
-            MedQACLI,
-            MedQALoRA,
-            PubMedQADataModule,
-            args=args,
-            trainer_defaults={
-                "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa", "default_hp_metric": False}},
-                "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
-            },
-            save_config_kwargs={"config_filename": "config.yaml"},
-        )
+        run = partial(MedQACLI, MedQALoRA, PubMedQADataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
+                      save_config_kwargs={"config_filename": "config.yaml"}, parser_class=MedQAParser)
         expected = USER_ERRORS
-    if args is not None or os.environ.get("MEDQA_DEBUG") == "1":  # from Python, or asked for: the traceback
+    if args is not None:  # from Python: errors propagate; the caller's own argv is not the command's
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            return run()
+    if os.environ.get("MEDQA_DEBUG") == "1":  # asked for: the traceback
         return run()
     try:
         return run()
     except expected as e:  # medqa's errors say what and where
-        sys.exit(f"medqa {argv[0] if argv else ''}: error: {e}")
+        discard_unused_runs()
+        sys.exit(f"medqa {argv[0] if argv else ''}: error: {explain(e)}")

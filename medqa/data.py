@@ -615,6 +615,10 @@ class PubMedQADataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= fold < 10:
             raise DataError(f"--data.fold must be in 0..9, got {fold}")
+        for name, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                   ("max_length", max_length, 32), ("num_workers", num_workers, 0)):
+            if value < least:
+                raise DataError(f"--data.{name} must be {least} or more, got {value}")
         self.save_hyperparameters()
         self.source, self.hub_config = source, hub_config
         self.train_source, self.train_hub_config = train_source, train_hub_config

@@ -98,13 +98,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m medqa evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("predictions", type=Path, help="predictions.json: {question id: yes|no|maybe}")
     parser.add_argument("--truth", type=Path, help="test_ground_truth.json from the PubMedQA repository")
-    parser.add_argument("--source", default=HUB_DATASET,
-                        help="without --truth: a medqa data source (hub id, ori_pqal.json, synthetic) whose "
-                             "official test split is the truth")
+    parser.add_argument("--source",
+                        help="instead of --truth: a medqa data source (ori_pqal.json, synthetic, or the hub's "
+                             f"{HUB_DATASET}) whose official test split is the truth")
     parser.add_argument("--hub_config", default="pqa_labeled")
     parser.add_argument("--out", type=Path, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
 
+    if (args.truth is None) == (args.source is None):
+        raise EvaluationError(
+            "give the truth once: --truth test_ground_truth.json (the PubMedQA repository's data/ folder), or "
+            f"--source ori_pqal.json | synthetic | {HUB_DATASET} (its official test split)")
     predictions = read_answers(args.predictions, "predictions")
     if args.truth is not None:
         truth = read_answers(args.truth, "truth")
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         try:
             truth = truth_from_source(args.source, args.hub_config)
         except DataError as e:
-            raise EvaluationError(f"could not read the truth from --source {args.source}: {e}") from None
+            raise EvaluationError(f"could not read the truth from --source {args.source}: "
+                                  + str(e).replace("--data.source", "--source")) from None
     scores = evaluate(predictions, truth, str(args.predictions))
     print(format_scores(scores, len(truth)))
     if args.out is not None:

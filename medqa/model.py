@@ -39,6 +39,10 @@ from medqa.prompts import LABELS
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class SettingsError(ValueError):
+    """A setting with a value that cannot work (a zero or negative size, say)."""
+
+
 class CheckpointMismatch(RuntimeError):
     """A checkpoint whose adapter does not fit the model built for this run."""
 
@@ -134,6 +138,13 @@ class MedQALoRA(L.LightningModule):
         scheduler: LRSchedulerCallable = WarmupCosine,
     ) -> None:
         super().__init__()
+        for name, value, ok, expected in (
+            ("lora_r", lora_r, lora_r >= 1, "1 or more"), ("lora_alpha", lora_alpha, lora_alpha > 0, "above 0"),
+            ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
+            ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
+        ):
+            if not ok:
+                raise SettingsError(f"--model.{name} must be {expected}, got {value}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
         self.max_length = max_length

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from medqa.checkpoints import AtomicCheckpointIO, find_checkpoint
+from medqa.checkpoints import AtomicCheckpointIO, find_checkpoint, next_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -25,15 +25,21 @@ def test_atomic_write_replaces_whole_files_and_clears_leftovers(tmp_path):
     assert os.listdir(path.parent) == ["last.ckpt"]
 
 
-def test_find_checkpoint_takes_the_newest_run(tmp_path):
-    for version, names in ((0, ["last.ckpt", "best-a.ckpt"]), (1, ["last.ckpt"]), (2, [])):
-        d = tmp_path / f"version_{version}" / "checkpoints"
+def test_last_is_the_newest_runs_and_best_the_best_score_of_the_compatible_runs(tmp_path):
+    for run, names in (("version_0", ["last.ckpt", "best-epoch0-step4-acc0.9400.ckpt"]),
+                       ("fit-1", ["last.ckpt", "best-epoch0-step2-acc0.4400.ckpt"]),
+                       ("fit-2", ["last.ckpt", "best-epoch1-step9-acc0.9600.ckpt"]),
+                       ("test-3", []), ("fit-10", [])):
+        d = tmp_path / run / "checkpoints"
         d.mkdir(parents=True)
         for name in names:
             (d / name).write_bytes(b"x")
-    assert find_checkpoint(tmp_path, "last") == tmp_path / "version_1" / "checkpoints" / "last.ckpt"
-    assert find_checkpoint(tmp_path, "best") == tmp_path / "version_0" / "checkpoints" / "best-a.ckpt"
-    assert find_checkpoint(tmp_path / "nothing", "last") is None
+    assert find_checkpoint(tmp_path, "last") == tmp_path / "fit-2" / "checkpoints" / "last.ckpt"
+    assert find_checkpoint(tmp_path, "best") == tmp_path / "fit-2" / "checkpoints" / "best-epoch1-step9-acc0.9600.ckpt"
+    assert find_checkpoint(tmp_path, "best", lambda run: run.name != "fit-2") == (
+        tmp_path / "version_0" / "checkpoints" / "best-epoch0-step4-acc0.9400.ckpt")  # not the newer 0.44
+    assert next_run_name(tmp_path, "test") == "test-11"
+    assert find_checkpoint(tmp_path / "nothing", "last") is None and next_run_name(tmp_path / "nothing", "fit") == "fit-0"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -59,7 +65,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     args = [sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir",
             str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "4",
             "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1"]
-    ckpts = tmp_path / "demo" / "version_0" / "checkpoints"
+    ckpts = tmp_path / "demo" / "fit-0" / "checkpoints"
     last = ckpts / "last.ckpt"
     run = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

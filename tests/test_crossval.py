@@ -77,4 +77,4 @@ def test_a_fold_trained_to_the_end_but_not_scored_is_scored_not_refused(tmp_path
           "--trainer.logger.init_args.name", "fold3"])  # a kill came before result.json
     result = run_fold(args, cv_dir, 3)
     assert result["fold"] == 3 and result["dev_questions"] == 50 and 0 <= result["dev_acc"] <= 1
-    assert "fold3/version_0/checkpoints/best" in result["checkpoint"]
+    assert "fold3/fit-0/checkpoints/best" in result["checkpoint"]

@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def medqa(command: str, logs: Path, *args: str) -> Path:
     """Run a medqa command in its own process (DDP launches its workers from it); return
     the run directory it wrote."""
-    before = set((logs / "demo").glob("version_*"))
+    before = set((logs / "demo").glob("*-*"))
     done = subprocess.run(
         [sys.executable, "-m", "medqa", command, "--config", str(ROOT / "configs" / "demo.yaml"),
          "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    (run,) = set((logs / "demo").glob("version_*")) - before
+    (run,) = set((logs / "demo").glob("*-*")) - before
     return run
 
 
@@ -35,7 +35,7 @@ def medqa_on_nodes(command: str, logs: Path, *args: str, nodes: int = 2) -> Path
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    before = set((logs / "demo").glob("version_*"))
+    before = set((logs / "demo").glob("*-*"))
     launches = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1",
@@ -51,7 +51,7 @@ def medqa_on_nodes(command: str, logs: Path, *args: str, nodes: int = 2) -> Path
     outputs = [launch.communicate(timeout=600)[0] for launch in launches]
     for rank, (launch, out) in enumerate(zip(launches, outputs)):
         assert launch.returncode == 0, f"node {rank}:\n{out[-4000:]}"
-    (run,) = set((logs / "demo").glob("version_*")) - before
+    (run,) = set((logs / "demo").glob("*-*")) - before
     return run
 
 

@@ -48,7 +48,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, accumulate, every, kil
 
     logs = tmp_path / "cut"
     args = fit_args(logs, accumulate, every)
-    ckpts = logs / "demo" / "version_0" / "checkpoints"
+    ckpts = logs / "demo" / "fit-0" / "checkpoints"
     run = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -69,14 +69,14 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, accumulate, every, kil
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     total = 3 * steps_per_epoch
-    want = torch.load(tmp_path / "whole" / "demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    want = torch.load(tmp_path / "whole" / "demo" / "fit-0" / "checkpoints" / "last.ckpt", weights_only=True)
     got = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert want["global_step"] == got["global_step"] == total
     assert want["state_dict"].keys() == got["state_dict"].keys()
     for name, tensor in want["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][name], tensor, rtol=1e-6, atol=1e-9, msg=name)
 
-    want_losses, got_losses = losses(tmp_path / "whole" / "demo" / "version_0"), losses(logs / "demo" / "version_0")
+    want_losses, got_losses = losses(tmp_path / "whole" / "demo" / "fit-0"), losses(logs / "demo" / "fit-0")
     assert sorted(want_losses) == sorted(got_losses) and max(got_losses) >= total - 1
     for step, value in want_losses.items():
         assert got_losses[step] == pytest.approx(value, rel=1e-6), f"step {step}"
