@@ -1,0 +1,119 @@
+"""What a new user meets first, through `python -m medqa` as typed: one-line errors with a
+fix, run directories named by their command, scores on disk, `--ckpt_path best` across
+runs, the end-of-fit summary and `ask`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+SHORT = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2")
+
+
+def medqa(*args: str, logs: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    extra = ["--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false"] if logs else []
+    return subprocess.run([sys.executable, "-m", "medqa", *args, *extra], cwd=ROOT, capture_output=True, text=True,
+                          input=stdin, timeout=600, env={k: v for k, v in os.environ.items() if k != "MEDQA_DEBUG"})
+
+
+def one_line_error(done: subprocess.CompletedProcess, command: str) -> str:
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    return done.stderr.strip().splitlines()[-1].removeprefix(f"medqa {command}: error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_the_gpu_config_without_a_gpu_points_to_the_demo(tmp_path):
+    message = one_line_error(medqa("fit", "--config", str(ROOT / "configs" / "lora.yaml"), logs=tmp_path), "fit")
+    assert "asks for a GPU" in message and "configs/demo.yaml" in message
+    assert not (tmp_path / "lora").exists()  # nothing left behind
+
+
+def test_bad_settings_and_paths_say_what_and_how(tmp_path):
+    empty = tmp_path / "model"
+    empty.mkdir()
+    cases = [
+        (["--model.pretrained", str(empty)], "is not a model folder: it has no config.json"),
+        (["--data.eval_batch_size", "0"], "--data.eval_batch_size must be 1 or more, got 0"),
+        (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be 1 or more, got 0"),
+        (["--model.lora_r", "-2"], "--model.lora_r must be 1 or more, got -2"),
+        (["--data.source", str(tmp_path / "nope.json")], "nope.json: no such file"),
+        (["--ckpt_path", "best"], "--ckpt_path best: no best checkpoint"),
+    ]
+    for args, expected in cases:
+        assert expected in one_line_error(medqa("validate", "--config", DEMO, *args, logs=tmp_path), "validate"), args
+    assert not (tmp_path / "demo").exists()  # failed commands leave no run directories
+
+
+def test_a_mistyped_option_gets_a_suggestion_not_pages_of_usage(tmp_path):
+    done = medqa("fit", "--config", DEMO, "--model.lora_rank", "4", logs=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) <= 4
+    assert "--model.lora_rank: did you mean --model.lora_r" in done.stderr
+
+
+def test_evaluate_without_its_truth_says_where_to_get_it(tmp_path):
+    predictions = tmp_path / "p.json"
+    predictions.write_text('{"1": "yes"}')
+    message = one_line_error(medqa("evaluate", str(predictions)), "evaluate")
+    assert "--truth test_ground_truth.json (the PubMedQA repository's data/ folder)" in message
+
+
+def test_runs_scores_best_across_runs_summary_and_ask(tmp_path):
+    # Two runs of one experiment; the second is worse (one step, a tiny learning rate).
+    good = medqa("fit", "--config", DEMO, "--trainer.limit_val_batches", "2", logs=tmp_path)  # the demo as shipped
+    assert good.returncode == 0, good.stderr[-3000:]
+    summary = good.stdout + good.stderr
+    best_line = next(line for line in summary.splitlines() if line.startswith("Best checkpoint: "))
+    assert "Run directory: " in summary and f"tensorboard --logdir {tmp_path / 'demo'}" in summary
+    assert "python -m medqa test --config" in summary and "--ckpt_path best" in summary
+    poor = medqa("fit", "--config", DEMO, *SHORT, "--model.optimizer.init_args.lr", "1e-6", logs=tmp_path)
+    assert poor.returncode == 0, poor.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert runs == ["fit-0", "fit-1"]
+
+    tested = medqa("test", "--config", DEMO, "--ckpt_path", "best", logs=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    best = best_line.split(": ", 1)[1].split(" (")[0]
+    assert "/fit-0/" in best and f"--ckpt_path best -> {best}" in tested.stdout + tested.stderr  # not the newest run's
+    metrics = json.loads((tmp_path / "demo" / "test-2" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == best and 0.5 < metrics["test/acc"] <= 1 and "test/macro_f1" in metrics
+    assert f"Scores written to {tmp_path / 'demo' / 'test-2' / 'metrics.json'}" in tested.stdout
+
+    record = {"question": "Does the drug lower blood pressure?", "contexts": ["BACKGROUND: ...", "RESULTS: ..."]}
+    asked = medqa("ask", "--config", DEMO, "--ckpt_path", "best", "--record", "-", logs=tmp_path, stdin=json.dumps(record))
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    answer = json.loads(asked.stdout[asked.stdout.index("{"):])
+    assert answer["decision"] in ("yes", "no", "maybe") and answer["checkpoint"] == best
+    assert abs(answer["p_yes"] + answer["p_no"] + answer["p_maybe"] - 1) < 1e-4
+    assert answer["decision"] == max(("yes", "no", "maybe"), key=lambda w: answer[f"p_{w}"])
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["fit-0", "fit-1", "test-2"]  # ask leaves none
+
+
+def test_ask_gives_predicts_probabilities_for_the_same_question(tmp_path):
+    from medqa.data import official_split
+    from medqa.demo import synthetic_records
+
+    fitted = medqa("fit", "--config", DEMO, *SHORT, logs=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    last = tmp_path / "demo" / "fit-0" / "checkpoints" / "last.ckpt"
+    predicted = medqa("predict", "--config", DEMO, "--ckpt_path", str(last), "--data.predict_split", "dev", logs=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "predict-1" / "predictions.jsonl").read_text().splitlines()]
+    record = next(r for r in official_split(synthetic_records())["dev"] if r.id == rows[0]["id"])
+    hub_record = {"question": record.question, "context": {"contexts": record.contexts, "labels": record.context_labels}}
+    asked = medqa("ask", "--config", DEMO, "--ckpt_path", str(last), "--record", "-", logs=tmp_path,
+                  stdin=json.dumps(hub_record))
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    answer = json.loads(asked.stdout[asked.stdout.index("{"):])
+    for w in ("yes", "no", "maybe"):
+        assert abs(answer[f"p_{w}"] - rows[0][f"p_{w}"]) < 1e-4
+    # the same question with --question / --context: sections without their labels, still an answer
+    args = ["ask", "--config", DEMO, "--ckpt_path", str(last), "--question", record.question]
+    for context in record.contexts:
+        args += ["--context", context]
+    assert json.loads(medqa(*args, logs=tmp_path).stdout.split("\n", 1)[-1] or "{}") is not None
