@@ -248,7 +248,8 @@ def import_unsloth_first(argv: list[str]) -> None:
     """Import unsloth before anything imports transformers or peft (Lightning does, through
     torchmetrics), when this command will use the unsloth backend. `--help` and the `hf`
     backend never import it."""
-    if not argv or argv[0] not in ("fit", "validate", "test", "predict", "cv", "export") or "--help" in argv or "-h" in argv:
+    commands = ("fit", "validate", "test", "predict", "cv", "export", "ask")
+    if not argv or argv[0] not in commands or "--help" in argv or "-h" in argv:
         return
     # Without CUDA or unsloth there is nothing to patch; resolve_backend explains later.
     if _requested_backend(argv[1:]) in ("unsloth", "auto") and torch.cuda.is_available() and unsloth_available():

@@ -2,9 +2,9 @@
 (TensorBoard under logs/, best-by-val/acc and last checkpoints, learning-rate monitor,
 prediction files) and the links that keep each value in one place.
 
-Three more commands work on what those produce: `evaluate` (official scoring of a
-prediction file), `cv` (the 10-fold cross-validation of PQA-L) and `export` (the adapter
-in PEFT's format, optionally merged).
+Four more commands work on what those produce: `evaluate` (official scoring of a
+prediction file), `cv` (the 10-fold cross-validation of PQA-L), `export` (the adapter in
+PEFT's format, optionally merged) and `ask` (one question).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import shutil
 import sys
 import warnings
 from functools import partial
-from unittest import mock
 from pathlib import Path
 from typing import Any, NoReturn
+from unittest import mock
 
 import torch
 import yaml
@@ -42,8 +42,7 @@ from medqa.checkpoints import (
     next_run_name,
     runs,
 )
-from medqa.data import DataError
-from medqa.data import PubMedQADataModule
+from medqa.data import DataError, PubMedQADataModule
 from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PredictionWriter
 from medqa.speed import SpeedMonitor
@@ -301,7 +300,9 @@ class _DropTips(logging.Filter):
 
 def quiet(command: str) -> None:
     """Filter noise users cannot act on; real warnings stay."""
-    logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector.logger_connector").addFilter(_DropTips())
+    connector = logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector.logger_connector")
+    if not any(isinstance(f, _DropTips) for f in connector.filters):
+        connector.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
     if command != "fit":  # test / predict from a training checkpoint never write checkpoints
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
@@ -324,7 +325,7 @@ def main(args: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if args is None else list(args)
     quiet(argv[0] if argv else "")
     if argv[:1] in (["-h"], ["--help"]):
-        print("medqa commands: fit, validate, test, predict (below), and evaluate, cv, export "
+        print("medqa commands: fit, validate, test, predict (below), and evaluate, cv, export, ask "
               "(python -m medqa evaluate --help, ...).\n")
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]])
