@@ -337,11 +337,23 @@ def main(args: list[str] | None = None) -> Any:
         expected = USER_ERRORS
     if args is not None:  # from Python: errors propagate; the caller's own argv is not the command's
         with mock.patch.object(sys, "argv", sys.argv[:1]):
-            return run()
+            return run()  # the caller may go on using the process group (cv validates after fit)
     if os.environ.get("MEDQA_DEBUG") == "1":  # asked for: the traceback
-        return run()
+        return close_process_group(run())
     try:
-        return run()
+        return close_process_group(run())
     except expected as e:  # medqa's errors say what and where
         discard_unused_runs()
         sys.exit(f"medqa {argv[0] if argv else ''}: error: {explain(e)}")
+
+
+def close_process_group(result: Any) -> Any:
+    """Leave a finished distributed command together: every process waits for the others,
+    then the group is closed. Lightning leaves it open, and under torchrun a process that
+    exits while another still talks to the rendezvous store it hosts can abort."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
