@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from medqa import prompts
 from medqa.checkpoints import CheckpointError, load_checkpoint, save_adapter
 
@@ -27,6 +26,7 @@ which code runs (the base model, backend, remote code, dtype) comes from the com
 
 
 def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint's `SHAPE_SETTINGS`, each refused unless of its type."""
     hp, settings = checkpoint["hyper_parameters"], {}
     for key, kind in SHAPE_SETTINGS.items():
         if key not in hp or hp[key] is None:

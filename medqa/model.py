@@ -337,7 +337,8 @@ class MedQALoRA(L.LightningModule):
         keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
         digest = hashlib.sha256()
-        for tensor in (base.get_input_embeddings().weight[:64], base.model.norm.weight):
+        norm = getattr(getattr(base, "model", base), "norm", None)
+        for tensor in (base.get_input_embeddings().weight[:64], *([norm.weight] if norm is not None else [])):
             digest.update(tensor.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
         return {"name": Path(self.pretrained.rstrip("/")).name, **{k: getattr(config, k, None) for k in keys},
                 "weights_sha256": digest.hexdigest()}
