@@ -236,3 +236,29 @@ def test_lora_targets_in_another_order_are_the_same_targets(trained, tmp_path):
     cli("validate", "--ckpt_path", str(last), "--model.target_modules", json.dumps(targets), logs=tmp_path)
     with pytest.raises(CheckpointMismatch, match="target_modules"):
         cli("validate", "--ckpt_path", str(last), "--model.target_modules", json.dumps(targets[1:]), logs=tmp_path)
+
+
+# ------------------------------------------------------------------ 5 and 6 as a user meets them
+
+
+def test_fooling_files_are_refused_in_one_line_by_the_commands(tmp_path):
+    from medqa.data import official_split
+    from medqa.demo import synthetic_records
+
+    truth = {r.id: r.decision for r in official_split(synthetic_records())["test"]}
+    first = next(iter(truth))
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps(truth)[:-1] + f', "{first}": "maybe"}}')  # one id answered twice
+    done = subprocess.run([sys.executable, "-m", "medqa", "evaluate", str(predictions), "--source", "synthetic"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"predictions.json: key '{first}' appears more than once" in done.stderr
+
+    test = official_split(synthetic_records())["test"][0]
+    record = {"pubid": test.id, "question": test.question, "context": {"contexts": test.contexts},
+              "long_answer": test.long_answer, "final_decision": test.decision}
+    leaky = tmp_path / "train.jsonl"
+    leaky.write_text(json.dumps(record) + "\n")
+    done = run_cli("fit", "--data.train_source", str(leaky), logs=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "1 of its 1 questions are dev or test questions" in done.stderr.strip().splitlines()[-1]
