@@ -300,9 +300,11 @@ class _DropTips(logging.Filter):
 
 def quiet(command: str) -> None:
     """Filter noise users cannot act on; real warnings stay."""
-    connector = logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector.logger_connector")
-    if not any(isinstance(f, _DropTips) for f in connector.filters):
-        connector.addFilter(_DropTips())
+    from lightning_utilities.core import rank_zero
+
+    info = rank_zero.log  # the logger rank_zero_info writes to (Lightning sets which)
+    if not any(isinstance(f, _DropTips) for f in info.filters):
+        info.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
     if command != "fit":  # test / predict from a training checkpoint never write checkpoints
         warnings.filterwarnings("ignore", message="The dirpath has changed from")

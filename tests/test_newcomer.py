@@ -71,6 +71,7 @@ def test_runs_scores_best_across_runs_summary_and_ask(tmp_path):
     best_line = next(line for line in summary.splitlines() if line.startswith("Best checkpoint: "))
     assert "Run directory: " in summary and f"tensorboard --logdir {tmp_path / 'demo'}" in summary
     assert "python -m medqa test --config" in summary and "--ckpt_path best" in summary
+    assert "💡 Tip" not in summary and "LeafSpec" not in summary  # known noise filtered
     poor = medqa("fit", "--config", DEMO, *SHORT, "--model.optimizer.init_args.lr", "1e-6", logs=tmp_path)
     assert poor.returncode == 0, poor.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "demo").iterdir())
