@@ -16,7 +16,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +43,15 @@ def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
 
     where = ["--data.fold", str(fold), "--trainer.logger.init_args.save_dir", str(cv_dir),
              "--trainer.logger.init_args.name", f"fold{fold}"]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the fold's arguments are `args` alone
-    try:
+    try:  # main() runs the fold's arguments alone, whatever this process's argv is
         cli = main(["fit", *fit_args, *where, "--ckpt_path", "last"])
     except FinishedRun:  # trained to the end, stopped before its result was written
         cli = None
-    finally:
-        sys.argv = argv
     best = find_checkpoint(cv_dir / f"fold{fold}", "best")
     if best is None:
         raise RuntimeError(f"fold {fold}: the fit saved no best checkpoint (did it validate?) under {cv_dir / f'fold{fold}'}")
     if cli is None:
-        sys.argv = sys.argv[:1]
-        try:
-            cli = main(["validate", *fit_args, *where, "--ckpt_path", str(best)])
-        finally:
-            sys.argv = argv
+        cli = main(["validate", *fit_args, *where, "--ckpt_path", str(best)])
         metrics = dict(cli.trainer.callback_metrics)
     else:
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(best), verbose=False,
