@@ -335,7 +335,8 @@ def main(args: list[str] | None = None) -> Any:
         expected: tuple[type[BaseException], ...] = (ValueError, OSError, *USER_ERRORS)
     else:
         run = partial(MedQACLI, MedQALoRA, PubMedQADataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
-                      save_config_kwargs={"config_filename": "config.yaml"}, parser_class=MedQAParser)
+                      save_config_kwargs={"config_filename": "config.yaml"}, parser_class=MedQAParser,
+                      parser_kwargs={"prog": "python -m medqa"})
         expected = USER_ERRORS
     if args is not None:  # from Python: errors propagate; the caller's own argv is not the command's
         with mock.patch.object(sys, "argv", sys.argv[:1]):
