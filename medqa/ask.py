@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.label_ids, model.pad_id = fmt.label_token_ids(), pad_id
     model.rationale_tokens, model.rationale_suffix = args.rationale_tokens, fmt.rationale_suffix_ids()
     if ckpt_path is not None:
-        checkpoint = load_checkpoint(Path(ckpt_path), cli.config.predict.get("weights_only", True) is not False)
+        checkpoint = load_checkpoint(Path(ckpt_path), cli.config.predict.weights_only)
         model.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
         model.load_state_dict(checkpoint["state_dict"], strict=False)
     device = next(model.model.parameters()).device

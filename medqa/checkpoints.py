@@ -90,7 +90,6 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
         if weights_only and "Unsupported global" in str(e):  # a class or function to import: code
             raise CheckpointError(
                 f"{path} holds Python objects that loading would execute, and medqa's checkpoints hold only "
@@ -105,7 +104,7 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
         if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
             raise CheckpointError(f"{path} is a plain state dict ({len(checkpoint)} tensors), not a medqa training "
                                   "checkpoint (no settings, optimizer or loop state); medqa writes .ckpt files under "
-                                  "logs/NAME/version_N/checkpoints")
+                                  "logs/NAME/fit-N/checkpoints")
         raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' "
                               f"(keys: {', '.join(map(str, list(checkpoint)[:6]))})")
     if not checkpoint["state_dict"] or "hyper_parameters" not in checkpoint:

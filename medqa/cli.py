@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from medqa.backends import BackendError
+from medqa.backends import BackendError, LoraSettings
 from medqa.checkpoints import (
     CheckpointError,
     FinishedRun,
@@ -43,7 +43,7 @@ from medqa.checkpoints import (
     runs,
 )
 from medqa.data import DataError, PubMedQADataModule
-from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError
+from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError, lora_differences
 from medqa.predictions import PredictionWriter
 from medqa.speed import SpeedMonitor
 
@@ -172,6 +172,8 @@ class MedQACLI(LightningCLI):
             return  # another logger: leave 'last' to Lightning
         args, root = experiment
         model = config.model
+        lora = LoraSettings(model.lora_r, model.lora_alpha, model.lora_dropout,
+                            model.target_modules or LLAMA_LORA_TARGETS, model.use_rslora)
 
         def compatible(run: Path) -> bool:
             """Whether the run trained the LoRA this command builds (its hparams.yaml)."""
@@ -179,14 +181,9 @@ class MedQACLI(LightningCLI):
                 saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
             except (OSError, yaml.YAMLError):
                 return False
-            if not isinstance(saved, dict):
+            if not isinstance(saved, dict) or saved.get("pretrained") != model.pretrained:
                 return False
-            ours = {"pretrained": model.pretrained, "lora_r": model.lora_r, "lora_alpha": model.lora_alpha,
-                    "use_rslora": model.use_rslora}
-            if any(saved.get(k) != v for k, v in ours.items()):
-                return False
-            targets = saved.get("target_modules") or LLAMA_LORA_TARGETS
-            return isinstance(targets, list) and set(targets) == set(model.target_modules or LLAMA_LORA_TARGETS)
+            return not lora_differences(saved, lora)
 
         found = find_checkpoint(root, config.ckpt_path, compatible)
         if found is None:

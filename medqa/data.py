@@ -663,8 +663,11 @@ class PubMedQADataModule(L.LightningDataModule):
 
     def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
         """`train` with no dev or test question in it: refused, or left out when asked to."""
-        ids, questions = {r.id for r in held_out}, {" ".join(r.question.split()).lower() for r in held_out}
-        leaked = [r for r in train if r.id in ids or " ".join(r.question.split()).lower() in questions]
+        def question(r: Record) -> str:
+            return " ".join(r.question.split()).lower()
+
+        ids, questions = {r.id for r in held_out}, {question(r) for r in held_out}
+        leaked = [r for r in train if r.id in ids or question(r) in questions]
         if not leaked:
             return train
         if not self.drop_eval_overlap:
@@ -676,8 +679,7 @@ class PubMedQADataModule(L.LightningDataModule):
             )
         rank_zero_info(f"Left out {len(leaked)} questions of {self.train_source} that are dev or test questions "
                        f"(--data.drop_eval_overlap).")
-        dropped = {id(r) for r in leaked}
-        return [r for r in train if id(r) not in dropped]
+        return [r for r in train if not (r.id in ids or question(r) in questions)]
 
     @property
     def pad_id(self) -> int:
@@ -794,7 +796,6 @@ class PubMedQADataModule(L.LightningDataModule):
             done = position["batches"] * self.batch_size * position.get("processes", 1)
             sampler.epoch, sampler.skip = position["epoch"], done
             self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
-
 
     def _check_identity(self, theirs: dict[str, Any]) -> None:
         """Refuse to resume a fit on other data, naming what differs."""

@@ -39,6 +39,18 @@ from medqa.prompts import LABELS
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def lora_differences(saved: dict[str, Any], lora: LoraSettings) -> list[str]:
+    """How the LoRA settings a run saved (its hyper-parameters) differ from `lora`; settings
+    it did not save count as equal, and target modules compare as sets."""
+    ours = {"lora_r": lora.r, "lora_alpha": lora.alpha, "target_modules": lora.target_modules,
+            "use_rslora": lora.use_rslora}
+    theirs = {**ours, **{k: saved[k] for k in ours if k in saved}}
+    theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
+    same = {"target_modules": lambda a, b: isinstance(a, list) and set(a) == set(b)}  # an order means nothing
+    return [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items()
+            if not same.get(k, lambda a, b: a == b)(theirs[k], v)]
+
+
 class SettingsError(ValueError):
     """A setting with a value that cannot work (a zero or negative size, say)."""
 
@@ -351,14 +363,7 @@ class MedQALoRA(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, before any step, a checkpoint made with another base model or other LoRA
         settings, naming what differs."""
-        hp = checkpoint.get("hyper_parameters", {})
-        ours = {"lora_r": self.lora.r, "lora_alpha": self.lora.alpha, "target_modules": self.lora.target_modules,
-                "use_rslora": self.lora.use_rslora}
-        theirs = {**ours, **{k: hp[k] for k in ours if k in hp}}
-        theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
-        same = {"target_modules": lambda a, b: isinstance(a, list) and set(a) == set(b)}  # an order means nothing
-        differs = [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items()
-                   if not same.get(k, lambda a, b: a == b)(theirs[k], v)]
+        differs = lora_differences(checkpoint.get("hyper_parameters", {}), self.lora)
         base, our_base = checkpoint.get("medqa_base", {}), self.base_fingerprint()
         differs += [f"base model {k}: checkpoint {base[k]!r}, this run {our_base[k]!r}"
                     for k in our_base if k in base and base[k] != our_base[k]]
