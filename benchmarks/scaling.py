@@ -14,6 +14,8 @@ at every epoch end as the config does. Figures, all from the same run:
                the GPU is synchronised at the end of every step
   wall tok/s   the same tokens over the wall time from the first timed step to the last
   fit tok/s    medqa's own end-of-fit figure: all tokens over the whole fit
+  median step  the slowest process's median step time; the slowest steps beside it (a step
+               that compiles again, e.g. for a batch of a new size, shows there)
   between      seconds the GPUs waited between steps after warm-up (checkpoints, epoch ends, data)
 Scaling is each figure over the same configuration's 1-GPU figure. Lightning's
 SimpleProfiler report of each process is kept beside the run (`--logs`).
@@ -59,7 +61,7 @@ def fit(args, name: str, extra: list[str], devices: int) -> dict:
     with open(log, "w") as out:
         done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - start
-    speed = sorted((Path(args.logs) / run).glob("version_*/speed.json"))
+    speed = sorted((Path(args.logs) / run).glob("fit-*/speed.json"), key=lambda f: f.stat().st_mtime)  # the run dirs
     if done.returncode != 0 or not speed:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         print(f"{run}: failed (exit {done.returncode}); the end of {log}:\n{tail}", flush=True)
@@ -77,24 +79,25 @@ def table(results: dict[str, dict[int, dict]], gpu: str, args) -> str:
         f"{args.steps} steps, {args.warmup} warm-up batches left out of the step figures.",
         "",
         "| config | GPUs | step tok/s | scaling | wall tok/s | scaling | fit tok/s (CLI) | scaling | "
-        "warm-up s | between steps s (longest) | peak GiB | command s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "median step s | slowest steps s | warm-up s | between steps s (longest) | peak GiB | command s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_devices in results.items():
         base = by_devices.get(1, {})
         for devices, s in by_devices.items():
             if s.get("failed"):
-                lines.append(f"| {name} | {devices} | failed | | | | | | | | | {s['command_seconds']:.0f} |")
+                lines.append(f"| {name} | {devices} | failed | | | | | | | | | | | {s['command_seconds']:.0f} |")
                 continue
 
             def ratio(key: str) -> str:
                 return f"{s[key] / base[key]:.2f}x" if base.get(key) and s.get(key) else "-"
 
             longest = ", ".join(f"{g['seconds']:.1f}" for g in s["longest_gaps"])
+            slowest = ", ".join(f"{g['seconds']:.2f}" for g in s["slowest_steps"])
             lines.append(
                 f"| {name} | {devices} | {s['step_tokens_per_s']:,.0f} | {ratio('step_tokens_per_s')} | "
                 f"{s['wall_tokens_per_s']:,.0f} | {ratio('wall_tokens_per_s')} | {s['fit_tokens_per_s']:,.0f} | "
-                f"{ratio('fit_tokens_per_s')} | {s['warmup_seconds']:.1f} | {s['seconds_between_steps']:.1f} ({longest}) | "
+                f"{ratio('fit_tokens_per_s')} | {s['median_step_seconds']:.3f} | {slowest} | {s['warmup_seconds']:.1f} | {s['seconds_between_steps']:.1f} ({longest}) | "
                 f"{s['peak_gpu_gib']:.2f} | {s['command_seconds']:.0f} |"
             )
     return "\n".join(lines)

@@ -253,4 +253,15 @@ def import_unsloth_first(argv: list[str]) -> None:
         return
     # Without CUDA or unsloth there is nothing to patch; resolve_backend explains later.
     if _requested_backend(argv[1:]) in ("unsloth", "auto") and torch.cuda.is_available() and unsloth_available():
+        _use_launched_device()
         import unsloth  # noqa: F401
+
+
+def _use_launched_device() -> None:
+    """In a process that a launcher started for one GPU (Lightning's DDP launcher, torchrun,
+    SLURM through Lightning all set LOCAL_RANK), make that GPU current before Unsloth's import
+    touches CUDA; otherwise every process would first open a context on GPU 0. Lightning sets
+    the device again later, from its own device list."""
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if local_rank.isdigit() and int(local_rank) < torch.cuda.device_count():
+        torch.cuda.set_device(int(local_rank))

@@ -80,11 +80,14 @@ class SpeedMonitor(L.Callback):
         wall = (ends[-1] - starts[w]) if done > w else 0.0
         gaps = sorted(((starts[i] - ends[i - 1], i) for i in range(w + 1, done)), reverse=True)[:TOP_GAPS]
         gaps += [(0.0, -1)] * (TOP_GAPS - len(gaps))
+        durations = sorted(((ends[i] - starts[i], i) for i in timed), reverse=True)
+        median = durations[len(durations) // 2][0] if durations else 0.0
+        slow = durations[:TOP_GAPS] + [(0.0, -1)] * (TOP_GAPS - len(durations[:TOP_GAPS]))
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         return [
             float(sum(tokens)), now - self.fit_start, float(sum(tokens[i] for i in timed)), in_steps, wall,
             (starts[w] - self.fit_start) if done > w else now - self.fit_start, float(len(timed)), peak,
-            *[x for gap in gaps for x in gap],
+            *[x for gap in gaps for x in gap], median, *[x for step in slow for x in step],
         ]
 
 
@@ -107,12 +110,9 @@ def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
 
     tokens, fit_s, step_tokens = sum(column(0)), max(column(1)), sum(column(2))
     in_steps, wall, warmup_s = max(column(3)), max(column(4)), max(column(5))
-    slowest: dict[int, float] = {}  # batch -> the longest wait before it on any process
-    for row in rows:
-        for k in range(TOP_GAPS):
-            batch = int(row[9 + 2 * k])
-            slowest[batch] = max(slowest.get(batch, 0.0), row[8 + 2 * k])
-    gaps = sorted(((s, i) for i, s in slowest.items() if i >= 0), reverse=True)
+    gaps = _longest(rows, 8)  # batch -> the longest wait before it on any process
+    steps_first = 8 + 2 * TOP_GAPS + 1
+    slow_steps = _longest(rows, steps_first)
     return {
         "tokens": int(tokens),
         "fit_seconds": fit_s,
@@ -125,10 +125,23 @@ def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
         "seconds_in_steps": in_steps,
         "seconds_between_steps": max(w - s for w, s in zip(column(4), column(3))),
         "longest_gaps": [{"seconds": s, "before_batch": i} for s, i in gaps[:TOP_GAPS]],
+        "median_step_seconds": max(column(steps_first - 1)),
+        "slowest_steps": [{"seconds": s, "batch": i} for s, i in slow_steps[:TOP_GAPS]],
         "peak_gpu_gib": max(column(7)),
         "per_process": [{"seconds_in_steps": r[3], "seconds_between_steps": r[4] - r[3], "tokens": int(r[0])}
                         for r in rows],
     }
+
+
+def _longest(rows: list[list[float]], first: int) -> list[tuple[float, int]]:
+    """The TOP_GAPS (seconds, batch) pairs stored from column `first` on, merged over processes
+    (a batch's longest time on any process), longest first."""
+    longest: dict[int, float] = {}
+    for row in rows:
+        for k in range(TOP_GAPS):
+            batch = int(row[first + 1 + 2 * k])
+            longest[batch] = max(longest.get(batch, 0.0), row[first + 2 * k])
+    return sorted(((s, i) for i, s in longest.items() if i >= 0), reverse=True)
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -143,6 +156,8 @@ def describe(s: dict[str, Any]) -> str:
             f"tokens/s in steps, {s['wall_tokens_per_s']:,.0f} tokens/s of wall time; "
             f"{s['seconds_between_steps']:.1f} s between steps" + (f" (longest: {gaps})" if gaps else "") + "."
         )
+        slow = ", ".join(f"{g['seconds']:.2f} s (batch {g['batch']})" for g in s["slowest_steps"])
+        lines.append(f"Median step {s['median_step_seconds']:.3f} s" + (f"; slowest: {slow}" if slow else "") + ".")
     if s["peak_gpu_gib"]:
         lines.append(f"Peak GPU memory {s['peak_gpu_gib']:.2f} GiB.")
     return " ".join(lines)

@@ -10,14 +10,14 @@ import torch
 from medqa.speed import SpeedMonitor, describe, summarize
 
 
-def row(tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, gaps):
+def row(tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, gaps, median=0.5, slow=((0.0, -1),) * 3):
     flat = [x for gap in gaps for x in gap]
-    return [tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, 0.0, *flat]
+    return [tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, 0.0, *flat, median, *[x for s in slow for x in s]]
 
 
 def test_summary_sums_tokens_takes_the_slowest_process_and_one_wait_per_batch():
-    rows = [row(1000, 10.0, 800, 4.0, 5.0, 3.0, 8, [(0.5, 7), (0.2, 4), (0.0, -1)]),
-            row(900, 11.0, 700, 4.5, 5.2, 2.0, 8, [(0.6, 7), (0.1, 3), (0.0, -1)])]
+    rows = [row(1000, 10.0, 800, 4.0, 5.0, 3.0, 8, [(0.5, 7), (0.2, 4), (0.0, -1)], 0.4, [(2.5, 5), (0.6, 6), (0.5, 2)]),
+            row(900, 11.0, 700, 4.5, 5.2, 2.0, 8, [(0.6, 7), (0.1, 3), (0.0, -1)], 0.45, [(2.0, 5), (0.7, 3), (0.4, 4)])]
     s = summarize(rows, warmup_steps=2)
     assert s["tokens"] == 1900 and s["fit_seconds"] == 11.0
     assert s["step_tokens_per_s"] == pytest.approx(1500 / 4.5)
@@ -25,7 +25,11 @@ def test_summary_sums_tokens_takes_the_slowest_process_and_one_wait_per_batch():
     assert s["seconds_between_steps"] == pytest.approx(1.0)  # the larger of 5.0-4.0 and 5.2-4.5
     # batch 7 waited on both processes: listed once, with the longer wait
     assert [(g["before_batch"], g["seconds"]) for g in s["longest_gaps"]] == [(7, 0.6), (4, 0.2), (3, 0.1)]
-    assert "1,900 non-padding tokens" in describe({**s, "processes": 2})
+    # step times: the slowest process's median; a step slow on both processes listed once
+    assert s["median_step_seconds"] == 0.45
+    assert [(g["batch"], g["seconds"]) for g in s["slowest_steps"]] == [(5, 2.5), (3, 0.7), (6, 0.6)]
+    text = describe({**s, "processes": 2})
+    assert "1,900 non-padding tokens" in text and "Median step 0.450 s; slowest: 2.50 s (batch 5)" in text
 
 
 class Batches(torch.utils.data.Dataset):
