@@ -34,7 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "default": [],
+    "default": [],  # gradient_checkpointing auto
+    "checkpointing": ["--model.gradient_checkpointing", "true"],
     "no-checkpointing": ["--model.gradient_checkpointing", "false"],
 }
 

@@ -33,6 +33,7 @@ import torch
 LORA = dict(r=16, alpha=16, dropout=0.0,
             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 LR = 2e-4
+CHECKPOINTING = {"true": True, "false": False, "auto": "auto"}
 
 
 def datamodule(args, bucket_batches: int = 0, packing: bool = False):
@@ -125,7 +126,7 @@ def run_medqa(args) -> dict:
     timer = step_timer(args.warmup, args.steps)
     model = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=LORA["targets"],
+                      target_modules=LORA["targets"], gradient_checkpointing=CHECKPOINTING[args.medqa_checkpointing],
                       optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
     trainer = bench_trainer(args.precision, n, timer)
     trainer.fit(model, datamodule=dm)
@@ -332,6 +333,8 @@ def main() -> None:
     parser.add_argument("--medqa_bucket_batches", type=int, default=0,
                         help="length-aware batches for the medqa path (the others keep random batches)")
     parser.add_argument("--medqa_packing", action="store_true", help="packed training batches for the medqa path")
+    parser.add_argument("--medqa_checkpointing", choices=sorted(CHECKPOINTING), default="true",
+                        help="the medqa path's --model.gradient_checkpointing (true: as Unsloth alone's recipe)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))
     parser.add_argument("--one", choices=sorted(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -222,6 +222,22 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, pad_id: i
             model.eval()  # predict runs in eval mode; for_training switched the modules to training
 
 
+def keep_activations(model: Any, kept: list[int]) -> None:
+    """Recompute every decoder layer's activations in backward except those of the layers in
+    `kept`. Both backends checkpoint through transformers' `GradientCheckpointingLayer`, which
+    reads each layer's own `gradient_checkpointing` flag (Unsloth's offloaded variant is its
+    checkpoint function), so the flags choose the layers. The model must have been loaded
+    with gradient checkpointing on."""
+    decoder, _ = decoder_and_head(model)
+    for i, layer in enumerate(decoder.layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise BackendError(
+                f"decoder layer {i} ({type(layer).__name__}) has no gradient_checkpointing flag, so "
+                "--model.gradient_checkpointing auto cannot choose layers; pass true or false"
+            )
+        layer.gradient_checkpointing = i not in kept
+
+
 def decoder_and_head(model: Any) -> tuple[Any, Any]:
     """The decoder stack (returns hidden states) and the output projection of a PEFT model,
     so logits are computed only at the positions that are used."""

@@ -43,6 +43,7 @@ from medqa.checkpoints import (
     runs,
 )
 from medqa.data import DataError, PubMedQADataModule
+from medqa.memory import TrainingOutOfMemory
 from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError, lora_differences
 from medqa.predictions import PredictionWriter
 from medqa.speed import SpeedMonitor
@@ -286,7 +287,7 @@ def explain(error: BaseException) -> str:
 
 
 USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, SettingsError, FloatingPointError,
-               MisconfigurationException)
+               TrainingOutOfMemory, MisconfigurationException)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
 
 

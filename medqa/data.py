@@ -706,6 +706,13 @@ class PubMedQADataModule(L.LightningDataModule):
     def rationale_suffix_ids(self) -> list[int]:
         return self.format.rationale_suffix_ids()
 
+    def longest_batch_tokens(self) -> int:
+        """Token positions of the largest training batch the data can produce: a full batch of
+        its longest examples (padded or packed, the same bound). 0 before `setup("fit")`."""
+        train = self.examples.get("train") or []
+        longest = sorted((len(e.input_ids) for e in train), reverse=True)[: self.batch_size]
+        return sum(longest) if self.packing else len(longest) * (longest[0] if longest else 0)
+
     def decode(self, ids: list[int]) -> str:
         return self.format.tokenizer.decode(ids, skip_special_tokens=True).strip()
 

@@ -21,10 +21,12 @@ from medqa.backends import (
     LoraSettings,
     decoder_and_head,
     generate,
+    keep_activations,
     load_hf,
     load_unsloth,
     resolve_backend,
 )
+from medqa.memory import Plan, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback
 from medqa.metrics import (
     answer_loss,
     calibration_error,
@@ -115,7 +117,9 @@ class MedQALoRA(L.LightningModule):
         target_modules: Linear layers that get LoRA adapters.
         use_rslora: Rank-stabilised LoRA scaling.
         gradient_checkpointing: Recompute activations in backward (Unsloth's own variant on
-            that backend) to fit long sequences.
+            that backend) to fit long sequences. `auto`: in `fit`, keep as many layers'
+            activations as the card's free memory allows for the longest training batch,
+            recompute the rest, and step down on an out-of-memory error (`medqa.memory`).
         trust_remote_code: Let the hub model run its own Python code. Off unless you trust it.
         nonfinite: On a NaN or infinite training loss: `error` stops the run naming the step
             and the questions in the batch; `skip` skips that batch's update and counts it
@@ -141,7 +145,7 @@ class MedQALoRA(L.LightningModule):
         lora_dropout: float = 0.0,
         target_modules: list[str] | None = None,
         use_rslora: bool = False,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | Literal["auto"] = "auto",
         trust_remote_code: bool = False,
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
@@ -154,6 +158,8 @@ class MedQALoRA(L.LightningModule):
             ("lora_r", lora_r, lora_r >= 1, "1 or more"), ("lora_alpha", lora_alpha, lora_alpha > 0, "above 0"),
             ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
             ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
+            ("gradient_checkpointing", gradient_checkpointing, gradient_checkpointing in (True, False, "auto"),
+             "true, false or auto"),
         ):
             if not ok:
                 raise SettingsError(f"--model.{name} must be {expected}, got {value}")
@@ -175,6 +181,8 @@ class MedQALoRA(L.LightningModule):
         self.val_calibration, self.test_calibration = calibration_error(), calibration_error()
         self.label_ids: list[list[int]] = []
         self.pad_id = 0
+        self.longest_batch_tokens = 0  # from the data in setup("fit"); sizes the `auto` plan
+        self.plan: Plan | None = None  # the `auto` plan in use, once fit has chosen one
 
     # ------------------------------------------------------------------ building
 
@@ -184,7 +192,7 @@ class MedQALoRA(L.LightningModule):
         backend = self.resolved_backend = resolve_backend(self.backend)
         common = dict(
             pretrained=self.pretrained, load_in_4bit=self.load_in_4bit, dtype=self.dtype_name, lora=self.lora,
-            gradient_checkpointing=self.gradient_checkpointing, trust_remote_code=self.trust_remote_code,
+            gradient_checkpointing=self.gradient_checkpointing is not False, trust_remote_code=self.trust_remote_code,
         )
         if backend == "unsloth":
             model, _ = load_unsloth(max_length=self.max_length, seed=self.lora_seed, **common)
@@ -199,12 +207,62 @@ class MedQALoRA(L.LightningModule):
             f"({'4-bit' if self.load_in_4bit else '16/32-bit'}); LoRA r={self.lora.r}: "
             f"{trainable:,} trainable of {total:,} parameters."
         )
+        if self.gradient_checkpointing == "auto" and self._trainer is not None and self.trainer.state.fn == "fit":
+            self._use_plan(self._memory_plan())
+
+    def _memory_plan(self) -> Plan:
+        """The `auto` plan for this card and the longest training batch (`medqa.memory`)."""
+        decoder, _ = decoder_and_head(self.model)
+        config = self.model.get_base_model().config
+        cuda = torch.cuda.is_available()
+        dtype_bytes = 2 if cuda and self.dtype_name in ("bfloat16", "float16") else 4
+        per_layer = activation_bytes_per_token(config, dtype_bytes) * self.longest_batch_tokens
+        if not cuda:
+            return choose(len(decoder.layers), per_layer, 0, None)
+        device = torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(device)
+        lora = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        # Checkpointed layers keep their inputs: on the card with transformers, in CPU memory
+        # with Unsloth's offloaded variant.
+        inputs = 0 if self.resolved_backend == "unsloth" else (
+            len(decoder.layers) * self.longest_batch_tokens * config.hidden_size * dtype_bytes)
+        # LoRA gradients and AdamW's two moments, one recomputed layer at a time, the inputs.
+        base = torch.cuda.memory_allocated(device) + 3 * lora + per_layer + inputs
+        return choose(len(decoder.layers), per_layer, base, free + torch.cuda.memory_reserved(device))
+
+    def _use_plan(self, plan: Plan) -> None:
+        keep_activations(self.model, plan.kept_layers())
+        self.plan = plan
+        rank_zero_info(plan.describe())
+
+    def _out_of_memory(self, error: str) -> None:
+        """Step down to the next `auto` plan after an out-of-memory error in training, or end
+        the run saying what to change."""
+        nxt = fallback(self.plan) if self.plan is not None and self.trainer.world_size == 1 else None
+        where = f"step {self.global_step}"
+        if nxt is None:
+            why = ("with every layer's activations recomputed" if self.plan is not None and self.plan.kept == 0
+                   else "under DDP, where the processes cannot change plan together" if self.plan is not None
+                   else f"with --model.gradient_checkpointing {str(self.gradient_checkpointing).lower()}")
+            raise TrainingOutOfMemory(
+                f"out of GPU memory at {where} {why}: lower --data.batch_size (and raise "
+                f"--trainer.accumulate_grad_batches to keep the step's questions) or --data.max_length"
+                + ("" if self.gradient_checkpointing is not False else ", or pass --model.gradient_checkpointing auto")
+                + f" ({error.splitlines()[0][:200]})"
+            )
+        self.model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rank_zero_info(f"Out of GPU memory at {where} with {self.plan.name()}; retrying the batch with {nxt.name()}.")
+        self._use_plan(nxt)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "label_token_ids"):
             raise RuntimeError("MedQALoRA needs medqa's PubMedQADataModule (it supplies the label tokens)")
         self.label_ids, self.pad_id = dm.label_token_ids(), dm.pad_id
+        if stage == "fit":
+            self.longest_batch_tokens = dm.longest_batch_tokens()
         self.rationale_suffix = dm.rationale_suffix_ids() if self.rationale_tokens > 0 else []
 
     # ------------------------------------------------------------------ steps
@@ -239,7 +297,14 @@ class MedQALoRA(L.LightningModule):
         return loss, logp
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        loss, _ = self._loss(batch)
+        self._batch = batch  # for a retry after an out-of-memory error in backward
+        while True:
+            try:
+                loss, _ = self._loss(batch)
+                break
+            except torch.OutOfMemoryError as e:
+                error = str(e)  # handled outside the except: its traceback holds the activations
+            self._out_of_memory(error)
         if not torch.isfinite(loss):  # one host sync a step; the progress bar makes one anyway
             where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
             if self.nonfinite == "error":
@@ -254,6 +319,17 @@ class MedQALoRA(L.LightningModule):
             return None  # Lightning skips the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        while True:
+            try:
+                loss.backward(*args, **kwargs)
+                return
+            except torch.OutOfMemoryError as e:
+                error = str(e)
+            del loss
+            self._out_of_memory(error)
+            loss = self._loss(self._batch)[0]
 
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logp = self._forward(batch)

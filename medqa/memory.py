@@ -1,0 +1,105 @@
+"""`--model.gradient_checkpointing auto`: how many decoder layers may keep their activations
+for backward instead of recomputing them, from the card's free memory and the longest
+training batch the data can produce.
+
+Recomputing a layer's activations (gradient checkpointing) costs about a third more compute
+per step; keeping them costs memory that grows with the batch's tokens. Three kinds of plan:
+
+- every layer keeps its activations: no recomputation, the fastest when it fits;
+- some layers keep theirs, evenly spaced, the rest are recomputed;
+- every layer is recomputed (on the unsloth backend, Unsloth's variant, which also moves the
+  saved layer inputs to the CPU): the least memory.
+
+The estimate of one layer's activations is a model of the Llama decoder layer, not a
+measurement: about 4 x hidden + 2 x intermediate values of the compute dtype per token. It
+has not been checked against a measured run yet. A margin covers small errors, and an
+out-of-memory error in a training step steps down to the next plan (`fallback`) and retries
+the batch instead of ending the run (in a single process: under DDP every process would
+have to change plan at the same backward, so there the error ends the run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GiB = 2**30
+MARGIN_BYTES = 2 * GiB  # allocator fragmentation, CUDA workspaces, the loss and head at a few positions
+MARGIN_FRACTION = 0.10
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """Out of GPU memory with every layer already recomputed (or under DDP)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which decoder layers keep their activations, and what that is expected to need.
+
+    Attributes:
+        layers: Decoder layers in the model.
+        kept: Layers that keep their activations (not recomputed), evenly spaced.
+        per_layer_bytes: Activations one kept layer holds for the longest batch.
+        base_bytes: What every plan needs: memory in use after loading, LoRA gradients and
+            optimizer state, and one layer's activations while it is recomputed.
+        free_bytes: Free card memory the plan was sized for; None where nothing was measured
+            (no GPU: there every layer keeps its activations).
+    """
+
+    layers: int
+    kept: int
+    per_layer_bytes: int
+    base_bytes: int
+    free_bytes: int | None
+
+    @property
+    def estimate_bytes(self) -> int:
+        return self.base_bytes + self.kept * self.per_layer_bytes
+
+    def kept_layers(self) -> list[int]:
+        """The kept layers' indices, spread evenly over the stack."""
+        if self.kept <= 0:
+            return []
+        return [(k + 1) * self.layers // self.kept - 1 for k in range(self.kept)]
+
+    def name(self) -> str:
+        if self.kept >= self.layers:
+            return "no recomputation (every layer keeps its activations)"
+        if self.kept == 0:
+            return "every layer recomputed in backward"
+        return f"{self.kept} of {self.layers} layers keep their activations, the other {self.layers - self.kept} are recomputed"
+
+    def describe(self) -> str:
+        estimate = f"about {self.estimate_bytes / GiB:.1f} GiB"
+        if self.free_bytes is None:
+            return f"Gradient checkpointing auto: {self.name()}; no GPU, so no memory limit to plan for."
+        return (f"Gradient checkpointing auto: {self.name()}; {estimate} at the longest batch "
+                f"({self.per_layer_bytes / GiB:.2f} GiB a kept layer), of {self.free_bytes / GiB:.1f} GiB "
+                f"the card had free.")
+
+
+def activation_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """Activations one Llama-style decoder layer keeps for backward, per token, when it is not
+    recomputed: the normed inputs, queries, keys, values and attention output (about 4 x
+    hidden) and the MLP's gate and up projections (2 x intermediate)."""
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden))
+    return (4 * hidden + 2 * intermediate) * dtype_bytes
+
+
+def choose(layers: int, per_layer_bytes: int, base_bytes: int, free_bytes: int | None) -> Plan:
+    """The plan that keeps the most layers' activations and still fits `free_bytes` with the
+    margin; every layer keeps them where nothing was measured (`free_bytes` None)."""
+    if free_bytes is None:
+        return Plan(layers, layers, per_layer_bytes, base_bytes, None)
+    usable = free_bytes * (1 - MARGIN_FRACTION) - MARGIN_BYTES - base_bytes
+    kept = int(usable // per_layer_bytes) if per_layer_bytes > 0 else layers
+    return Plan(layers, max(0, min(layers, kept)), per_layer_bytes, base_bytes, free_bytes)
+
+
+def fallback(plan: Plan) -> Plan | None:
+    """The next plan after an out-of-memory error: half the kept layers, then none; None when
+    every layer is already recomputed."""
+    if plan.kept == 0:
+        return None
+    return Plan(plan.layers, plan.kept // 2, plan.per_layer_bytes, plan.base_bytes, plan.free_bytes)

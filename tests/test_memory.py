@@ -1,0 +1,130 @@
+"""`--model.gradient_checkpointing auto`: the plan for a card, and the step down after an
+out-of-memory error in training (simulated on the CPU by a layer that raises it)."""
+
+import lightning as L
+import pytest
+import torch
+
+from medqa.memory import GiB, MARGIN_BYTES, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback
+from medqa.model import MedQALoRA
+
+
+def test_llama_8b_layer_keeps_about_90_kb_a_token():
+    class Config:
+        hidden_size, intermediate_size = 4096, 14336
+
+    assert activation_bytes_per_token(Config) == (4 * 4096 + 2 * 14336) * 2
+
+
+@pytest.mark.parametrize("free_gib, kept", [(139, 32), (10, 0), (20, 16)])
+def test_plan_keeps_the_layers_that_fit(free_gib, kept):
+    """8B shape: 0.5 GiB a kept layer, 8 GiB for everything else; 90% of the free memory
+    less 2 GiB is usable."""
+    plan = choose(32, GiB // 2, 8 * GiB, free_gib * GiB)
+    assert plan.kept == kept
+    assert plan.estimate_bytes <= free_gib * GiB * 0.9 - MARGIN_BYTES or kept == 0
+    assert len(plan.kept_layers()) == kept and len(set(plan.kept_layers())) == kept
+    assert all(0 <= i < 32 for i in plan.kept_layers())
+    if kept == 16:  # spread over the stack, not the first sixteen
+        assert plan.kept_layers() == list(range(1, 32, 2))
+        assert "16 of 32 layers keep their activations, the other 16 are recomputed" in plan.describe()
+
+
+def test_without_a_gpu_every_layer_keeps_its_activations():
+    plan = choose(2, 10**6, 0, None)
+    assert plan.kept == 2 and "no GPU" in plan.describe()
+
+
+def test_fallback_halves_then_recomputes_everything():
+    plan, seen = choose(32, GiB // 2, 8 * GiB, 139 * GiB), []
+    while plan is not None:
+        seen.append(plan.kept)
+        plan = fallback(plan)
+    assert seen == [32, 16, 8, 4, 2, 1, 0]
+
+
+class OutOfMemoryWhileKept(L.Callback):
+    """Raises CUDA's out-of-memory error from every decoder layer that runs in training
+    without recomputation (as a card too small for the plan would), or from every layer
+    when `always`."""
+
+    def __init__(self, always: bool = False) -> None:
+        self.always, self.raised = always, 0
+
+    def on_train_start(self, trainer, module):
+        from medqa.backends import decoder_and_head
+
+        def hook(layer, args):
+            if torch.is_grad_enabled() and (self.always or not layer.gradient_checkpointing):
+                self.raised += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+        for layer in decoder_and_head(module.model)[0].layers:
+            layer.register_forward_pre_hook(hook)
+
+
+def fit(tmp_path, checkpointing, callbacks=()):
+    from medqa.data import PubMedQADataModule
+
+    torch.manual_seed(0)
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+                       gradient_checkpointing=checkpointing)
+    data = PubMedQADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=data)
+    return module, trainer
+
+
+def test_out_of_memory_steps_down_and_trains_as_the_smaller_plan_would(medqa_cache, tmp_path, caplog):
+    oom = OutOfMemoryWhileKept()
+    module, trainer = fit(tmp_path, "auto", [oom])
+    assert trainer.global_step == 3 and oom.raised == 2  # the first batch twice (2 layers kept, then 1)
+    assert module.plan.kept == 0
+    assert "retrying the batch with every layer recomputed in backward" in caplog.text
+    recomputed, _ = fit(tmp_path, True)  # the plan it ended on, from the start
+    ours, theirs = module.state_dict(), recomputed.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours if ".lora_" in k)
+
+
+def test_out_of_memory_with_nothing_left_to_recompute_says_what_to_change(medqa_cache, tmp_path):
+    with pytest.raises(TrainingOutOfMemory, match=r"out of GPU memory at step 0 with every layer's activations "
+                                                  r"recomputed: lower --data.batch_size .* \(CUDA out of memory"):
+        fit(tmp_path, "auto", [OutOfMemoryWhileKept(always=True)])
+    with pytest.raises(TrainingOutOfMemory, match=r"with --model.gradient_checkpointing false: .* or pass "
+                                                  r"--model.gradient_checkpointing auto"):
+        fit(tmp_path, False, [OutOfMemoryWhileKept()])
+
+
+def test_auto_plan_is_chosen_for_the_longest_training_batch(medqa_cache, tmp_path, caplog):
+    module, _ = fit(tmp_path, "auto")
+    assert module.plan.kept == module.plan.layers  # no GPU: nothing to plan around
+    lengths = sorted((len(e.input_ids) for e in module.trainer.datamodule.examples["train"]), reverse=True)
+    assert module.longest_batch_tokens == 4 * lengths[0]
+    assert "Gradient checkpointing auto: no recomputation" in caplog.text
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or auto, got sometimes"):
+        MedQALoRA(gradient_checkpointing="sometimes")
+
+
+def test_kept_layers_run_once_and_recomputed_layers_twice(medqa_cache, tokenizer):
+    """The plan's flags really choose the layers: a recomputed layer's forward runs again in
+    backward, a kept one's does not."""
+    from medqa.backends import decoder_and_head, keep_activations
+    from medqa.data import PromptFormat, collate
+    from medqa.demo import synthetic_records
+
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+                       gradient_checkpointing=True)
+    module.configure_model()
+    layers = decoder_and_head(module.model)[0].layers
+    assert len(layers) >= 2
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    keep_activations(module.model, [1])
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    batch = collate([fmt.encode(r) for r in synthetic_records(2, seed=1)], tokenizer.pad_token_id)
+    module._loss(batch)[0].backward()
+    assert calls[1] == 1 and all(c == 2 for i, c in enumerate(calls) if i != 1)
