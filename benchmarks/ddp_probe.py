@@ -33,7 +33,6 @@ import os
 import time
 from datetime import date
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

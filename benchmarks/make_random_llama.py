@@ -40,8 +40,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medqa.data import read_file
-    from medqa.demo import train_tokenizer
+    from medqa.tasks.pubmedqa import read_file
+    from medqa.tiny import train_tokenizer
 
     t0 = time.perf_counter()
     texts = None

@@ -24,7 +24,7 @@ from medqa.prompts import LABELS
 
 def read_record(source: str) -> tuple[str, list[str], list[str] | None]:
     """(question, contexts, section labels) from a JSON record in a file or on stdin ('-')."""
-    from medqa.data import DataError, parse_json
+    from medqa.records import DataError, parse_json
 
     where = "standard input" if source == "-" else source
     text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from medqa.backends import load_tokenizer
     from medqa.checkpoints import load_checkpoint
     from medqa.cli import cli_for
-    from medqa.data import DataError, PromptFormat, collate, make_record
+    from medqa.data import PromptFormat, collate
+    from medqa.records import DataError
+    from medqa.tasks.pubmedqa import make_record
 
     if args.record is not None:
         question, contexts, labels = read_record(args.record)

@@ -38,7 +38,7 @@ class LoraSettings:
 
 def resolve_pretrained(pretrained: str) -> str:
     """A hub id or local directory as given; `builtin:tiny-llama` built on first use."""
-    from medqa.demo import TINY_LLAMA, tiny_llama
+    from medqa.tiny import TINY_LLAMA, tiny_llama
 
     if pretrained == TINY_LLAMA:
         return str(tiny_llama())

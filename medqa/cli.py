@@ -42,10 +42,11 @@ from medqa.checkpoints import (
     next_run_name,
     runs,
 )
-from medqa.data import DataError, PubMedQADataModule
+from medqa.data import PubMedQADataModule
 from medqa.memory import TrainingOutOfMemory
 from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError, lora_differences
 from medqa.predictions import PredictionWriter
+from medqa.records import DataError
 from medqa.speed import SpeedMonitor
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"

@@ -1,308 +1,29 @@
-"""PubMedQA data: readers for the hub and local files, the official split, tokenization
-with answer-only labels, per-batch padding and the `LightningDataModule`."""
+"""From records to batches: tokenization with answer-only labels, per-batch padding or
+packing, and the `LightningDataModule`. The records, their readers and the official split
+are the task's (`medqa.tasks.pubmedqa`); the orders are `medqa.samplers`'."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import random
 from array import array
 from functools import partial
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from medqa import prompts
 from medqa.prompts import LABELS, Target
+from medqa.records import DataError
+from medqa.samplers import LongestFirst, ResumableSampler
+from medqa.tasks.pubmedqa import HUB_DATASET, Record, label_counts, official_split, read_source
 
-HUB_DATASET = "qiaojin/PubMedQA"
-SYNTHETIC = "synthetic"
-"""`--data.source synthetic`: the embedded demo set (see `medqa.demo`)."""
 
-Split = Literal["train", "dev", "test"]
 PredictSplit = Literal["train", "dev", "test", "all"]
-
-
-class DataError(ValueError):
-    """Input that medqa cannot use, with where it came from and what was expected."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One PubMedQA question, whatever file or hub schema it came from."""
-
-    id: str
-    question: str
-    contexts: list[str]
-    context_labels: list[str]
-    long_answer: str
-    decision: str
-
-    @property
-    def label(self) -> int:
-        return LABELS.index(self.decision)
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def _field(raw: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in raw:
-        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(raw)})")
-    return raw[key]
-
-
-def _str_list(value: Any, key: str, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{where}: field {key!r} must be a list of strings, got {type(value).__name__}")
-    return value
-
-
-def _text(value: Any, key: str, where: str) -> str:
-    """A string that can be written as UTF-8 (JSON's \\ud800 escapes give lone surrogates,
-    which the tokenizer would fail on later, far from the record)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{where}: field {key!r} holds text that is not valid Unicode ({e.reason} at "
-                        f"character {e.start}, e.g. an unpaired \\ud800-\\udfff escape)") from None
-    return value
-
-
-def record_id(rid: Any, key: str, where: str) -> str:
-    """A question id: a non-empty string or an integer, as PubMedQA's PMIDs are."""
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
-        raise DataError(f"{where}: field {key!r} must be a non-empty string or an integer id, got {rid!r}")
-    return _text(str(rid), key, where)
-
-
-def make_record(
-    rid: Any,
-    question: Any,
-    contexts: Any,
-    context_labels: Any,
-    long_answer: Any,
-    decision: Any,
-    where: str,
-    names: tuple[str, str, str, str, str] = ("question", "contexts", "labels", "long_answer", "final_decision"),
-    id_name: str = "pubid",
-) -> Record:
-    """Check one record's fields and build it; `names` are the fields as the source spells them."""
-    q_name, c_name, l_name, a_name, d_name = names
-    rid = record_id(rid, id_name, where)
-    if not isinstance(question, str) or not question.strip():
-        raise DataError(f"{where}: field {q_name!r} must be a non-empty question, got {question!r}")
-    contexts = _str_list(contexts, c_name, where)
-    context_labels = _str_list(context_labels, l_name, where) if context_labels is not None else []
-    if context_labels and len(context_labels) != len(contexts):
-        raise DataError(
-            f"{where}: {len(contexts)} {c_name!r} but {len(context_labels)} section {l_name!r}; "
-            "expected one section name per context"
-        )
-    if not isinstance(long_answer, str):
-        raise DataError(f"{where}: field {a_name!r} must be a string, got {type(long_answer).__name__}")
-    if decision not in LABELS:
-        raise DataError(f"{where}: field {d_name!r} must be one of yes/no/maybe, got {decision!r}")
-    for value, key in [(question, q_name), (long_answer, a_name), *((c, c_name) for c in contexts),
-                       *((c, l_name) for c in context_labels)]:
-        _text(value, key, where)
-    return Record(rid, question.strip(), contexts, context_labels, long_answer, decision)
-
-
-def _from_original(pmid: str, raw: Any, where: str) -> Record:
-    """The PubMedQA repository's schema: `{PMID: {QUESTION, CONTEXTS, LABELS, ...}}`."""
-    if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected an object with QUESTION, CONTEXTS, ..., got {type(raw).__name__}")
-    return make_record(
-        pmid,
-        _field(raw, "QUESTION", where),
-        _field(raw, "CONTEXTS", where),
-        raw.get("LABELS"),
-        _field(raw, "LONG_ANSWER", where),
-        _field(raw, "final_decision", where),
-        where,
-        ("QUESTION", "CONTEXTS", "LABELS", "LONG_ANSWER", "final_decision"),
-        "PMID",
-    )
-
-
-def _from_hub(raw: Any, where: str) -> Record:
-    """The hub's schema: `{pubid, question, context: {contexts, labels}, long_answer, final_decision}`."""
-    if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected an object with pubid, question, context, ..., got {type(raw).__name__}")
-    context = _field(raw, "context", where)
-    if not isinstance(context, dict):
-        raise DataError(f"{where}: field 'context' must be an object with 'contexts' and 'labels', got {type(context).__name__}")
-    return make_record(
-        _field(raw, "pubid", where),
-        _field(raw, "question", where),
-        _field(context, "contexts", f"{where}, field 'context'"),
-        context.get("labels"),
-        _field(raw, "long_answer", where),
-        _field(raw, "final_decision", where),
-        where,
-        ("question", "context.contexts", "context.labels", "long_answer", "final_decision"),
-    )
-
-
-def _check_unique(records: list[Record], origin: str) -> list[Record]:
-    seen: set[str] = set()
-    for i, r in enumerate(records):
-        if r.id in seen:
-            raise DataError(f"{origin}: record {i}: id {r.id!r} appears more than once; ids must be unique")
-        seen.add(r.id)
-    return records
-
-
-def _unique_keys(where: str, error: type[ValueError] = DataError):
-    """A json object hook that refuses repeated keys, which json.loads would silently keep
-    only the last of."""
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in obj:
-                raise error(f"{where}: key {key!r} appears more than once in one object; keys (ids, fields) "
-                            "must be unique")
-            obj[key] = value
-        return obj
-
-    return hook
-
-
-def parse_json(text: str, where: str, error: type[ValueError] = DataError) -> Any:
-    """`json.loads` refusing repeated keys and saying where a file is not JSON or is nested
-    deeper than the parser allows."""
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys(where, error))
-    except json.JSONDecodeError as e:
-        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except RecursionError:
-        raise error(f"{where}: nested too deeply to read (thousands of levels of [ or {{); not a PubMedQA file") from None
-
-
-def read_file(path: str | Path) -> list[Record]:
-    """Read PubMedQA records from a local file, in file order.
-
-    Accepted: the original `ori_pqal.json` / `ori_pqaa.json` (one object keyed by PMID),
-    a JSON list of records in the hub's schema, or JSON Lines in the hub's schema.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected ori_pqal.json, a hub-schema .json or .jsonl)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-
-    if path.suffix == ".jsonl":
-        records = []
-        # JSON Lines ends records at "\n" only (splitlines would also cut at U+0085, U+2028...).
-        for n, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            raw = parse_json(line, f"{path}: line {n}")
-            records.append(_from_hub(raw, f"{path}: line {n}"))
-        return _check_unique(records, str(path))
-
-    data = parse_json(text, str(path))
-    if isinstance(data, dict):
-        # The official split needs file order, which dicts keep.
-        return [_from_original(pmid, raw, f"{path}: record {pmid!r}") for pmid, raw in data.items()]
-    if isinstance(data, list):
-        records = [_from_hub(raw, f"{path}: record {i}") for i, raw in enumerate(data)]
-        return _check_unique(records, str(path))
-    raise DataError(
-        f"{path}: top level is a {type(data).__name__}; expected an object keyed by PMID "
-        "(ori_pqal.json) or a list of hub-schema records"
-    )
-
-
-def read_hub(dataset_id: str, config: str) -> list[Record]:
-    """Read a PubMedQA configuration from the Hugging Face hub (or its local cache)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset_id, config, split="train")
-    except Exception as e:  # datasets raises many types for "not reachable / not cached"
-        raise DataError(
-            f"hub dataset {dataset_id!r} (config {config!r}) could not be loaded: {type(e).__name__}: {e}\n"
-            "Without network access, download the files once and point --data.source at a local copy "
-            "(ori_pqal.json from the PubMedQA repository, or a .json/.jsonl in the hub's schema), "
-            "or set HF_HUB_OFFLINE=1 to use a dataset already in the Hugging Face cache."
-        ) from None
-    records = [_from_hub(dict(row), f"hub {dataset_id}/{config}: row {i}") for i, row in enumerate(ds)]
-    return _check_unique(records, f"hub {dataset_id}/{config}")
-
-
-def read_source(source: str, hub_config: str) -> list[Record]:
-    """Records from `source`: 'synthetic', a local file, or a hub dataset id."""
-    if source == SYNTHETIC:
-        from medqa.demo import synthetic_records
-
-        return synthetic_records()
-    path = Path(source).expanduser()
-    if path.exists() or path.suffix in (".json", ".jsonl") or source.startswith((".", "/", "~")):
-        return read_file(path)
-    return read_hub(source, hub_config)
-
-
-# ------------------------------------------------------------------ the official split
-
-
-def _split_label(pmids: list[str], fold: int, rng: random.Random) -> list[list[str]]:
-    rng.shuffle(pmids)
-    size = math.ceil(len(pmids) / fold)
-    return [pmids[i * size : (i + 1) * size] if i < fold - 1 else pmids[i * size :] for i in range(fold)]
-
-
-def _split(decisions: dict[str, str], fold: int, rng: random.Random) -> list[dict[str, str]]:
-    """The PubMedQA authors' stratified split (their `preprocess/split_dataset.py`)."""
-    by_label: dict[str, list[str]] = {label: [] for label in LABELS}
-    for pmid, decision in decisions.items():
-        by_label[decision].append(pmid)
-    chunks = {label: _split_label(pmids, fold, rng) for label, pmids in by_label.items()}
-    subsets = [
-        {pmid: decisions[pmid] for label in LABELS for pmid in chunks[label][i]} for i in range(fold)
-    ]
-    if len(subsets[-1]) != len(subsets[0]):
-        if not all(subsets[:-1]):
-            raise DataError(f"{len(decisions)} records are too few for PubMedQA's {fold}-way split (PQA-L has 1,000)")
-        for subset in subsets[:-1]:
-            picked = rng.choice(list(subset))
-            subsets[-1][picked] = subset.pop(picked)
-    return subsets
-
-
-def official_split(records: Sequence[Record], fold: int = 0) -> dict[Split, list[Record]]:
-    """PQA-L's official split: 500 test questions; the rest in 10 folds, `fold` the dev set.
-
-    Follows the procedure in the PubMedQA repository: it depends on the records' order,
-    which must be the order of `ori_pqal.json`.
-    """
-    if not 0 <= fold < 10:
-        raise DataError(f"--data.fold must be in 0..9, got {fold}")
-    rng = random.Random(0)
-    cv_pool, test = _split({r.id: r.decision for r in records}, 2, rng)
-    folds = _split(cv_pool, 10, rng)
-    by_id = {r.id: r for r in records}
-    dev_ids = set(folds[fold])
-    return {
-        "train": [by_id[i] for i in cv_pool if i not in dev_ids],
-        "dev": [by_id[i] for i in folds[fold]],
-        "test": [by_id[i] for i in test],
-    }
 
 
 # ---------------------------------------------------------------------- tokenization
@@ -466,113 +187,6 @@ def pack_examples(examples: Sequence[Example]) -> dict[str, Any]:
     }
 
 
-def bucketed_order(order: list[int], lengths: Sequence[int], batch_size: int, bucket_batches: int,
-                   generator: torch.Generator) -> list[int]:
-    """Length-aware batches: `order` cut into runs of `bucket_batches` batches, each run
-    sorted by length and cut into batches, then all batches shuffled. Batches hold examples
-    of similar length (little padding) and still come in random order. A short last batch
-    stays last, so the DataLoader's batches are exactly these."""
-    run = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(order), run):
-        chunk = sorted(order[start : start + run], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    last = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
-    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    return [i for batch in shuffled + last for i in batch]
-
-
-class ResumableSampler(DistributedSampler):
-    """A shuffle whose order is a function of (seed, epoch) alone, so a run resumed
-    mid-epoch sees the rest of that epoch in the order a run never stopped would.
-
-    Lightning calls `set_epoch` at each epoch start. The first `skip` examples of the
-    epoch's order are left out of the next iteration only (set when resuming). With
-    `lengths` and `bucket_batches`, the order is length-bucketed (`bucketed_order`), still a
-    function of (seed, epoch).
-
-    Across `num_replicas` processes (DDP), each step takes the next `batch_size *
-    num_replicas` examples of the one order and gives each process its `batch_size`, so
-    the processes of a step get examples of similar length. The order is padded with its
-    first examples to a multiple of `num_replicas`, so every process runs the same number
-    of steps. It is a `DistributedSampler`, so Lightning uses it as it is.
-
-    No batch holds a single example unless `batch_size` is 1: where the epoch's last step
-    would give each process one example, each gets one more from the start of the epoch's
-    order. A batch of one makes torch.compile specialise on size 1 and compile Unsloth's
-    kernels again; on 2 x H200 that one step took 19.6 s, the other steps 0.38 s (PQA-L's
-    450 training questions, batch 8 on each of 2 or 4 GPUs, end every epoch that way).
-    """
-
-    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1,
-                 bucket_batches: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.size, self.seed = size, seed
-        self.lengths, self.batch_size, self.bucket_batches = lengths, batch_size, bucket_batches
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.skip = epoch, 0
-
-    def _padding(self) -> int:
-        """Examples repeated at the end of each epoch: to a multiple of the processes, and one
-        more each where the last batch would hold one example."""
-        pad = -self.size % self.num_replicas  # every process the same number of steps
-        if self.batch_size > 1 and (self.size + pad) % (self.batch_size * self.num_replicas) == self.num_replicas:
-            pad += self.num_replicas
-        return pad
-
-    def __len__(self) -> int:
-        return (self.size + self._padding()) // self.num_replicas
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        step = self.batch_size * self.num_replicas
-        if self.bucket_batches > 0 and self.lengths is not None:
-            order = bucketed_order(order, self.lengths, step, self.bucket_batches, generator)
-        order += [order[i % len(order)] for i in range(self._padding())] if order else []
-        start, self.skip = self.skip, 0  # the padding comes from the whole epoch, resumed or not
-        order = order[start:]
-        if self.num_replicas == 1:
-            return iter(order)
-        mine = []
-        for s in range(0, len(order), step):
-            chunk = order[s : s + step]
-            share = len(chunk) // self.num_replicas
-            mine += chunk[self.rank * share : (self.rank + 1) * share]
-        return iter(mine)
-
-
-class LongestFirst(DistributedSampler):
-    """Evaluation order: longest examples first. Each batch then holds examples of similar
-    length (little padding), and the largest batch runs first, so a batch that does not fit
-    in memory fails at once. Scores do not depend on the order; `predict` writes its files
-    back in the data's order.
-
-    Across `num_replicas` processes, batch k goes to process k mod `num_replicas` (question k
-    when there are fewer batches than processes), and no question is repeated to even out
-    the processes' shares (Lightning's default sampler would repeat some, which would count
-    them twice in the metrics).
-    """
-
-    def __init__(self, examples: Sequence[Example], batch_size: int = 1, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(examples, num_replicas=num_replicas, rank=rank, shuffle=False)
-        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if len(batches) >= num_replicas:
-            self.order = [i for batch in batches[rank::num_replicas] for i in batch]
-        else:  # fewer batches than processes: share the questions one by one
-            self.order = order[rank::num_replicas]
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self):
-        return iter(self.order)
-
-
 # ------------------------------------------------------------------------ DataModule
 
 
@@ -727,7 +341,7 @@ class PubMedQADataModule(L.LightningDataModule):
         return DataLoader(
             examples,
             batch_size=batch_size,
-            sampler=sampler or LongestFirst(examples, batch_size, world, rank),
+            sampler=sampler or LongestFirst([len(e.input_ids) for e in examples], batch_size, world, rank),
             collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train"),
             num_workers=self.num_workers,
         )
@@ -836,6 +450,3 @@ class PubMedQADataModule(L.LightningDataModule):
         )
 
 
-def label_counts(records: Iterable[Record]) -> dict[str, int]:
-    """How many records carry each decision."""
-    return {w: sum(r.decision == w for r in records) for w in LABELS}

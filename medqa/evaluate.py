@@ -15,7 +15,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medqa.data import HUB_DATASET, DataError, official_split, parse_json, read_source
+from medqa.records import DataError, parse_json
+from medqa.tasks.pubmedqa import HUB_DATASET, official_split, read_source
 from medqa.prompts import LABELS
 
 

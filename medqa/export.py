@@ -45,7 +45,8 @@ def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str) -> dict[str, Any]:
     """Everything needed to ask the exported model a question the way medqa did."""
-    from medqa.data import PromptFormat, Record
+    from medqa.data import PromptFormat
+    from medqa.tasks.pubmedqa import Record
 
     data = checkpoint.get("datamodule_hyper_parameters", {})
     target, max_length = data.get("target", "decision"), data.get("max_length", 1024)

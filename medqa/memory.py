@@ -23,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from medqa.backends import decoder_and_head
+
 GiB = 2**30
 MARGIN_BYTES = 2 * GiB  # allocator fragmentation, CUDA workspaces, the loss and head at a few positions
 MARGIN_FRACTION = 0.10
@@ -103,3 +107,24 @@ def fallback(plan: Plan) -> Plan | None:
     if plan.kept == 0:
         return None
     return Plan(plan.layers, plan.kept // 2, plan.per_layer_bytes, plan.base_bytes, plan.free_bytes)
+
+
+def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int) -> Plan:
+    """The plan for this process's card and the longest training batch, for a loaded PEFT
+    model (every layer checkpointed so far)."""
+    decoder, _ = decoder_and_head(model)
+    layers, config = len(decoder.layers), model.get_base_model().config
+    cuda = torch.cuda.is_available()
+    dtype_bytes = 2 if cuda and dtype in ("bfloat16", "float16") else 4
+    per_layer = activation_bytes_per_token(config, dtype_bytes) * longest_batch_tokens
+    if not cuda:
+        return choose(layers, per_layer, 0, None)
+    device = torch.cuda.current_device()
+    free, _ = torch.cuda.mem_get_info(device)
+    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # Checkpointed layers keep their inputs: on the card with transformers, in CPU memory
+    # with Unsloth's offloaded variant.
+    inputs = 0 if backend == "unsloth" else layers * longest_batch_tokens * config.hidden_size * dtype_bytes
+    # In use after loading, LoRA gradients and AdamW's two moments, one recomputed layer, the inputs.
+    base = torch.cuda.memory_allocated(device) + 3 * lora + per_layer + inputs
+    return choose(layers, per_layer, base, free + torch.cuda.memory_reserved(device))

@@ -26,7 +26,7 @@ from medqa.backends import (
     load_unsloth,
     resolve_backend,
 )
-from medqa.memory import Plan, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback
+from medqa.memory import Plan, TrainingOutOfMemory, fallback, plan_for
 from medqa.metrics import (
     answer_loss,
     calibration_error,
@@ -208,27 +208,7 @@ class MedQALoRA(L.LightningModule):
             f"{trainable:,} trainable of {total:,} parameters."
         )
         if self.gradient_checkpointing == "auto" and self._trainer is not None and self.trainer.state.fn == "fit":
-            self._use_plan(self._memory_plan())
-
-    def _memory_plan(self) -> Plan:
-        """The `auto` plan for this card and the longest training batch (`medqa.memory`)."""
-        decoder, _ = decoder_and_head(self.model)
-        config = self.model.get_base_model().config
-        cuda = torch.cuda.is_available()
-        dtype_bytes = 2 if cuda and self.dtype_name in ("bfloat16", "float16") else 4
-        per_layer = activation_bytes_per_token(config, dtype_bytes) * self.longest_batch_tokens
-        if not cuda:
-            return choose(len(decoder.layers), per_layer, 0, None)
-        device = torch.cuda.current_device()
-        free, _ = torch.cuda.mem_get_info(device)
-        lora = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        # Checkpointed layers keep their inputs: on the card with transformers, in CPU memory
-        # with Unsloth's offloaded variant.
-        inputs = 0 if self.resolved_backend == "unsloth" else (
-            len(decoder.layers) * self.longest_batch_tokens * config.hidden_size * dtype_bytes)
-        # LoRA gradients and AdamW's two moments, one recomputed layer at a time, the inputs.
-        base = torch.cuda.memory_allocated(device) + 3 * lora + per_layer + inputs
-        return choose(len(decoder.layers), per_layer, base, free + torch.cuda.memory_reserved(device))
+            self._use_plan(plan_for(self.model, self.resolved_backend, self.dtype_name, self.longest_batch_tokens))
 
     def _use_plan(self, plan: Plan) -> None:
         keep_activations(self.model, plan.kept_layers())

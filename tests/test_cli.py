@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medqa.backends import BackendError
 from medqa.cli import main
-from medqa.data import official_split
-from medqa.demo import synthetic_records
+from medqa.tasks.pubmedqa import official_split
+from medqa.tasks.pubmedqa import synthetic_records
 from medqa.model import CheckpointMismatch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medqa.data import DataError, PromptFormat, Record, collate, read_file
+from medqa.data import PromptFormat, collate
+from medqa.records import DataError
+from medqa.tasks.pubmedqa import Record, read_file
 from medqa.prompts import LABELS
 
 # Unicode of every kind, odd whitespace included, but no lone surrogates (not valid UTF-8).

@@ -113,7 +113,7 @@ def test_kept_layers_run_once_and_recomputed_layers_twice(medqa_cache, tokenizer
     backward, a kept one's does not."""
     from medqa.backends import decoder_and_head, keep_activations
     from medqa.data import PromptFormat, collate
-    from medqa.demo import synthetic_records
+    from medqa.tasks.pubmedqa import synthetic_records
 
     module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
                        gradient_checkpointing=True)

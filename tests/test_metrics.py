@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medqa.data import PromptFormat, collate
-from medqa.demo import synthetic_records
+from medqa.tasks.pubmedqa import synthetic_records
 from medqa.metrics import answer_loss, classification_metrics, label_log_probs
 
 

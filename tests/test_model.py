@@ -131,7 +131,7 @@ def test_nonfinite_loss_can_skip_the_batch(medqa_cache, tmp_path):
 def test_a_padded_batch_scores_each_question_as_if_alone(medqa_cache, tokenizer):
     """Attention runs without the padding mask: right padding is invisible to real tokens."""
     from medqa.data import PromptFormat, collate
-    from medqa.demo import synthetic_records
+    from medqa.tasks.pubmedqa import synthetic_records
 
     module = tiny_module().eval()
     fmt = PromptFormat(tokenizer, "decision", 512)
@@ -151,7 +151,7 @@ def test_a_padded_batch_scores_each_question_as_if_alone(medqa_cache, tokenizer)
 def test_an_untrained_adapter_scores_like_the_base_model(medqa_cache, tokenizer):
     """Zero-shot: validate / test without a checkpoint score the base model itself."""
     from medqa.data import PromptFormat, collate
-    from medqa.demo import synthetic_records
+    from medqa.tasks.pubmedqa import synthetic_records
 
     module = tiny_module().eval()
     fmt = PromptFormat(tokenizer, "decision", 512)
@@ -166,7 +166,7 @@ def test_an_untrained_adapter_scores_like_the_base_model(medqa_cache, tokenizer)
 @torch.no_grad()
 def test_packed_batch_gives_the_padded_batch_loss(medqa_cache, tokenizer):
     from medqa.data import PromptFormat, collate
-    from medqa.demo import synthetic_records
+    from medqa.tasks.pubmedqa import synthetic_records
 
     module = tiny_module().eval()
     fmt = PromptFormat(tokenizer, "decision", 512)

@@ -96,8 +96,8 @@ def test_runs_scores_best_across_runs_summary_and_ask(tmp_path):
 
 
 def test_ask_gives_predicts_probabilities_for_the_same_question(tmp_path):
-    from medqa.data import official_split
-    from medqa.demo import synthetic_records
+    from medqa.tasks.pubmedqa import official_split
+    from medqa.tasks.pubmedqa import synthetic_records
 
     fitted = medqa("fit", "--config", DEMO, *SHORT, logs=tmp_path)
     assert fitted.returncode == 0, fitted.stderr[-3000:]

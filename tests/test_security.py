@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medqa.checkpoints import CheckpointError, adapter_dir, adapter_matches
 from medqa.cli import main
-from medqa.data import DataError
+from medqa.records import DataError
 from medqa.model import CheckpointMismatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,8 +242,8 @@ def test_lora_targets_in_another_order_are_the_same_targets(trained, tmp_path):
 
 
 def test_fooling_files_are_refused_in_one_line_by_the_commands(tmp_path):
-    from medqa.data import official_split
-    from medqa.demo import synthetic_records
+    from medqa.tasks.pubmedqa import official_split
+    from medqa.tasks.pubmedqa import synthetic_records
 
     truth = {r.id: r.decision for r in official_split(synthetic_records())["test"]}
     first = next(iter(truth))

@@ -1,20 +1,19 @@
-"""The embedded default: a synthetic PubMedQA-shaped set, a tokenizer trained on it and
-a tiny random Llama, all made here, so the whole pipeline runs offline on a CPU.
-
-`--data.source synthetic` reads `synthetic_records()`; `--model.pretrained
-builtin:tiny-llama` is built once by `tiny_llama()` into the medqa cache directory and then
-loaded like any local model directory.
+"""The embedded default model: a tokenizer trained in-process on the synthetic set and
+medqa's prompt text, and a tiny random Llama, made here, so the whole pipeline runs offline
+on a CPU. `--model.pretrained builtin:tiny-llama` is built once by `tiny_llama()` into the
+medqa cache directory and then loaded like any local model directory. The synthetic records
+(`--data.source synthetic`) are the task's: `medqa.tasks.pubmedqa.synthetic_records`.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 from medqa.prompts import LABELS
+from medqa.tasks.pubmedqa import synthetic_records
 
 TINY_LLAMA = "builtin:tiny-llama"
 _VERSION = 2  # bump when the recipe below changes, so old caches are not reused
@@ -30,57 +29,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-_DRUGS = ["metformin", "aspirin", "statin therapy", "vitamin D", "early mobilisation", "laparoscopy",
-          "beta blockers", "home visits", "acupuncture", "omega-3 supplements", "antibiotic prophylaxis",
-          "cognitive therapy", "tranexamic acid", "low-dose steroids", "telemonitoring"]
-_OUTCOMES = ["mortality", "length of stay", "pain scores", "readmission", "wound infection",
-             "blood pressure", "quality of life", "recurrence", "functional recovery", "glucose control"]
-_GROUPS = ["elderly patients", "children", "pregnant women", "patients with diabetes",
-           "smokers", "patients after surgery", "outpatients", "patients with heart failure"]
 # The finding that decides the answer: the demo's answers can be read from the context.
-_FINDINGS = {
-    "yes": ["better", "improved", "superior"],
-    "no": ["unchanged", "worse", "similar"],
-    "maybe": ["inconclusive", "mixed", "uncertain"],
-}
-_CONCLUSIONS = {
-    "yes": "{drug} improves {outcome} in {group}.",
-    "no": "{drug} does not improve {outcome} in {group}.",
-    "maybe": "The effect of {drug} on {outcome} in {group} remains uncertain.",
-}
-
-
-def synthetic_records(n: int = 1000, seed: int = 0):
-    """`n` PubMedQA-shaped records, yes 45%, no 35%, maybe 20% (PQA-L has 55/34/11; more maybes let a tiny model learn them).
-
-    Each abstract states its finding in the RESULTS section, so a model that reads the
-    context can answer; the size matches PQA-L so the official split gives 500/450/50.
-    """
-    from medqa.data import Record
-
-    rng = random.Random(seed)
-    records = []
-    for i in range(n):
-        decision = rng.choices(LABELS, weights=(45, 35, 20))[0]
-        drug, outcome, group = rng.choice(_DRUGS), rng.choice(_OUTCOMES), rng.choice(_GROUPS)
-        size = rng.randint(40, 900)
-        contexts = [
-            f"The effect of {drug} on {outcome} in {group} is debated.",
-            f"We studied {size} {group} in a randomised trial of {drug}.",
-            f"Compared with usual care, {outcome} was {rng.choice(_FINDINGS[decision])} with {drug}.",
-            f"Overall, the effect on {outcome} was {rng.choice(_FINDINGS[decision])}.",
-        ]
-        records.append(
-            Record(
-                id=str(10_000_000 + i),
-                question=f"Does {drug} improve {outcome} in {group}?",
-                contexts=contexts,
-                context_labels=["BACKGROUND", "METHODS", "RESULTS", "RESULTS"],
-                long_answer=_CONCLUSIONS[decision].format(drug=drug, outcome=outcome, group=group).capitalize(),
-                decision=decision,
-            )
-        )
-    return records
 
 
 def cache_dir() -> Path:

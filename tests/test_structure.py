@@ -1,0 +1,39 @@
+"""The package's shape: modules import each other one way only."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "medqa"
+
+
+def imports() -> dict[str, set[str]]:
+    """medqa module -> the medqa modules it imports, at the top or inside functions."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "medqa":
+                found |= {f"medqa.{a.name}" for a in node.names} if node.module == "medqa" else {node.module}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.split(".")[0] == "medqa"}
+        graph[module] = found - {module}
+    return graph
+
+
+def test_no_import_cycle():
+    graph = imports()
+    assert {"medqa.data", "medqa.model", "medqa.tasks.pubmedqa", "medqa.tiny"} <= graph.keys()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done or module not in graph:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, path + [module])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
