@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise DataError("ask scores the decision from the abstract alone: use --data.target decision "
                         "(long_answer is PubMedQA's reasoning-free setting, which needs the gold long answer)")
     tokenizer = load_tokenizer(model.pretrained, model.trust_remote_code)
-    fmt = PromptFormat(tokenizer, data.target, data.max_length)
+    fmt = PromptFormat(tokenizer, data.target, data.max_length, data.prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.configure_model()
     model.label_ids, model.pad_id = fmt.label_token_ids(), pad_id
     model.rationale_tokens, model.rationale_suffix = args.rationale_tokens, fmt.rationale_suffix_ids()
     if ckpt_path is not None:
         checkpoint = load_checkpoint(Path(ckpt_path), cli.config.predict.weights_only)
+        state = checkpoint.get(type(data).__qualname__)
+        data.check_prompt(state.get("prompt") if isinstance(state, dict) else None)
         model.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
         model.load_state_dict(checkpoint["state_dict"], strict=False)
     device = next(model.model.parameters()).device

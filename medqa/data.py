@@ -49,6 +49,7 @@ class PromptFormat:
     tokenizer: Any
     target: Target = "decision"
     max_length: int = 1024
+    settings: prompts.PromptSettings = field(default_factory=prompts.PromptSettings)
     chat: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,11 +83,11 @@ class PromptFormat:
     def _prompt_parts(self, question: str) -> tuple[str, str]:
         if self.chat:
             text = self.tokenizer.apply_chat_template(
-                prompts.chat_messages(question), tokenize=False, add_generation_prompt=True
+                prompts.chat_messages(question, self.settings), tokenize=False, add_generation_prompt=True
             )
         else:
             bos = self.tokenizer.bos_token or ""
-            text = bos + prompts.plain_prompt(question)
+            text = bos + prompts.plain_prompt(question, self.settings)
         prefix, suffix = text.split(prompts.CONTEXT_PLACEHOLDER, 1)  # the abstract comes first
         return prefix, suffix
 
@@ -204,6 +205,9 @@ class PubMedQADataModule(L.LightningDataModule):
         fold: Which of the 10 official cross-validation folds is the dev set (0-9).
         target: What the model learns to write: the decision word alone, or the long
             answer followed by the decision.
+        system_prompt: The system turn (or the plain prompt's first paragraph). Saved with
+            every checkpoint; a checkpoint trained under another is refused.
+        instruction: The line after the question that asks for the answer. Saved likewise.
         pretrained: Tokenizer to use; linked to `model.pretrained`, not set here.
         max_length: Longest example in tokens; longer abstracts are cut. Also the model's.
         batch_size: Examples per training batch.
@@ -229,6 +233,8 @@ class PubMedQADataModule(L.LightningDataModule):
         train_hub_config: str = "pqa_artificial",
         fold: int = 0,
         target: Target = "decision",
+        system_prompt: str = prompts.SYSTEM_PROMPT,
+        instruction: str = prompts.INSTRUCTION,
         pretrained: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
         max_length: int = 1024,
         batch_size: int = 4,
@@ -247,6 +253,10 @@ class PubMedQADataModule(L.LightningDataModule):
                                    ("max_length", max_length, 32), ("num_workers", num_workers, 0)):
             if value < least:
                 raise DataError(f"--data.{name} must be {least} or more, got {value}")
+        for name, text in (("system_prompt", system_prompt), ("instruction", instruction)):
+            if prompts.CONTEXT_PLACEHOLDER in text:
+                raise DataError(f"--data.{name} contains medqa's internal context marker; remove it")
+        self.prompt = prompts.PromptSettings(system_prompt, instruction)
         self.save_hyperparameters()
         self.source, self.hub_config = source, hub_config
         self.train_source, self.train_hub_config = train_source, train_hub_config
@@ -267,7 +277,7 @@ class PubMedQADataModule(L.LightningDataModule):
         if self.format is None:
             from medqa.backends import load_tokenizer
 
-            self.format = PromptFormat(load_tokenizer(self.pretrained), self.target, self.max_length)
+            self.format = PromptFormat(load_tokenizer(self.pretrained), self.target, self.max_length, self.prompt)
         if self.examples:
             return
         records = read_source(self.source, self.hub_config)
@@ -394,7 +404,7 @@ class PubMedQADataModule(L.LightningDataModule):
         return self._identity
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"target": self.target, "max_length": self.max_length}
+        state: dict[str, Any] = {"target": self.target, "max_length": self.max_length, "prompt": self.prompt.as_dict()}
         if self.examples:
             state["identity"] = self.identity()
         if self.train_sampler is not None and self.trainer is not None and self.trainer.state.fn == "fit":
@@ -413,6 +423,7 @@ class PubMedQADataModule(L.LightningDataModule):
                 f"the checkpoint was trained with --data.target {state['target']!r}, this run uses "
                 f"{self.target!r}; pass --data.target {state['target']} so the prompt matches"
             )
+        self.check_prompt(state.get("prompt"))
         position = state.get("train_position")
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"
         if fitting and "identity" in state and "train" in self.examples:
@@ -431,6 +442,20 @@ class PubMedQADataModule(L.LightningDataModule):
             done = position["batches"] * self.batch_size * position.get("processes", 1)
             sampler.epoch, sampler.skip = position["epoch"], done
             self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
+
+    def check_prompt(self, saved: Any) -> None:
+        """Refuse a checkpoint trained under other prompt settings than this run's, naming
+        each difference. A checkpoint from before medqa saved them is taken as is."""
+        if saved is None:
+            return
+        if not isinstance(saved, dict):
+            raise DataError(f"the checkpoint's saved prompt settings are a {type(saved).__name__}, not a mapping")
+        differs = prompts.prompt_differences(saved, self.prompt.as_dict())
+        if differs:
+            raise DataError(
+                "the checkpoint was trained with other prompt settings (" + "; ".join(differs) + "); pass the "
+                "checkpoint's as --data.system_prompt / --data.instruction, or train under the new prompt"
+            )
 
     def _check_identity(self, theirs: dict[str, Any]) -> None:
         """Refuse to resume a fit on other data, naming what differs."""

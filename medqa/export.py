@@ -43,6 +43,20 @@ def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     return settings
 
 
+def saved_prompt(checkpoint: dict[str, Any]) -> tuple[prompts.PromptSettings, bool]:
+    """The prompt settings the checkpoint was trained with (type-checked), and whether it
+    saved them; today's built-in settings for a checkpoint from before they were saved."""
+    state = checkpoint.get("PubMedQADataModule")
+    saved = state.get("prompt") if isinstance(state, dict) else None
+    if saved is None:
+        return prompts.PromptSettings(), False
+    system, instruction, labels = (saved.get(k) if isinstance(saved, dict) else None for k in ("system", "instruction", "labels"))
+    if not (isinstance(system, str) and isinstance(instruction, str) and isinstance(labels, list)
+            and labels and all(isinstance(w, str) for w in labels)):
+        raise CheckpointError("the checkpoint's saved prompt settings are not text (system, instruction, labels)")
+    return prompts.PromptSettings(system, instruction, tuple(labels)), True
+
+
 def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str) -> dict[str, Any]:
     """Everything needed to ask the exported model a question the way medqa did."""
     from medqa.data import PromptFormat
@@ -53,16 +67,20 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str)
     if target not in ("decision", "long_answer") or isinstance(max_length, bool) or not isinstance(max_length, int):
         raise CheckpointError(f"saved data settings target={target!r}, max_length={max_length!r} are not "
                               "'decision' / 'long_answer' and a whole number")
-    fmt = PromptFormat(tokenizer, target, max_length)
+    settings, saved = saved_prompt(checkpoint)
+    if not saved:
+        print("Note: this checkpoint predates saved prompt settings; medqa_prompt.json shows today's built-in prompt")
+    fmt = PromptFormat(tokenizer, target, max_length, settings)
     example = fmt.encode(Record("0", "QUESTION?", ["ABSTRACT"], ["RESULTS"], "LONG ANSWER.", "yes"))
     return {
         "base_model": base_model,
         "target": fmt.target,
         "max_length": fmt.max_length,
         "chat_template": fmt.chat,
-        "system_prompt": prompts.SYSTEM_PROMPT,
-        "instruction": prompts.INSTRUCTION,
-        "labels": list(prompts.LABELS),
+        "system_prompt": settings.system,
+        "instruction": settings.instruction,
+        "labels": list(settings.labels),
+        "prompt_saved_in_checkpoint": saved,
         "label_token_ids": fmt.label_token_ids(),
         "scoring": "softmax over the label words' log-probabilities at the answer position "
                    "(a word of several tokens scores the sum of its tokens')",

@@ -5,7 +5,9 @@ Pure text, no torch and no tokenizer calls: `data.py` turns these strings into t
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 LABELS: tuple[str, ...] = ("yes", "no", "maybe")
 """The PubMedQA decisions, in the order used for class indices everywhere in medqa."""
@@ -28,6 +30,31 @@ DECISION_LEAD = "Answer:"
 """Precedes the decision word when the long answer comes first (target `long_answer`)."""
 
 
+@dataclass(frozen=True)
+class PromptSettings:
+    """The prompt text a model is trained and asked with. Saved with every checkpoint: a
+    model fine-tuned under one prompt is not the same model under another, so a run with a
+    different prompt refuses the checkpoint, and `export` writes the checkpoint's."""
+
+    system: str = SYSTEM_PROMPT
+    instruction: str = INSTRUCTION
+    labels: tuple[str, ...] = LABELS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "instruction": self.instruction, "labels": list(self.labels)}
+
+
+def prompt_differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    """What differs between a checkpoint's saved prompt settings and this run's, one entry a
+    setting, quoting both (shortened)."""
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return [f"{key}: checkpoint {short(saved.get(key))}, this run {short(ours[key])}"
+            for key in ours if saved.get(key) != ours[key]]
+
+
 def format_contexts(contexts: list[str], section_labels: list[str]) -> str:
     """The abstract's sections, one paragraph each, led by their section names."""
     parts = []
@@ -37,22 +64,22 @@ def format_contexts(contexts: list[str], section_labels: list[str]) -> str:
     return "\n".join(parts)
 
 
-def user_turn(question: str, context_text: str) -> str:
+def user_turn(question: str, context_text: str, settings: PromptSettings = PromptSettings()) -> str:
     """The user's message: the abstract, then the question, then the instruction."""
-    return f"Abstract:\n{context_text}\n\nQuestion: {question}\n{INSTRUCTION}"
+    return f"Abstract:\n{context_text}\n\nQuestion: {question}\n{settings.instruction}"
 
 
-def chat_messages(question: str) -> list[dict[str, str]]:
+def chat_messages(question: str, settings: PromptSettings = PromptSettings()) -> list[dict[str, str]]:
     """System and user turns for a chat template, the abstract left as a placeholder."""
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user_turn(question, CONTEXT_PLACEHOLDER)},
+        {"role": "system", "content": settings.system},
+        {"role": "user", "content": user_turn(question, CONTEXT_PLACEHOLDER, settings)},
     ]
 
 
-def plain_prompt(question: str) -> str:
+def plain_prompt(question: str, settings: PromptSettings = PromptSettings()) -> str:
     """Prompt for tokenizers without a chat template, the abstract left as a placeholder."""
-    return f"{SYSTEM_PROMPT}\n\n{user_turn(question, CONTEXT_PLACEHOLDER)}\nAnswer:"
+    return f"{settings.system}\n\n{user_turn(question, CONTEXT_PLACEHOLDER, settings)}\nAnswer:"
 
 
 def answer_head(long_answer: str, target: Target, chat: bool) -> str:

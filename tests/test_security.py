@@ -208,6 +208,37 @@ def test_export_leaves_the_users_neighbouring_folders_alone(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp"]
 
 
+# ------------------------------------------------------------------ the prompt travels with the checkpoint
+
+
+def test_a_checkpoint_trained_under_another_prompt_is_refused(trained, tmp_path):
+    _, last = trained
+    done = run_cli("test", "--ckpt_path", str(last), "--data.system_prompt", "You are a terse assistant.", logs=tmp_path)
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("medqa test: error: the checkpoint was trained with other prompt settings (system: checkpoint "
+                            "'You are a biomedical research assistant.")
+    assert "this run 'You are a terse assistant.'" in error and "--data.system_prompt" in error
+
+
+def test_export_and_ask_use_the_checkpoints_prompt_not_todays(tmp_path):
+    from medqa.ask import main as ask
+
+    system = "You are a careful clinician. Answer yes, no or maybe."
+    fitted = cli("fit", *SHORT, "--data.system_prompt", system, logs=tmp_path / "logs")
+    last = Path(fitted.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    main(["export", "--ckpt_path", str(last), "--pretrained", "builtin:tiny-llama", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "medqa_prompt.json").read_text())
+    assert saved["system_prompt"] == system and saved["prompt_saved_in_checkpoint"] is True
+    assert system in saved["example_prompt"]
+    question = ["--question", "Does it work?", "--context", "It worked in most patients."]
+    common = ["--config", DEMO, "--ckpt_path", str(last), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    with pytest.raises(DataError, match="other prompt settings \\(system: checkpoint 'You are a careful clinician"):
+        ask([*question, *common])  # today's default prompt against the checkpoint's
+    answer = ask([*question, *common, "--data.system_prompt", system])
+    assert answer["decision"] in ("yes", "no", "maybe")
+
+
 # ------------------------------------------------------------------ 7. damaged and foreign checkpoints
 
 
