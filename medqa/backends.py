@@ -27,13 +27,49 @@ class BackendError(RuntimeError):
     """A model that cannot be loaded as asked, with what to do instead."""
 
 
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""LoRA's default targets: every attention and MLP projection of a Llama layer."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
+    """The LoRA adapter's shape, built once here for every backend, the saved adapter and the
+    checks that a checkpoint fits a run."""
+
     r: int
     alpha: int
-    dropout: float
-    target_modules: list[str]
-    use_rslora: bool
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            object.__setattr__(self, "target_modules", list(LLAMA_LORA_TARGETS))
+
+    @classmethod
+    def from_hparams(cls, hp: Any) -> LoraSettings:
+        """From a run's `lora_*` settings (a checkpoint's hyper-parameters, hparams.yaml, the
+        CLI's model namespace); what is not there takes the defaults."""
+        return cls(hp.get("lora_r"), hp.get("lora_alpha"), hp.get("lora_dropout") or 0.0,
+                   hp.get("target_modules"), bool(hp.get("use_rslora", False)))
+
+    def peft_config(self, base_model: str | None = None) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules,
+                          use_rslora=self.use_rslora, bias="none", task_type="CAUSAL_LM",
+                          base_model_name_or_path=base_model)
+
+    def differences(self, saved: Any) -> list[str]:
+        """How the LoRA settings a run saved (its hyper-parameters) differ from these; settings
+        it did not save count as equal, and target modules compare as sets."""
+        ours = {"lora_r": self.r, "lora_alpha": self.alpha, "target_modules": self.target_modules,
+                "use_rslora": self.use_rslora}
+        theirs = {**ours, **{k: saved[k] for k in ours if k in saved}}
+        theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
+        same = {"target_modules": lambda a, b: isinstance(a, list) and set(a) == set(b)}  # an order means nothing
+        return [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items()
+                if not same.get(k, lambda a, b: a == b)(theirs[k], v)]
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -149,7 +185,7 @@ def load_hf(
     pretrained: str, load_in_4bit: bool, dtype: str, lora: LoraSettings,
     gradient_checkpointing: bool, trust_remote_code: bool,
 ) -> tuple[Any, Any]:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     path = resolve_pretrained(pretrained)
@@ -180,18 +216,26 @@ def load_hf(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, lora.peft_config())
     model.train()  # from_pretrained returns eval mode, which Lightning would keep
     return model, load_tokenizer(pretrained, trust_remote_code)
+
+
+def load(
+    backend: Backend, pretrained: str, max_length: int, load_in_4bit: bool, dtype: str, lora: LoraSettings,
+    gradient_checkpointing: bool, seed: int, trust_remote_code: bool,
+) -> tuple[Any, str]:
+    """The base model with a fresh LoRA adapter, on the backend `backend` resolves to, and
+    that backend's name; every layer checkpointed when `gradient_checkpointing`."""
+    resolved = resolve_backend(backend)
+    common = dict(pretrained=pretrained, load_in_4bit=load_in_4bit, dtype=dtype, lora=lora,
+                  gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code)
+    if resolved == "unsloth":
+        model, _ = load_unsloth(max_length=max_length, seed=seed, **common)
+    else:
+        torch.manual_seed(seed)  # the LoRA initialisation
+        model, _ = load_hf(**common)
+    return model, resolved
 
 
 def save_merged(model: Any, tokenizer: Any, out: Path, backend: str, dtype: str) -> None:

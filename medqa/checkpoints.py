@@ -19,7 +19,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from medqa.model import LLAMA_LORA_TARGETS
+from medqa.backends import LoraSettings
 
 TMP_SUFFIX = ".tmp"
 
@@ -136,7 +136,6 @@ def save_adapter(checkpoint: dict[str, Any], out: Path) -> None:
     """Write the checkpoint's LoRA weights as a PEFT adapter (`adapter_config.json` and
     `adapter_model.safetensors`) that `PeftModel.from_pretrained(base, out)` loads, synced to
     disk and swapped in whole. Only paths of its own are made and removed beside `out`."""
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     hp = checkpoint["hyper_parameters"]
@@ -145,11 +144,7 @@ def save_adapter(checkpoint: dict[str, Any], out: Path) -> None:
         key.removeprefix("model.").replace(".default.", "."): tensor.detach().contiguous().cpu()
         for key, tensor in checkpoint["state_dict"].items()
     }
-    config = LoraConfig(
-        r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp.get("lora_dropout", 0.0),
-        target_modules=hp.get("target_modules") or LLAMA_LORA_TARGETS, use_rslora=hp.get("use_rslora", False),
-        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=hp.get("pretrained"),
-    )
+    config = LoraSettings.from_hparams(hp).peft_config(base_model=hp.get("pretrained"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
     try:

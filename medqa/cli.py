@@ -44,7 +44,7 @@ from medqa.checkpoints import (
 )
 from medqa.data import PubMedQADataModule
 from medqa.memory import TrainingOutOfMemory
-from medqa.model import LLAMA_LORA_TARGETS, CheckpointMismatch, MedQALoRA, SettingsError, lora_differences
+from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PredictionWriter
 from medqa.records import DataError
 from medqa.speed import SpeedMonitor
@@ -174,8 +174,7 @@ class MedQACLI(LightningCLI):
             return  # another logger: leave 'last' to Lightning
         args, root = experiment
         model = config.model
-        lora = LoraSettings(model.lora_r, model.lora_alpha, model.lora_dropout,
-                            model.target_modules or LLAMA_LORA_TARGETS, model.use_rslora)
+        lora = LoraSettings.from_hparams(model)
 
         def compatible(run: Path) -> bool:
             """Whether the run trained the LoRA this command builds (its hparams.yaml)."""
@@ -185,7 +184,7 @@ class MedQACLI(LightningCLI):
                 return False
             if not isinstance(saved, dict) or saved.get("pretrained") != model.pretrained:
                 return False
-            return not lora_differences(saved, lora)
+            return not lora.differences(saved)
 
         found = find_checkpoint(root, config.ckpt_path, compatible)
         if found is None:

@@ -22,9 +22,7 @@ from medqa.backends import (
     decoder_and_head,
     generate,
     keep_activations,
-    load_hf,
-    load_unsloth,
-    resolve_backend,
+    load,
 )
 from medqa.memory import Plan, TrainingOutOfMemory, fallback, plan_for
 from medqa.metrics import (
@@ -37,21 +35,6 @@ from medqa.metrics import (
     label_log_probs,
 )
 from medqa.prompts import LABELS
-
-LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def lora_differences(saved: dict[str, Any], lora: LoraSettings) -> list[str]:
-    """How the LoRA settings a run saved (its hyper-parameters) differ from `lora`; settings
-    it did not save count as equal, and target modules compare as sets."""
-    ours = {"lora_r": lora.r, "lora_alpha": lora.alpha, "target_modules": lora.target_modules,
-            "use_rslora": lora.use_rslora}
-    theirs = {**ours, **{k: saved[k] for k in ours if k in saved}}
-    theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
-    same = {"target_modules": lambda a, b: isinstance(a, list) and set(a) == set(b)}  # an order means nothing
-    return [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items()
-            if not same.get(k, lambda a, b: a == b)(theirs[k], v)]
-
 
 class SettingsError(ValueError):
     """A setting with a value that cannot work (a zero or negative size, say)."""
@@ -166,7 +149,7 @@ class MedQALoRA(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
         self.max_length = max_length
-        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules or LLAMA_LORA_TARGETS, use_rslora)
+        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.nonfinite, self.skipped_batches = nonfinite, 0
@@ -189,17 +172,9 @@ class MedQALoRA(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        backend = self.resolved_backend = resolve_backend(self.backend)
-        common = dict(
-            pretrained=self.pretrained, load_in_4bit=self.load_in_4bit, dtype=self.dtype_name, lora=self.lora,
-            gradient_checkpointing=self.gradient_checkpointing is not False, trust_remote_code=self.trust_remote_code,
-        )
-        if backend == "unsloth":
-            model, _ = load_unsloth(max_length=self.max_length, seed=self.lora_seed, **common)
-        else:
-            torch.manual_seed(self.lora_seed)
-            model, _ = load_hf(**common)
-        self.model = model
+        model, backend = load(self.backend, self.pretrained, self.max_length, self.load_in_4bit, self.dtype_name,
+                              self.lora, self.gradient_checkpointing is not False, self.lora_seed, self.trust_remote_code)
+        self.model, self.resolved_backend = model, backend
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         rank_zero_info(
@@ -419,7 +394,7 @@ class MedQALoRA(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, before any step, a checkpoint made with another base model or other LoRA
         settings, naming what differs."""
-        differs = lora_differences(checkpoint.get("hyper_parameters", {}), self.lora)
+        differs = self.lora.differences(checkpoint.get("hyper_parameters", {}))
         base, our_base = checkpoint.get("medqa_base", {}), self.base_fingerprint()
         differs += [f"base model {k}: checkpoint {base[k]!r}, this run {our_base[k]!r}"
                     for k in our_base if k in base and base[k] != our_base[k]]
