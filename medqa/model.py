@@ -205,7 +205,6 @@ class MedQALoRA(L.LightningModule):
                 + ("" if self.gradient_checkpointing is not False else ", or pass --model.gradient_checkpointing auto")
                 + f" ({error.splitlines()[0][:200]})"
             )
-        self.model.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         rank_zero_info(f"Out of GPU memory at {where} with {self.plan.name()}; retrying the batch with {nxt.name()}.")
@@ -273,18 +272,30 @@ class MedQALoRA(L.LightningModule):
             self.log("train/skipped_batches", float(self.skipped_batches))
             return None  # Lightning skips the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self._step_loss = loss.detach()
         return loss
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        can_retry = self.plan is not None and self.plan.kept > 0 and self.trainer.world_size == 1
+        # What Lightning did to the step's loss (1 / accumulated batches, a loss scale), for a
+        # retried loss; a tensor, so no host sync.
+        scale = loss.detach() / self._step_loss if can_retry else None
         while True:
+            # A backward that fails half-way has added to some gradients: keep the ones the
+            # earlier batches of this step accumulated (LoRA's, small) to put back before a retry.
+            params = [p for p in self.model.parameters() if p.requires_grad] if can_retry else []
+            before = [None if p.grad is None else p.grad.clone() for p in params]
             try:
                 loss.backward(*args, **kwargs)
                 return
             except torch.OutOfMemoryError as e:
                 error = str(e)
             del loss
+            for p, grad in zip(params, before):
+                p.grad = grad
             self._out_of_memory(error)
-            loss = self._loss(self._batch)[0]
+            can_retry = self.plan.kept > 0
+            loss = self._loss(self._batch)[0] * scale
 
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logp = self._forward(batch)

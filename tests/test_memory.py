@@ -46,24 +46,38 @@ def test_fallback_halves_then_recomputes_everything():
 class OutOfMemoryWhileKept(L.Callback):
     """Raises CUDA's out-of-memory error from every decoder layer that runs in training
     without recomputation (as a card too small for the plan would), or from every layer
-    when `always`."""
+    when `always`: in its forward, or in backward (`where`), from training batch `first` on."""
 
-    def __init__(self, always: bool = False) -> None:
-        self.always, self.raised = always, 0
+    def __init__(self, always: bool = False, where: str = "forward", first: int = 0) -> None:
+        self.always, self.where, self.first, self.raised, self.batch = always, where, first, 0, -1
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.batch = batch_idx
+
+    def _oom(self, *_):
+        self.raised += 1
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
     def on_train_start(self, trainer, module):
         from medqa.backends import decoder_and_head
 
-        def hook(layer, args):
-            if torch.is_grad_enabled() and (self.always or not layer.gradient_checkpointing):
-                self.raised += 1
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        def armed(layer):
+            return torch.is_grad_enabled() and self.batch >= self.first and (self.always or not layer.gradient_checkpointing)
+
+        def before(layer, args):
+            if self.where == "forward" and armed(layer):
+                self._oom()
+
+        def after(layer, args, output):
+            if self.where == "backward" and armed(layer):
+                (output[0] if isinstance(output, tuple) else output).register_hook(self._oom)
 
         for layer in decoder_and_head(module.model)[0].layers:
-            layer.register_forward_pre_hook(hook)
+            layer.register_forward_pre_hook(before)
+            layer.register_forward_hook(after)
 
 
-def fit(tmp_path, checkpointing, callbacks=()):
+def fit(tmp_path, checkpointing, callbacks=(), accumulate=1):
     from medqa.data import PubMedQADataModule
 
     torch.manual_seed(0)
@@ -72,18 +86,22 @@ def fit(tmp_path, checkpointing, callbacks=()):
     data = PubMedQADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=list(callbacks))
+                        callbacks=list(callbacks), accumulate_grad_batches=accumulate)
     trainer.fit(module, datamodule=data)
     return module, trainer
 
 
-def test_out_of_memory_steps_down_and_trains_as_the_smaller_plan_would(medqa_cache, tmp_path, caplog):
-    oom = OutOfMemoryWhileKept()
-    module, trainer = fit(tmp_path, "auto", [oom])
-    assert trainer.global_step == 3 and oom.raised == 2  # the first batch twice (2 layers kept, then 1)
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_out_of_memory_steps_down_and_trains_as_the_smaller_plan_would(medqa_cache, tmp_path, caplog, where):
+    """The error comes in the second of the step's two accumulated batches: the first's
+    gradients must survive the retry."""
+    oom = OutOfMemoryWhileKept(where=where, first=1)
+    module, trainer = fit(tmp_path, "auto", [oom], accumulate=2)
+    assert trainer.global_step == 3 and oom.raised == 2  # batch 1 twice (2 layers kept, then 1)
     assert module.plan.kept == 0
+    assert "Out of GPU memory at step 0" in caplog.text
     assert "retrying the batch with every layer recomputed in backward" in caplog.text
-    recomputed, _ = fit(tmp_path, True)  # the plan it ended on, from the start
+    recomputed, _ = fit(tmp_path, True, accumulate=2)  # the plan it ended on, from the start
     ours, theirs = module.state_dict(), recomputed.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours if ".lora_" in k)
