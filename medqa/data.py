@@ -131,11 +131,15 @@ class PromptFormat:
         )
 
 
-def collate(examples: Sequence[Example], pad_id: int, pack: bool = False) -> dict[str, Any]:
+def collate(examples: Sequence[Example], pad_id: int, pack: bool = False, train: bool = False) -> dict[str, Any]:
     """Right-pad a batch to its own longest example, or, with `pack`, join its examples into
-    one row without padding (training only; see `pack_examples`)."""
-    if pack:
-        return pack_examples(examples)
+    one row without padding (training only; see `pack_examples`). `train` marks a batch of
+    the training order, which the DataModule counts as a step takes it."""
+    batch = pack_examples(examples) if pack else _padded(examples, pad_id)
+    return {**batch, "train": True} if train else batch
+
+
+def _padded(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -270,10 +274,10 @@ class PubMedQADataModule(L.LightningDataModule):
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
         self._identity: dict[str, Any] | None = None
-        self.consumed = 0  # training batches used in the current epoch
-        self._consumed_epoch = 0
+        self.stage: str | None = None  # the stage of the last setup: a resume is checked for fit only
 
     def setup(self, stage: str) -> None:
+        self.stage = stage
         if self.format is None:
             from medqa.backends import load_tokenizer
 
@@ -342,8 +346,11 @@ class PubMedQADataModule(L.LightningDataModule):
 
     def _processes(self) -> tuple[int, int]:
         """(number of processes, this one's rank): the samplers split the data themselves."""
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
 
     def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
         examples = self.examples[split]
@@ -352,7 +359,7 @@ class PubMedQADataModule(L.LightningDataModule):
             examples,
             batch_size=batch_size,
             sampler=sampler or LongestFirst([len(e.input_ids) for e in examples], batch_size, world, rank),
-            collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train"),
+            collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train", train=sampler is not None),
             num_workers=self.num_workers,
         )
 
@@ -378,14 +385,10 @@ class PubMedQADataModule(L.LightningDataModule):
         return self._loader(self.predict_split, self.eval_batch_size)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Called for each batch as a step takes it (not when Lightning prefetches it), so
-        # `consumed` is exactly the position a resumed run must continue from.
-        if self.trainer is not None and self.trainer.training:
-            sampler = self.train_sampler
-            epoch = sampler.epoch if sampler is not None else 0
-            if epoch != self._consumed_epoch:
-                self._consumed_epoch, self.consumed = epoch, 0
-            self.consumed += 1
+        # Called for each batch as a step takes it (not when Lightning prefetches it), so the
+        # sampler's count is exactly the position a resumed run must continue from.
+        if batch.get("train") and self.train_sampler is not None:
+            self.train_sampler.took_batch()
         return batch
 
     def identity(self) -> dict[str, Any]:
@@ -407,14 +410,10 @@ class PubMedQADataModule(L.LightningDataModule):
         state: dict[str, Any] = {"target": self.target, "max_length": self.max_length, "prompt": self.prompt.as_dict()}
         if self.examples:
             state["identity"] = self.identity()
-        if self.train_sampler is not None and self.trainer is not None and self.trainer.state.fn == "fit":
-            epoch, consumed = self.train_sampler.epoch, self.consumed
-            if consumed >= self.trainer.num_training_batches:  # the epoch is over
-                epoch, consumed = epoch + 1, 0
-            state["train_position"] = {"epoch": epoch, "batches": consumed, "seed": self.shuffle_seed,
-                                       "batch_size": self.batch_size, "size": len(self.examples["train"]),
-                                       "bucket_batches": self.bucket_batches,
-                                       "processes": self.train_sampler.num_replicas}
+        if self.train_sampler is not None and self.stage == "fit":
+            # At an epoch's end this names the finished epoch; Lightning resumes with the next
+            # one, whose set_epoch starts it from the beginning.
+            state["train_position"] = self.train_sampler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -425,23 +424,15 @@ class PubMedQADataModule(L.LightningDataModule):
             )
         self.check_prompt(state.get("prompt"))
         position = state.get("train_position")
-        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        fitting = self.stage == "fit"
         if fitting and "identity" in state and "train" in self.examples:
             self._check_identity(state["identity"])
         if position is not None and fitting and "train" in self.examples:
-            ours = {"seed": self.shuffle_seed, "batch_size": self.batch_size, "size": len(self.examples["train"]),
-                    "bucket_batches": self.bucket_batches}
-            differs = [f"{k}: checkpoint {position[k]}, this run {v}" for k, v in ours.items() if position.get(k, v) != v]
-            if differs:
-                raise DataError(
-                    "cannot resume the training order: the checkpoint's training data differs ("
-                    + "; ".join(differs) + "); resume with the same --data settings"
-                )
-            sampler = self._resumable_sampler()
-            # The position counts each process's batches; the order is one for all processes.
-            done = position["batches"] * self.batch_size * position.get("processes", 1)
-            sampler.epoch, sampler.skip = position["epoch"], done
-            self._consumed_epoch, self.consumed = position["epoch"], position["batches"]
+            try:
+                self._resumable_sampler().load_state_dict(position)
+            except ValueError as e:
+                raise DataError(f"cannot resume the training order: the checkpoint's training data differs ({e}); "
+                                "resume with the same --data settings") from None
 
     def check_prompt(self, saved: Any) -> None:
         """Refuse a checkpoint trained under other prompt settings than this run's, naming

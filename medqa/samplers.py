@@ -30,8 +30,10 @@ class ResumableSampler(DistributedSampler):
     """A shuffle whose order is a function of (seed, epoch) alone, so a run resumed
     mid-epoch sees the rest of that epoch in the order a run never stopped would.
 
-    Lightning calls `set_epoch` at each epoch start. The first `skip` examples of the
-    epoch's order are left out of the next iteration only (set when resuming). With
+    Lightning calls `set_epoch` at each epoch start. The sampler keeps its own resume
+    position (`state_dict`): the epoch and how many of its batches the steps took
+    (`took_batch`, counted as each step takes one, not as the loader prefetches). A resumed
+    sampler leaves the examples already trained out of its next iteration only. With
     `lengths` and `bucket_batches`, the order is length-bucketed (`bucketed_order`), still a
     function of (seed, epoch).
 
@@ -54,10 +56,30 @@ class ResumableSampler(DistributedSampler):
         self.size, self.seed = size, seed
         self.lengths, self.batch_size, self.bucket_batches = lengths, batch_size, bucket_batches
         self.epoch, self.skip = 0, 0
+        self.taken = 0  # batches of this epoch the steps took
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.skip = epoch, 0
+            self.epoch, self.skip, self.taken = epoch, 0, 0
+
+    def took_batch(self) -> None:
+        self.taken += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the order, and what the order depends on."""
+        return {"epoch": self.epoch, "batches": self.taken, "seed": self.seed, "batch_size": self.batch_size,
+                "size": self.size, "bucket_batches": self.bucket_batches, "processes": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position. The position counts each process's batches; the
+        order is one for all processes, so a resume on another number of processes starts
+        after the same examples."""
+        ours = {"seed": self.seed, "batch_size": self.batch_size, "size": self.size, "bucket_batches": self.bucket_batches}
+        differs = [f"{k}: checkpoint {state[k]}, this run {v}" for k, v in ours.items() if state.get(k, v) != v]
+        if differs:
+            raise ValueError("; ".join(differs))
+        self.epoch, self.taken = state["epoch"], state["batches"]
+        self.skip = state["batches"] * self.batch_size * state.get("processes", 1)
 
     def _padding(self) -> int:
         """Examples repeated at the end of each epoch: to a multiple of the processes, and one

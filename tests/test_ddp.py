@@ -117,7 +117,8 @@ def test_two_nodes_train_and_predict_every_question_once_as_one_process_does(tmp
     last = run / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     position = state["PubMedQADataModule"]["train_position"]
-    assert state["global_step"] == 4 and (position["epoch"], position["batches"], position["processes"]) == (1, 0, 2)
+    # The finished epoch 0, all 4 of its batches taken: a resume starts epoch 1 from its start.
+    assert state["global_step"] == 4 and (position["epoch"], position["batches"], position["processes"]) == (0, 4, 2)
     assert json.loads((run / "speed.json").read_text())["processes"] == 2
 
     # The 500 test questions in batches of 7: the last batch is short, the nodes' shares differ.

@@ -99,3 +99,28 @@ def test_evaluation_shares_never_repeat_a_question(tokenizer):
     for batch_size in (4, 16):  # enough batches for every process, and fewer batches than processes
         shares = [list(LongestFirst(lengths, batch_size, num_replicas=3, rank=r)) for r in range(3)]
         assert sorted(i for s in shares for i in s) == list(range(23)) and all(shares)
+
+
+def test_the_sampler_keeps_its_own_position_and_resumes_from_it():
+    """The position is the sampler's own state: saved mid-epoch it continues that epoch,
+    saved at an epoch's end the next epoch (Lightning calls set_epoch) starts from the top."""
+    lengths = list(range(100, 150))
+    fresh = ResumableSampler(50, 4, lengths, batch_size=4, bucket_batches=2)
+    epoch0 = list(fresh)
+    for _ in range(3):
+        fresh.took_batch()
+    saved = fresh.state_dict()
+    assert (saved["epoch"], saved["batches"]) == (0, 3)
+    resumed = ResumableSampler(50, 4, lengths, batch_size=4, bucket_batches=2)
+    resumed.load_state_dict(saved)
+    resumed.set_epoch(0)  # as Lightning does when it resumes into the same epoch
+    assert list(resumed) == epoch0[12:]
+    fresh.set_epoch(1)
+    epoch1 = list(fresh)
+    ended = {**saved, "batches": 13}  # every batch of epoch 0 taken
+    resumed = ResumableSampler(50, 4, lengths, batch_size=4, bucket_batches=2)
+    resumed.load_state_dict(ended)
+    resumed.set_epoch(1)
+    assert list(resumed) == epoch1 and resumed.taken == 0
+    with pytest.raises(ValueError, match="batch_size: checkpoint 4, this run 8"):
+        ResumableSampler(50, 4, lengths, batch_size=8, bucket_batches=2).load_state_dict(saved)

@@ -37,3 +37,14 @@ def test_no_import_cycle():
 
     for module in graph:
         visit(module, [])
+
+
+def test_data_code_reads_nothing_of_the_trainer():
+    """Data flows one way: file -> records -> split -> tokens -> batches -> module. No data
+    module reads the Trainer's state (it keeps its own position, in its sampler)."""
+    data_modules = [PACKAGE / "data.py", PACKAGE / "samplers.py", PACKAGE / "records.py", *(PACKAGE / "tasks").glob("*.py")]
+    for path in data_modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            touches = (isinstance(node, ast.Attribute) and node.attr == "trainer") or (
+                isinstance(node, ast.Name) and node.id == "trainer")
+            assert not touches, f"{path.name}:{node.lineno} reads the trainer"
