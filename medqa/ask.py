@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from medqa.backends import load_tokenizer
     from medqa.checkpoints import load_checkpoint
     from medqa.cli import cli_for
-    from medqa.data import PromptFormat, collate
+    from medqa.data import PromptFormat, checkpoint_prompt, collate
     from medqa.records import DataError
     from medqa.tasks.pubmedqa import make_record
 
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.rationale_tokens, model.rationale_suffix = args.rationale_tokens, fmt.rationale_suffix_ids()
     if ckpt_path is not None:
         checkpoint = load_checkpoint(Path(ckpt_path), cli.config.predict.weights_only)
-        state = checkpoint.get(type(data).__qualname__)
-        data.check_prompt(state.get("prompt") if isinstance(state, dict) else None)
+        data.check_prompt(checkpoint_prompt(checkpoint))
         model.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
         model.load_state_dict(checkpoint["state_dict"], strict=False)
     device = next(model.model.parameters()).device

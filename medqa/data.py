@@ -466,3 +466,8 @@ class PubMedQADataModule(L.LightningDataModule):
         )
 
 
+def checkpoint_prompt(checkpoint: dict[str, Any]) -> Any:
+    """The prompt settings a checkpoint's DataModule state saved, as saved (untrusted); None
+    where it saved none."""
+    state = checkpoint.get(PubMedQADataModule.__qualname__)
+    return state.get("prompt") if isinstance(state, dict) else None

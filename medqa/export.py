@@ -43,11 +43,12 @@ def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     return settings
 
 
-def saved_prompt(checkpoint: dict[str, Any]) -> tuple[prompts.PromptSettings, bool]:
+def trained_prompt(checkpoint: dict[str, Any]) -> tuple[prompts.PromptSettings, bool]:
     """The prompt settings the checkpoint was trained with (type-checked), and whether it
     saved them; today's built-in settings for a checkpoint from before they were saved."""
-    state = checkpoint.get("PubMedQADataModule")
-    saved = state.get("prompt") if isinstance(state, dict) else None
+    from medqa.data import checkpoint_prompt
+
+    saved = checkpoint_prompt(checkpoint)
     if saved is None:
         return prompts.PromptSettings(), False
     system, instruction, labels = (saved.get(k) if isinstance(saved, dict) else None for k in ("system", "instruction", "labels"))
@@ -67,7 +68,7 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str)
     if target not in ("decision", "long_answer") or isinstance(max_length, bool) or not isinstance(max_length, int):
         raise CheckpointError(f"saved data settings target={target!r}, max_length={max_length!r} are not "
                               "'decision' / 'long_answer' and a whole number")
-    settings, saved = saved_prompt(checkpoint)
+    settings, saved = trained_prompt(checkpoint)
     if not saved:
         print("Note: this checkpoint predates saved prompt settings; medqa_prompt.json shows today's built-in prompt")
     fmt = PromptFormat(tokenizer, target, max_length, settings)

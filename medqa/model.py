@@ -166,6 +166,7 @@ class MedQALoRA(L.LightningModule):
         self.pad_id = 0
         self.longest_batch_tokens = 0  # from the data in setup("fit"); sizes the `auto` plan
         self.plan: Plan | None = None  # the `auto` plan in use, once fit has chosen one
+        self._trainable: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -190,10 +191,15 @@ class MedQALoRA(L.LightningModule):
         self.plan = plan
         rank_zero_info(plan.describe())
 
+    def _next_plan(self) -> Plan | None:
+        """The plan an out-of-memory error steps down to; None where there is none to take
+        (not `auto`, every layer recomputed already, or DDP)."""
+        return fallback(self.plan) if self.plan is not None and self.trainer.world_size == 1 else None
+
     def _out_of_memory(self, error: str) -> None:
         """Step down to the next `auto` plan after an out-of-memory error in training, or end
         the run saying what to change."""
-        nxt = fallback(self.plan) if self.plan is not None and self.trainer.world_size == 1 else None
+        nxt = self._next_plan()
         where = f"step {self.global_step}"
         if nxt is None:
             why = ("with every layer's activations recomputed" if self.plan is not None and self.plan.kept == 0
@@ -276,26 +282,29 @@ class MedQALoRA(L.LightningModule):
         return loss
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        can_retry = self.plan is not None and self.plan.kept > 0 and self.trainer.world_size == 1
-        # What Lightning did to the step's loss (1 / accumulated batches, a loss scale), for a
-        # retried loss; a tensor, so no host sync.
-        scale = loss.detach() / self._step_loss if can_retry else None
+        scale = None
         while True:
             # A backward that fails half-way has added to some gradients: keep the ones the
             # earlier batches of this step accumulated (LoRA's, small) to put back before a retry.
-            params = [p for p in self.model.parameters() if p.requires_grad] if can_retry else []
+            params = self._trainable_params() if self._next_plan() is not None else []
             before = [None if p.grad is None else p.grad.clone() for p in params]
             try:
                 loss.backward(*args, **kwargs)
                 return
             except torch.OutOfMemoryError as e:
                 error = str(e)
+            if scale is None:  # what Lightning did to the step's loss (1 / accumulated batches, a loss scale)
+                scale = loss.detach() / self._step_loss
             del loss
             for p, grad in zip(params, before):
                 p.grad = grad
             self._out_of_memory(error)
-            can_retry = self.plan.kept > 0
             loss = self._loss(self._batch)[0] * scale
+
+    def _trainable_params(self) -> list[Tensor]:
+        if self._trainable is None:  # once: the model has thousands of parameters to walk
+            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return self._trainable
 
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logp = self._forward(batch)
