@@ -17,7 +17,9 @@ at every epoch end as the config does. Figures, all from the same run:
   median step  the slowest process's median step time; the slowest steps beside it (a step
                that compiles again, e.g. for a batch of a new size, shows there)
   between      seconds the GPUs waited between steps after warm-up (checkpoints, epoch ends, data)
-Scaling is each figure over the same configuration's 1-GPU figure. Lightning's
+Scaling is each figure over the same configuration's 1-GPU figure. A table too long for one
+call of the lent machine is built over several with `--merge --budget S` (runs of another
+machine are never merged: the GPUs' ids are kept with every run). Lightning's
 SimpleProfiler report of each process is kept beside the run (`--logs`).
 """
 
@@ -116,15 +118,38 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--logs", default="logs/scaling")
     p.add_argument("--out", help="also write the table and the summaries here (.md and .json)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs already in --out's .json (from an earlier call on the same machine) and run only the rest")
+    p.add_argument("--budget", type=float, help="seconds this call may take: a run that would not finish in time "
+                   "(judged by the longest run so far, 240 s before the first) is left for the next call (see --merge)")
     args = p.parse_args()
+    start = time.perf_counter()
 
     import torch
 
     gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    machine = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True, text=True).stdout.split()
     results: dict[str, dict[int, dict]] = {}
+    saved = Path(args.out).with_suffix(".json") if args.out else None
+    if args.merge and saved and saved.exists():
+        for name, runs in json.loads(saved.read_text()).items():
+            for n, s in runs.items():
+                if not s.get("failed") and s.get("machine") == machine:  # figures of another machine do not compare
+                    results.setdefault(name, {})[int(n)] = s
+    text = table(results, gpu, args)
+    results_run: list[dict] = []  # the runs of this call
     for name in args.configs:
         for n in args.devices:
-            results.setdefault(name, {})[n] = fit(args, name, CONFIGS[name] + args.extra.split(), n)
+            if n in results.get(name, {}):
+                print(f"{name}-{n}gpu: kept from {saved}", flush=True)
+                continue
+            longest = max((r["command_seconds"] for r in results_run), default=240.0)
+            if args.budget and time.perf_counter() - start + longest > args.budget:
+                print(f"{name}-{n}gpu: not started, {args.budget - (time.perf_counter() - start):.0f} s left of --budget", flush=True)
+                continue
+            results.setdefault(name, {})[n] = {**fit(args, name, CONFIGS[name] + args.extra.split(), n), "machine": machine}
+            results_run.append(results[name][n])
+            results[name] = dict(sorted(results[name].items()))
             text = table(results, gpu, args)
             if args.out:  # after every run: a run cut short by a time limit keeps the rest
                 Path(args.out).write_text(text + "\n")
