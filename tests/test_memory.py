@@ -9,11 +9,15 @@ from medqa.memory import GiB, MARGIN_BYTES, TrainingOutOfMemory, activation_byte
 from medqa.model import MedQALoRA
 
 
-def test_llama_8b_layer_keeps_about_90_kb_a_token():
+def test_llama_8b_layer_estimate_covers_the_measured_activations():
+    """Measured on one H200 (8B shape, longest batch about 5,840 tokens): 0.62 GiB a kept
+    layer. The estimate must not fall below it (a plan that does not fit would run out of
+    memory) nor waste more than a fifth of it (fewer layers kept than could be)."""
     class Config:
         hidden_size, intermediate_size = 4096, 14336
 
-    assert activation_bytes_per_token(Config) == (4 * 4096 + 2 * 14336) * 2
+    per_layer = activation_bytes_per_token(Config) * 5_840 / GiB
+    assert 0.62 <= per_layer <= 0.62 * 1.2
 
 
 @pytest.mark.parametrize("free_gib, kept", [(139, 32), (10, 0), (20, 16)])
