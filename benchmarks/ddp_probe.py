@@ -54,10 +54,10 @@ class StepLoss(torch.nn.Module):
 
 
 def _batches(args, rank: int, world: int) -> list[dict]:
-    from medqa.data import PubMedQADataModule
+    from medqa.data import QADataModule
 
-    dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=1024, batch_size=args.batch_size,
-                            bucket_batches=0)
+    dm = QADataModule(source=args.data, pretrained=args.model, max_length=1024, batch_size=args.batch_size,
+                      bucket_batches=0)
     dm.setup("fit")
     everything = list(dm.train_dataloader())
     mine = everything[rank::world]
@@ -112,8 +112,11 @@ def worker(rank: int, world: int, args, queue) -> None:
 
     if not args.load_first:
         init()
+    from medqa.data import QADataModule
+
+    answers = QADataModule(source=args.data, pretrained=args.model, max_length=1024).answer_tokens
     module = MedQALoRA(pretrained=args.model, backend="unsloth" if cuda else "hf", load_in_4bit=cuda,
-                       dtype="bfloat16" if cuda else "float32", max_length=1024)
+                       dtype="bfloat16" if cuda else "float32", max_length=1024, answer_tokens=answers)
     module.configure_model()
     if args.load_first:
         init()
@@ -140,11 +143,11 @@ def worker(rank: int, world: int, args, queue) -> None:
         medqa's SpeedMonitor (the GPU synchronised after every step)."""
         import lightning as L
 
-        from medqa.data import PubMedQADataModule
+        from medqa.data import QADataModule
         from medqa.speed import SpeedMonitor
 
-        dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=1024, batch_size=args.batch_size,
-                                bucket_batches=0 if variant == "lightning-plain" else 16)
+        dm = QADataModule(source=args.data, pretrained=args.model, max_length=1024, batch_size=args.batch_size,
+                          bucket_batches=0 if variant == "lightning-plain" else 16)
         monitor = SpeedMonitor(warmup_steps=warmup)
         trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=world, strategy="ddp" if world > 1 or variant == "lightning-ddp" else "auto",
                             precision="32-true", max_steps=warmup + args.steps, logger=False,

@@ -81,9 +81,9 @@ def main() -> None:
     dm = datamodule(args)
     module = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
                        lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                       target_modules=LORA["targets"], optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
+                       target_modules=LORA["targets"], answer_tokens=dm.answer_tokens,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
     module.configure_model()
-    module.label_ids, module.pad_id = dm.label_token_ids(), dm.pad_id
     model = module.model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     data = batches(dm, args.warmup + args.steps)

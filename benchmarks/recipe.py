@@ -92,12 +92,12 @@ def recipe(args, logs: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from medqa.data import PubMedQADataModule
+    from medqa.data import QADataModule
     from medqa.model import MedQALoRA
 
     s = settings()
-    dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=s["max_length"],
-                            batch_size=s["batch_size"])
+    dm = QADataModule(source=args.data, pretrained=args.model, max_length=s["max_length"],
+                      batch_size=s["batch_size"])
     dm.setup("fit")
     train = Dataset.from_list([{"input_ids": e.input_ids} for e in dm.examples["train"]])
     from unsloth import FastLanguageModel
@@ -121,7 +121,7 @@ def recipe(args, logs: Path) -> dict:
 
     # Score the 500 test questions as medqa does, on the model the recipe trained.
     began = time.perf_counter()
-    module = MedQALoRA(pretrained=args.model, backend="unsloth", max_length=s["max_length"])
+    module = MedQALoRA(pretrained=args.model, backend="unsloth", max_length=s["max_length"], answer_tokens=dm.answer_tokens)
     module.model, module.resolved_backend = trainer.model, "unsloth"
     tester = L.Trainer(accelerator="gpu", devices=1, precision="32-true", logger=False,
                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

@@ -39,11 +39,11 @@ CHECKPOINTING = {"true": True, "false": False, "auto": "auto"}
 def datamodule(args, bucket_batches: int = 0, packing: bool = False):
     """medqa's DataModule on the benchmark's data: ordinary random batches, padded per batch,
     unless told otherwise (the medqa path's --medqa_bucket_batches / --medqa_packing)."""
-    from medqa.data import PubMedQADataModule
+    from medqa.data import QADataModule
 
-    dm = PubMedQADataModule(source=args.data, pretrained=args.model, max_length=args.max_length,
-                            batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                            bucket_batches=bucket_batches, packing=packing)
+    dm = QADataModule(source=args.data, pretrained=args.model, max_length=args.max_length,
+                      batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                      bucket_batches=bucket_batches, packing=packing)
     dm.setup("fit")
     return dm
 
@@ -127,7 +127,7 @@ def run_medqa(args) -> dict:
     model = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"], gradient_checkpointing=CHECKPOINTING[args.medqa_checkpointing],
-                      optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
+                      answer_tokens=dm.answer_tokens, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
     trainer = bench_trainer(args.precision, n, timer)
     trainer.fit(model, datamodule=dm)
     result = {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps,
@@ -261,7 +261,7 @@ def run_hf(args) -> dict:
 
     # Scoring as a generic pipeline does it: full logits, label tokens at the answer position.
     model.eval()
-    first = torch.tensor([ids[0] for ids in dm.label_token_ids()], device="cuda")
+    first = torch.tensor([ids[0] for ids in dm.answer_tokens["label_ids"]], device="cuda")
     correct = 0
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -3,8 +3,8 @@ one question, scored the way `predict` scores the test set.
 
 The abstract is given with `--context` (once per section), or the whole question as one
 JSON record on standard input (`--record -`): `{"question": ..., "contexts": [...]}` or the
-hub's schema (`context: {contexts: [...], labels: [...]}`). Prints the decision and the three
-probabilities; `--rationale_tokens N` adds a generated explanation. Model settings come from
+hub's schema (`context: {contexts: [...], labels: [...]}`). PubMedQA only (`--data.task
+pubmedqa`, the default). Prints the decision and the label probabilities; `--rationale_tokens N` adds a generated explanation. Model settings come from
 the config and flags, as for `predict`; without `--ckpt_path` the base model answers
 (zero-shot).
 """
@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from medqa.prompts import LABELS
 
 
 def read_record(source: str) -> tuple[str, list[str], list[str] | None]:
@@ -51,11 +49,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nAll other options are predict's: python -m medqa predict --help")
         return {}
 
-    from medqa.backends import load_tokenizer
     from medqa.checkpoints import load_checkpoint
     from medqa.cli import cli_for
-    from medqa.data import PromptFormat, checkpoint_prompt, collate
+    from medqa.data import checkpoint_prompt
     from medqa.records import DataError
+    from medqa.tokens import collate
     from medqa.tasks.pubmedqa import make_record
 
     if args.record is not None:
@@ -70,15 +68,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cli, ckpt_path = cli_for("predict", [*rest, *(["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])])
     model, data = cli.model, cli.datamodule
+    if data.task.name != "pubmedqa":
+        raise DataError(f"ask asks PubMedQA questions (a question and its abstract); --data.task {data.task.name} "
+                        "is scored with predict on a file of its records")
     if data.target != "decision":
         raise DataError("ask scores the decision from the abstract alone: use --data.target decision "
                         "(long_answer is PubMedQA's reasoning-free setting, which needs the gold long answer)")
-    tokenizer = load_tokenizer(model.pretrained, model.trust_remote_code)
-    fmt = PromptFormat(tokenizer, data.target, data.max_length, data.prompt)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fmt = data.formatter
     model.configure_model()
-    model.label_ids, model.pad_id = fmt.label_token_ids(), pad_id
-    model.rationale_tokens, model.rationale_suffix = args.rationale_tokens, fmt.rationale_suffix_ids()
+    model.rationale_tokens = args.rationale_tokens
     if ckpt_path is not None:
         checkpoint = load_checkpoint(Path(ckpt_path), cli.config.predict.weights_only)
         data.check_prompt(checkpoint_prompt(checkpoint))
@@ -86,13 +84,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.load_state_dict(checkpoint["state_dict"], strict=False)
     device = next(model.model.parameters()).device
     model.to(device).eval()
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([fmt.encode(record)], pad_id).items()}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([fmt.encode(record)], data.pad_id).items()}
     with torch.no_grad():
         out = model.predict_step(batch, 0)
     probs = out["probs"][0].tolist()
-    answer = {"decision": LABELS[max(range(len(LABELS)), key=probs.__getitem__)],
-              **{f"p_{w}": round(p, 6) for w, p in zip(LABELS, probs)}, "checkpoint": ckpt_path}
+    answer = {"decision": model.labels[max(range(len(probs)), key=probs.__getitem__)],
+              **{f"p_{w}": round(p, 6) for w, p in zip(model.labels, probs)}, "checkpoint": ckpt_path}
     if "rationale_ids" in out:
-        answer["rationale"] = tokenizer.decode(out["rationale_ids"][0], skip_special_tokens=True).strip()
+        answer["rationale"] = data.decode(out["rationale_ids"][0])
     print(json.dumps(answer, indent=1))
     return answer

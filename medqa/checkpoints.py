@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic, durable writes and finding the checkpoint to resume from.
+"""Checkpoint files: atomic, durable writes, finding the checkpoint to resume from, and
+whether a checkpoint fits the model built for this run (`misfits`).
 
 What a checkpoint holds (the LoRA weights, optimizer, scheduler and loop state, never the
 frozen base) is the LightningModule's business, in `model.py`.
@@ -221,3 +222,49 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
                 if path.is_file() and score:
                     candidates.append((float(score.group(1)), -order, path.stat().st_mtime, path))
     return max(candidates)[-1] if candidates else None
+
+
+def base_fingerprint(model: Any, pretrained: str) -> dict[str, Any]:
+    """What identifies a PEFT model's base: its name, architecture and a digest of weights no
+    LoRA touches (the input embeddings' first rows and the final norm, rounded to bfloat16
+    so 4-bit, 16-bit and CPU loads of one model agree)."""
+    base = model.get_base_model()
+    config = base.config
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    digest = hashlib.sha256()
+    norm = getattr(getattr(base, "model", base), "norm", None)
+    for tensor in (base.get_input_embeddings().weight[:64], *([norm.weight] if norm is not None else [])):
+        digest.update(tensor.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return {"name": Path(pretrained.rstrip("/")).name, **{k: getattr(config, k, None) for k in keys},
+            "weights_sha256": digest.hexdigest()}
+
+
+def misfits(checkpoint: dict[str, Any], lora: LoraSettings, answers: dict[str, Any], base: dict[str, Any],
+            trainable: dict[str, torch.Size]) -> list[str]:
+    """What keeps `checkpoint` (untrusted) from continuing a model with these LoRA settings,
+    answer tokens (`labels`, `label_ids`), base fingerprint and trainable weight shapes,
+    one entry a difference; empty where it fits."""
+    saved_hp = checkpoint.get("hyper_parameters", {})
+    differs = lora.differences(saved_hp)
+    theirs = saved_hp.get("answer_tokens")
+    if isinstance(theirs, dict):  # saved since medqa had a second task
+        answer = [f"answer {k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in answers.items()
+                  if k in theirs and theirs[k] != v]
+        if answer:  # the checkpoint answers another task, or in another tokenizer
+            answer[-1] += " (pass the checkpoint's --data.task and base model)"
+        differs += answer
+    saved_base = checkpoint.get("medqa_base", {})
+    differs += [f"base model {k}: checkpoint {saved_base[k]!r}, this run {base[k]!r}"
+                for k in base if k in saved_base and saved_base[k] != base[k]]
+    saved = checkpoint["state_dict"]
+    if set(saved) != set(trainable):
+        only_ckpt, only_model = sorted(set(saved) - set(trainable)), sorted(set(trainable) - set(saved))
+        differs.append(f"{len(only_ckpt)} weights only in the checkpoint (e.g. {only_ckpt[:2]}), "
+                       f"{len(only_model)} only in the model (e.g. {only_model[:2]})")
+    else:
+        shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(trainable[k])}"
+                  for k, v in saved.items() if trainable[k] != v.shape]
+        if shapes:
+            differs.append(f"{len(shapes)} weights differ in shape (e.g. {shapes[0]})")
+    return differs

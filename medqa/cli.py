@@ -42,7 +42,7 @@ from medqa.checkpoints import (
     next_run_name,
     runs,
 )
-from medqa.data import PubMedQADataModule
+from medqa.data import QADataModule
 from medqa.memory import TrainingOutOfMemory
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PredictionWriter
@@ -82,6 +82,9 @@ class MedQACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")
         parser.link_arguments("data.max_length", "model.max_length")
+        # The label words and their token ids exist once the data has its tokenizer: handed
+        # to the model as both are built, never read back from the data by the model.
+        parser.link_arguments("data.answer_tokens", "model.answer_tokens", apply_on="instantiate")
         # Two checkpoint callbacks: Lightning's save_last writes last.ckpt only when a top-k
         # checkpoint was saved at the same step, so with a monitor it would not follow the run.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -128,6 +131,9 @@ class MedQACLI(LightningCLI):
         file is refused in one line before any model is built, and its adapter is rewritten
         if a save was interrupted between the two."""
         config = self.config[self.subcommand]
+        if str(config.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+            # Before the data loads its tokenizer, which for a GPU config is a hub model's.
+            raise MisconfigurationException(f"--trainer.accelerator {config.trainer.accelerator}: no CUDA GPU is visible.")
         if config.get("threads") is not None:
             if config.threads < 1:
                 raise SettingsError(f"--threads must be 1 or more, got {config.threads}")
@@ -221,6 +227,8 @@ class MedQACLI(LightningCLI):
         if last.best_model_path:
             lines.append(f"Last checkpoint: {last.best_model_path} (step {trainer.global_step})")
         config = " ".join(f"--config {c}" for c in (self.config.fit.get("config") or [])) or "..."
+        if self.config.fit.data.task != "pubmedqa":  # a task given on the command line
+            config += f" --data.task {self.config.fit.data.task}"
         lines += [f"Curves: tensorboard --logdir {Path(log_dir).parent}",
                   f"Next: python -m medqa test {config} --ckpt_path best",
                   f"      python -m medqa predict {config} --ckpt_path best",
@@ -316,7 +324,7 @@ class _Unrun(MedQACLI):
 def cli_for(subcommand: str, args: list[str]) -> tuple[MedQACLI, str | None]:
     """The model, data and trainer `subcommand` would use, built but not run, and the
     checkpoint it resolved (`--ckpt_path last|best` included), or None."""
-    cli = _Unrun(MedQALoRA, PubMedQADataModule, args=[subcommand, *args], trainer_defaults=TRAINER_DEFAULTS,
+    cli = _Unrun(MedQALoRA, QADataModule, args=[subcommand, *args], trainer_defaults=TRAINER_DEFAULTS,
                  parser_class=MedQAParser)
     return cli, cli.config[subcommand].get("ckpt_path")
 
@@ -332,7 +340,7 @@ def main(args: list[str] | None = None) -> Any:
         run = partial(command.main, argv[1:])
         expected: tuple[type[BaseException], ...] = (ValueError, OSError, *USER_ERRORS)
     else:
-        run = partial(MedQACLI, MedQALoRA, PubMedQADataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
+        run = partial(MedQACLI, MedQALoRA, QADataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
                       save_config_kwargs={"config_filename": "config.yaml"}, parser_class=MedQAParser,
                       parser_kwargs={"prog": "python -m medqa"})
         expected = USER_ERRORS

@@ -1,217 +1,55 @@
-"""From records to batches: tokenization with answer-only labels, per-batch padding or
-packing, and the `LightningDataModule`. The records, their readers and the official split
-are the task's (`medqa.tasks.pubmedqa`); the orders are `medqa.samplers`'."""
+"""The `LightningDataModule`: a task's records (`medqa.tasks`), split and tokenized
+(`medqa.tokens`), in batches whose order `medqa.samplers` keeps."""
 
 from __future__ import annotations
 
 import hashlib
 from array import array
 from functools import partial
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from medqa import prompts
-from medqa.prompts import LABELS, Target
+from medqa.prompts import Target
 from medqa.records import DataError
 from medqa.samplers import LongestFirst, ResumableSampler
-from medqa.tasks.pubmedqa import HUB_DATASET, Record, label_counts, official_split, read_source
+from medqa.tasks import Record, get_task
+from medqa.tokens import Example, PromptFormat, collate
 
 
 PredictSplit = Literal["train", "dev", "test", "all"]
 
 
-# ---------------------------------------------------------------------- tokenization
-
-
-@dataclass
-class Example:
-    """A tokenized record: `labels` are -100 outside the answer; `answer_pos` indexes the
-    first token of the decision word, whose logits are read at `answer_pos - 1`."""
-
-    id: str
-    input_ids: list[int]
-    labels: list[int]
-    answer_pos: int
-    label: int
-    truncated: bool = False
-
-
-@dataclass
-class PromptFormat:
-    """Turns records into token ids with one tokenizer and one answer target."""
-
-    tokenizer: Any
-    target: Target = "decision"
-    max_length: int = 1024
-    settings: prompts.PromptSettings = field(default_factory=prompts.PromptSettings)
-    chat: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
-        self._end = self._end_of_answer()
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def _after_answer(self, turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        """What the chat template writes after an assistant answer, up to the end of `turns`
-        (the turns that follow it), as text."""
-        marker = "MEDQA_ANSWER_MARKER"
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}, *turns],
-            tokenize=False, add_generation_prompt=generation_prompt,
-        )
-        return text[text.rindex(marker) + len(marker) :]
-
-    def _end_of_answer(self) -> list[int]:
-        if self.chat:
-            # The chat template closes the assistant turn with its own end-of-turn token.
-            tail = self._after_answer([])
-            ids = self._encode(tail.strip() or tail)
-            if ids:
-                return ids
-        if self.tokenizer.eos_token_id is None:
-            raise DataError("the tokenizer has no end-of-sequence token; one is needed to end the answer")
-        return [self.tokenizer.eos_token_id]
-
-    def _prompt_parts(self, question: str) -> tuple[str, str]:
-        if self.chat:
-            text = self.tokenizer.apply_chat_template(
-                prompts.chat_messages(question, self.settings), tokenize=False, add_generation_prompt=True
-            )
-        else:
-            bos = self.tokenizer.bos_token or ""
-            text = bos + prompts.plain_prompt(question, self.settings)
-        prefix, suffix = text.split(prompts.CONTEXT_PLACEHOLDER, 1)  # the abstract comes first
-        return prefix, suffix
-
-    def rationale_suffix_ids(self) -> list[int]:
-        """Tokens that follow the decision word to ask for a rationale: the end of the
-        assistant's turn, a user turn with the request, and the assistant's turn opening."""
-        if not self.chat:
-            return self._encode(prompts.plain_rationale_request())
-        return self._encode(self._after_answer([{"role": "user", "content": prompts.RATIONALE_REQUEST}],
-                                               generation_prompt=True))
-
-    def label_token_ids(self) -> list[list[int]]:
-        """Token ids of each label word as written at the scoring position."""
-        return [self._encode(prompts.label_surface(w, self.target, self.chat)) for w in LABELS]
-
-    def encode(self, record: Record) -> Example:
-        """Tokenize one record; when too long, only the abstract is cut (from its end)."""
-        prefix, suffix = self._prompt_parts(record.question)
-        pre, post = self._encode(prefix), self._encode(suffix)
-        context = self._encode(prompts.format_contexts(record.contexts, record.context_labels))
-        head = self._encode(prompts.answer_head(record.long_answer, self.target, self.chat))
-        word = self.label_token_ids()[record.label]
-        fixed = len(pre) + len(post) + len(head) + len(word) + len(self._end)
-        budget = self.max_length - fixed
-        if budget < 0:
-            raise DataError(
-                f"record {record.id!r}: the prompt without the abstract plus the answer takes {fixed} "
-                f"tokens, more than --data.max_length {self.max_length}; raise max_length"
-            )
-        truncated = len(context) > budget
-        context = context[:budget]
-        prompt = pre + context + post
-        answer = head + word + self._end
-        return Example(
-            id=record.id,
-            input_ids=prompt + answer,
-            labels=[-100] * len(prompt) + answer,
-            answer_pos=len(prompt) + len(head),
-            label=record.label,
-            truncated=truncated,
-        )
-
-
-def collate(examples: Sequence[Example], pad_id: int, pack: bool = False, train: bool = False) -> dict[str, Any]:
-    """Right-pad a batch to its own longest example, or, with `pack`, join its examples into
-    one row without padding (training only; see `pack_examples`). `train` marks a batch of
-    the training order, which the DataModule counts as a step takes it."""
-    batch = pack_examples(examples) if pack else _padded(examples, pad_id)
-    return {**batch, "train": True} if train else batch
-
-
-def _padded(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        attention_mask[i, :n] = 1
-    # Positions whose next token is an answer token, flattened over (batch, time).
-    rows, cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
-    return {
-        "ids": [e.id for e in examples],
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "answer_pos": torch.tensor([e.answer_pos for e in examples]),
-        "label": torch.tensor([e.label for e in examples]),
-        "loss_pos": rows * width + cols,
-        "loss_targets": labels[rows, cols + 1],
-        "num_tokens": sum(len(e.input_ids) for e in examples),
-    }
-
-
-def pack_examples(examples: Sequence[Example]) -> dict[str, Any]:
-    """A training batch as one row: the examples one after another, no padding.
-
-    `position_ids` restart at 0 for each example; with no attention mask, both backends
-    read them as packed sequences and keep attention inside each example (transformers'
-    masking utilities and Unsloth build a block-diagonal causal mask, or use variable-length
-    flash attention). The loss positions never cross from one example into the next, so
-    the loss equals the padded batch's.
-    """
-    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
-    labels = torch.tensor([t for e in examples for t in e.labels]).unsqueeze(0)
-    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
-    # Answer positions: next token an answer token, within the same example.
-    follows = (labels[0, 1:] != -100) & (position_ids[0, 1:] != 0)
-    cols = torch.nonzero(follows).squeeze(1)
-    return {
-        "ids": [e.id for e in examples],
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "position_ids": position_ids,
-        "labels": labels,
-        "label": torch.tensor([e.label for e in examples]),
-        "loss_pos": cols,
-        "loss_targets": labels[0, cols + 1],
-        "num_tokens": input_ids.size(1),
-    }
-
-
 # ------------------------------------------------------------------------ DataModule
 
 
-class PubMedQADataModule(L.LightningDataModule):
-    """PubMedQA for LoRA fine-tuning: reads, splits and tokenizes; batches padded per batch
-    (evaluation batches longest first, see `LongestFirst`).
+class QADataModule(L.LightningDataModule):
+    """A question-answering task for LoRA fine-tuning: reads, splits and tokenizes; batches
+    padded per batch (evaluation batches longest first, see `LongestFirst`).
 
     Args:
-        source: `qiaojin/PubMedQA` (hub), a local `ori_pqal.json` / hub-schema `.json` or
-            `.jsonl`, or `synthetic` (the embedded demo set). Dev and test always come from it.
-        hub_config: Hub configuration of `source` when it is a hub id.
-        train_source: Train on this instead of the nine training folds (e.g. PQA-A:
+        task: Which task (`medqa.tasks`): `pubmedqa` (yes / no / maybe over an abstract) or
+            `medqa_usmle` (MedQA-USMLE, 4 options A-D).
+        source: Where the task's records are: its hub id (the default), a local file or
+            folder in its published schema, or `synthetic` (the embedded demo set). Dev and
+            test always come from it. PubMedQA: `qiaojin/PubMedQA`, `ori_pqal.json`, or a
+            hub-schema `.json` / `.jsonl`. MedQA-USMLE: the folder of its
+            `*_train.jsonl`, `*_dev.jsonl` and `*_test.jsonl`.
+        hub_config: Hub configuration of `source` when it is a hub id (default: the task's).
+        train_source: Train on this instead of the official training split (e.g. PQA-A:
             `qiaojin/PubMedQA` with `train_hub_config: pqa_artificial`, or `ori_pqaa.json`).
         train_hub_config: Hub configuration of `train_source`.
-        fold: Which of the 10 official cross-validation folds is the dev set (0-9).
+        fold: Which official cross-validation fold is the dev set (PubMedQA: 0-9; a task
+            with a fixed dev set: 0).
         target: What the model learns to write: the decision word alone, or the long
             answer followed by the decision.
-        system_prompt: The system turn (or the plain prompt's first paragraph). Saved with
-            every checkpoint; a checkpoint trained under another is refused.
-        instruction: The line after the question that asks for the answer. Saved likewise.
+        system_prompt: The system turn (or the plain prompt's first paragraph); by default the
+            task's. Saved with every checkpoint; a checkpoint trained under another is refused.
+        instruction: The line after the question that asks for the answer; by default the
+            task's. Saved likewise.
         pretrained: Tokenizer to use; linked to `model.pretrained`, not set here.
         max_length: Longest example in tokens; longer abstracts are cut. Also the model's.
         batch_size: Examples per training batch.
@@ -231,14 +69,15 @@ class PubMedQADataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: str = HUB_DATASET,
-        hub_config: str = "pqa_labeled",
+        task: str = "pubmedqa",
+        source: str | None = None,
+        hub_config: str | None = None,
         train_source: str | None = None,
-        train_hub_config: str = "pqa_artificial",
+        train_hub_config: str | None = None,
         fold: int = 0,
         target: Target = "decision",
-        system_prompt: str = prompts.SYSTEM_PROMPT,
-        instruction: str = prompts.INSTRUCTION,
+        system_prompt: str | None = None,
+        instruction: str | None = None,
         pretrained: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
         max_length: int = 1024,
         batch_size: int = 4,
@@ -251,18 +90,23 @@ class PubMedQADataModule(L.LightningDataModule):
         drop_eval_overlap: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= fold < 10:
-            raise DataError(f"--data.fold must be in 0..9, got {fold}")
+        self.task = get_task(task)
+        if not 0 <= fold < self.task.folds:
+            raise DataError(f"--data.fold must be in 0..{self.task.folds - 1} for {task}, got {fold}")
         for name, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                    ("max_length", max_length, 32), ("num_workers", num_workers, 0)):
             if value < least:
                 raise DataError(f"--data.{name} must be {least} or more, got {value}")
+        system_prompt = self.task.system_prompt if system_prompt is None else system_prompt
+        instruction = self.task.instruction if instruction is None else instruction
         for name, text in (("system_prompt", system_prompt), ("instruction", instruction)):
             if prompts.CONTEXT_PLACEHOLDER in text:
                 raise DataError(f"--data.{name} contains medqa's internal context marker; remove it")
-        self.prompt = prompts.PromptSettings(system_prompt, instruction)
+        self.prompt = prompts.PromptSettings(self.task.name, system_prompt, instruction, self.task.labels)
+        self.labels = list(self.task.labels)
         self.save_hyperparameters()
-        self.source, self.hub_config = source, hub_config
+        self.source = self.task.default_source if source is None else source
+        self.hub_config = self.task.default_hub_config if hub_config is None else hub_config
         self.train_source, self.train_hub_config = train_source, train_hub_config
         self.fold, self.target, self.pretrained, self.max_length = fold, target, pretrained, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -276,31 +120,47 @@ class PubMedQADataModule(L.LightningDataModule):
         self._identity: dict[str, Any] | None = None
         self.stage: str | None = None  # the stage of the last setup: a resume is checked for fit only
 
-    def setup(self, stage: str) -> None:
-        self.stage = stage
+    @property
+    def formatter(self) -> PromptFormat:
+        """The task's prompt in this run's tokenizer, loaded on first use."""
         if self.format is None:
             from medqa.backends import load_tokenizer
 
-            self.format = PromptFormat(load_tokenizer(self.pretrained), self.target, self.max_length, self.prompt)
+            self.format = PromptFormat(load_tokenizer(self.pretrained), self.target, self.max_length, self.task,
+                                       self.prompt)
+        return self.format
+
+    @property
+    def answer_tokens(self) -> dict[str, Any]:
+        """What the model needs to score and generate answers, linked to `model.answer_tokens`
+        when the CLI builds both: the label words, their token ids, the pad id and the tokens
+        that ask for a rationale."""
+        return {"labels": self.labels, "label_ids": self.formatter.label_token_ids(), "pad_id": self.pad_id,
+                "rationale_suffix": self.formatter.rationale_suffix_ids()}
+
+    def setup(self, stage: str) -> None:
+        self.stage = stage
+        fmt = self.formatter  # the tokenizer first: a missing one fails before any file is read
         if self.examples:
             return
-        records = read_source(self.source, self.hub_config)
-        splits: dict[str, list[Record]] = dict(official_split(records, self.fold))
+        records = self.task.read(self.source, self.hub_config)
+        splits: dict[str, list[Record]] = dict(self.task.split(records, self.fold))
         origin = {name: self.source for name in splits}
         if self.train_source is not None:
-            splits["train"] = self._without_eval_questions(read_source(self.train_source, self.train_hub_config),
+            splits["train"] = self._without_eval_questions(self.task.read(self.train_source, self.train_hub_config),
                                                            splits["dev"] + splits["test"])
             origin["train"] = self.train_source
         splits["all"] = records
-        rank_zero_info(f"Read {len(records)} records from {self.source} (fold {self.fold} is dev).")
+        folds = f" (fold {self.fold} is dev)" if self.task.folds > 1 else ""
+        rank_zero_info(f"Read {len(records)} {self.task.name} records from {self.source}{folds}.")
         for name, recs in splits.items():
-            self.examples[name] = [self.format.encode(r) for r in recs]
+            self.examples[name] = [fmt.encode(r) for r in recs]
             cut = sum(e.truncated for e in self.examples[name])
-            counts = ", ".join(f"{w} {n}" for w, n in label_counts(recs).items())
+            counts = ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())
             if name != "all":
                 rank_zero_info(
                     f"  {name}: {len(recs)} records from {origin[name]} ({counts}); "
-                    f"{len(recs)} used, {cut} with the abstract cut to fit {self.max_length} tokens"
+                    f"{len(recs)} used, {cut} with the passage cut to fit {self.max_length} tokens"
                 )
 
     def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
@@ -325,14 +185,8 @@ class PubMedQADataModule(L.LightningDataModule):
 
     @property
     def pad_id(self) -> int:
-        tok = self.format.tokenizer
+        tok = self.formatter.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def label_token_ids(self) -> list[list[int]]:
-        return self.format.label_token_ids()
-
-    def rationale_suffix_ids(self) -> list[int]:
-        return self.format.rationale_suffix_ids()
 
     def longest_batch_tokens(self) -> int:
         """Token positions of the largest training batch the data can produce: a full batch of
@@ -342,7 +196,7 @@ class PubMedQADataModule(L.LightningDataModule):
         return sum(longest) if self.packing else len(longest) * (longest[0] if longest else 0)
 
     def decode(self, ids: list[int]) -> str:
-        return self.format.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.formatter.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _processes(self) -> tuple[int, int]:
         """(number of processes, this one's rank): the samplers split the data themselves."""
@@ -359,7 +213,8 @@ class PubMedQADataModule(L.LightningDataModule):
             examples,
             batch_size=batch_size,
             sampler=sampler or LongestFirst([len(e.input_ids) for e in examples], batch_size, world, rank),
-            collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train", train=sampler is not None),
+            collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train",
+                               longest=self.longest_batch_tokens() if sampler is not None else None),
             num_workers=self.num_workers,
         )
 
@@ -401,7 +256,7 @@ class PubMedQADataModule(L.LightningDataModule):
                 train.update(f"{e.id}|{e.answer_pos}|{e.label}|".encode())
                 train.update(array("q", e.input_ids).tobytes())
             dev = hashlib.sha256("\n".join(e.id for e in self.examples["dev"]).encode())
-            self._identity = {"source": self.source, "train_source": self.train_source, "fold": self.fold,
+            self._identity = {"task": self.task.name, "source": self.source, "train_source": self.train_source, "fold": self.fold,
                               "target": self.target, "max_length": self.max_length,
                               "train_sha256": train.hexdigest(), "dev_sha256": dev.hexdigest()}
         return self._identity
@@ -451,7 +306,7 @@ class PubMedQADataModule(L.LightningDataModule):
     def _check_identity(self, theirs: dict[str, Any]) -> None:
         """Refuse to resume a fit on other data, naming what differs."""
         ours = self.identity()
-        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("fold", "target", "max_length")
+        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("task", "fold", "target", "max_length")
                  if k in theirs and theirs[k] != ours[k]]
         digests = [k for k in ("train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
         if not named and not digests:
@@ -469,5 +324,5 @@ class PubMedQADataModule(L.LightningDataModule):
 def checkpoint_prompt(checkpoint: dict[str, Any]) -> Any:
     """The prompt settings a checkpoint's DataModule state saved, as saved (untrusted); None
     where it saved none."""
-    state = checkpoint.get(PubMedQADataModule.__qualname__)
+    state = checkpoint.get(QADataModule.__qualname__)
     return state.get("prompt") if isinstance(state, dict) else None

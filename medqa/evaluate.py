@@ -1,11 +1,12 @@
 """`python -m medqa evaluate PREDICTIONS.json`: score a prediction file the way the PubMedQA
 authors' scorer does (their `evaluation.py`: scikit-learn's `accuracy_score` and
 `f1_score(average="macro")` over the label strings), refusing a file that does not answer
-exactly the test questions.
+exactly the test questions. The same scores serve every task (`--task`; MedQA-USMLE reports
+accuracy).
 
-The truth is the official `test_ground_truth.json` (`--truth`), or the test split that medqa
-computes from a data source (`--source`, PQA-L on the hub by default), which is the same 500
-questions.
+The truth is a `{question id: label}` file such as PubMedQA's official
+`test_ground_truth.json` (`--truth`), or the test split that medqa computes from a data
+source (`--source`), for PQA-L the same 500 questions.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medqa.records import DataError, parse_json
-from medqa.tasks.pubmedqa import HUB_DATASET, official_split, read_source
-from medqa.prompts import LABELS
+from medqa.tasks import Task, get_task, task_names
 
 
 class EvaluationError(ValueError):
     """A prediction or truth file that cannot be scored, saying which and why."""
 
 
-def read_answers(path: Path, what: str) -> dict[str, str]:
-    """A JSON object `{question id: "yes" | "no" | "maybe"}`, checked."""
+def read_answers(path: Path, what: str, labels: Sequence[str]) -> dict[str, str]:
+    """A JSON object `{question id: label}`, each label one of `labels`, checked."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -41,16 +41,16 @@ def read_answers(path: Path, what: str) -> dict[str, str]:
         )
     if not raw:
         raise EvaluationError(f"{what} file {path}: holds no answers (an empty object)")
-    bad = [(k, v) for k, v in raw.items() if v not in LABELS]
+    bad = [(k, v) for k, v in raw.items() if v not in labels]
     if bad:
         shown = ", ".join(f"{k!r}: {v!r}" for k, v in bad[:3])
         raise EvaluationError(
-            f"{what} file {path}: {len(bad)} entries are not one of {', '.join(LABELS)} (e.g. {shown})"
+            f"{what} file {path}: {len(bad)} entries are not one of {', '.join(labels)} (e.g. {shown})"
         )
     return raw
 
 
-def official_scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
+def official_scores(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     """Accuracy and macro-F1 with the official scorer's semantics: F1 is averaged over the
     labels that occur in the truth or the predictions (scikit-learn's default), a label with
     no true positive scoring 0."""
@@ -63,11 +63,12 @@ def official_scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str,
         fn = sum(t == label != p for t, p in zip(truth, predicted))
         f1[label] = 2 * tp / (2 * tp + fp + fn)
     scores["macro_f1"] = sum(f1.values()) / len(f1)
-    scores.update({f"f1_{label}": f1.get(label, 0.0) for label in LABELS})
+    scores.update({f"f1_{label}": f1.get(label, 0.0) for label in labels})
     return scores
 
 
-def evaluate(predictions: Mapping[str, str], truth: Mapping[str, str], where: str) -> dict[str, float]:
+def evaluate(predictions: Mapping[str, str], truth: Mapping[str, str], where: str,
+             labels: Sequence[str] = ("yes", "no", "maybe")) -> dict[str, float]:
     """Scores of `predictions` against `truth`; refuses missing or extra question ids."""
     missing = [k for k in truth if k not in predictions]
     extra = [k for k in predictions if k not in truth]
@@ -81,46 +82,49 @@ def evaluate(predictions: Mapping[str, str], truth: Mapping[str, str], where: st
             f"{where} must answer all and only the {len(truth)} test questions: " + "; ".join(problems)
         )
     ids = list(truth)
-    return official_scores([truth[k] for k in ids], [predictions[k] for k in ids])
+    return official_scores([truth[k] for k in ids], [predictions[k] for k in ids], labels)
 
 
-def truth_from_source(source: str, hub_config: str) -> dict[str, str]:
-    """The official test questions' decisions, from a medqa data source."""
-    return {r.id: r.decision for r in official_split(read_source(source, hub_config))["test"]}
+def truth_from_source(task: Task, source: str, hub_config: str | None) -> dict[str, str]:
+    """The official test questions' answers, from a medqa data source of `task`."""
+    return {r.id: task.labels[r.label] for r in task.split(task.read(source, hub_config), 0)["test"]}
 
 
-def format_scores(scores: Mapping[str, float], n: int) -> str:
+def format_scores(scores: Mapping[str, float], n: int, labels: Sequence[str]) -> str:
     lines = [f"{n} questions", f"accuracy  {scores['accuracy']:.4f}", f"macro-F1  {scores['macro_f1']:.4f}"]
-    lines += [f"F1 {label:<6}{scores[f'f1_{label}']:.4f}" for label in LABELS]
+    lines += [f"F1 {label:<6}{scores[f'f1_{label}']:.4f}" for label in labels]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m medqa evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("predictions", type=Path, help="predictions.json: {question id: yes|no|maybe}")
-    parser.add_argument("--truth", type=Path, help="test_ground_truth.json from the PubMedQA repository")
+    parser.add_argument("predictions", type=Path, help="predictions.json: {question id: label}")
+    parser.add_argument("--task", default="pubmedqa", choices=task_names(), help="the task the predictions answer")
+    parser.add_argument("--truth", type=Path,
+                        help="{question id: label} file, e.g. test_ground_truth.json from the PubMedQA repository")
     parser.add_argument("--source",
-                        help="instead of --truth: a medqa data source (ori_pqal.json, synthetic, or the hub's "
-                             f"{HUB_DATASET}) whose official test split is the truth")
-    parser.add_argument("--hub_config", default="pqa_labeled")
+                        help="instead of --truth: a medqa data source of the task (as --data.source: a file or "
+                             "folder, synthetic, or a hub id) whose official test split is the truth")
+    parser.add_argument("--hub_config", help="hub configuration of --source (default: the task's)")
     parser.add_argument("--out", type=Path, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
 
+    task = get_task(args.task)
     if (args.truth is None) == (args.source is None):
         raise EvaluationError(
             "give the truth once: --truth test_ground_truth.json (the PubMedQA repository's data/ folder), or "
-            f"--source ori_pqal.json | synthetic | {HUB_DATASET} (its official test split)")
-    predictions = read_answers(args.predictions, "predictions")
+            f"--source ori_pqal.json | synthetic | {task.default_source} (its official test split)")
+    predictions = read_answers(args.predictions, "predictions", task.labels)
     if args.truth is not None:
-        truth = read_answers(args.truth, "truth")
+        truth = read_answers(args.truth, "truth", task.labels)
     else:
         try:
-            truth = truth_from_source(args.source, args.hub_config)
+            truth = truth_from_source(task, args.source, args.hub_config)
         except DataError as e:
             raise EvaluationError(f"could not read the truth from --source {args.source}: "
                                   + str(e).replace("--data.source", "--source")) from None
-    scores = evaluate(predictions, truth, str(args.predictions))
-    print(format_scores(scores, len(truth)))
+    scores = evaluate(predictions, truth, str(args.predictions), task.labels)
+    print(format_scores(scores, len(truth), task.labels))
     if args.out is not None:
         if args.out.exists():
             raise EvaluationError(f"{args.out} exists; remove it or choose another --out")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from medqa import prompts
+from medqa.records import DataError
+from medqa.tasks import Task, get_task
 from medqa.checkpoints import CheckpointError, load_checkpoint, save_adapter
 
 
@@ -43,37 +45,44 @@ def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     return settings
 
 
-def trained_prompt(checkpoint: dict[str, Any]) -> tuple[prompts.PromptSettings, bool]:
-    """The prompt settings the checkpoint was trained with (type-checked), and whether it
-    saved them; today's built-in settings for a checkpoint from before they were saved."""
+def trained_prompt(checkpoint: dict[str, Any]) -> tuple[prompts.PromptSettings, Task, bool]:
+    """The prompt settings the checkpoint was trained with (type-checked), its task, and
+    whether it saved them; PubMedQA's built-in settings for a checkpoint from before they
+    were saved."""
     from medqa.data import checkpoint_prompt
 
     saved = checkpoint_prompt(checkpoint)
     if saved is None:
-        return prompts.PromptSettings(), False
-    system, instruction, labels = (saved.get(k) if isinstance(saved, dict) else None for k in ("system", "instruction", "labels"))
-    if not (isinstance(system, str) and isinstance(instruction, str) and isinstance(labels, list)
-            and labels and all(isinstance(w, str) for w in labels)):
-        raise CheckpointError("the checkpoint's saved prompt settings are not text (system, instruction, labels)")
-    return prompts.PromptSettings(system, instruction, tuple(labels)), True
+        task = get_task("pubmedqa")
+        return prompts.PromptSettings(task.name, task.system_prompt, task.instruction, task.labels), task, False
+    saved = {"task": "pubmedqa", **saved} if isinstance(saved, dict) else {}
+    name, system, instruction, labels = (saved.get(k) for k in ("task", "system", "instruction", "labels"))
+    if not (isinstance(name, str) and isinstance(system, str) and isinstance(instruction, str)
+            and isinstance(labels, list) and labels and all(isinstance(w, str) for w in labels)):
+        raise CheckpointError("the checkpoint's saved prompt settings are not text (task, system, instruction, labels)")
+    try:
+        task = get_task(name)
+    except DataError as e:
+        raise CheckpointError(f"the checkpoint's saved task: {e}") from None
+    return prompts.PromptSettings(name, system, instruction, tuple(labels)), task, True
 
 
 def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str) -> dict[str, Any]:
     """Everything needed to ask the exported model a question the way medqa did."""
-    from medqa.data import PromptFormat
-    from medqa.tasks.pubmedqa import Record
+    from medqa.tokens import PromptFormat
 
     data = checkpoint.get("datamodule_hyper_parameters", {})
     target, max_length = data.get("target", "decision"), data.get("max_length", 1024)
     if target not in ("decision", "long_answer") or isinstance(max_length, bool) or not isinstance(max_length, int):
         raise CheckpointError(f"saved data settings target={target!r}, max_length={max_length!r} are not "
                               "'decision' / 'long_answer' and a whole number")
-    settings, saved = trained_prompt(checkpoint)
+    settings, task, saved = trained_prompt(checkpoint)
     if not saved:
         print("Note: this checkpoint predates saved prompt settings; medqa_prompt.json shows today's built-in prompt")
-    fmt = PromptFormat(tokenizer, target, max_length, settings)
-    example = fmt.encode(Record("0", "QUESTION?", ["ABSTRACT"], ["RESULTS"], "LONG ANSWER.", "yes"))
+    fmt = PromptFormat(tokenizer, target, max_length, task, settings)
+    example = fmt.encode(task.read("synthetic", None)[0])
     return {
+        "task": task.name,
         "base_model": base_model,
         "target": fmt.target,
         "max_length": fmt.max_length,
@@ -106,11 +115,14 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
 
     save_adapter(checkpoint, out)
     tokenizer.save_pretrained(out)
-    (out / "medqa_prompt.json").write_text(json.dumps(prompt_settings(checkpoint, tokenizer, pretrained), indent=1) + "\n")
+    prompt = prompt_settings(checkpoint, tokenizer, pretrained)
+    (out / "medqa_prompt.json").write_text(json.dumps(prompt, indent=1) + "\n")
     print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json)")
     if merged:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        answers = {"labels": prompt["labels"], "label_ids": prompt["label_token_ids"], "pad_id": pad, "rationale_suffix": []}
         settings = {**shape_settings(checkpoint, ckpt_path), "pretrained": pretrained, "backend": backend,
-                    "trust_remote_code": trust_remote_code}
+                    "trust_remote_code": trust_remote_code, "answer_tokens": answers}
         _export_merged(checkpoint, settings, tokenizer, out / "merged", merged_dtype)
         print(f"Wrote the merged {merged_dtype} model to {out / 'merged'}")
     return out

@@ -18,7 +18,6 @@ from torch import Tensor
 from torchmetrics import ConfusionMatrix, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
-from medqa.prompts import LABELS
 
 HiddenFn = Callable[[Tensor, Tensor], Tensor]
 """(input_ids, attention_mask) -> last hidden states (batch, time, hidden)."""
@@ -91,9 +90,9 @@ def _continuation_log_prob(
     return total
 
 
-def classification_metrics(prefix: str) -> MetricCollection:
-    """Accuracy and macro-F1 (the official PubMedQA pair) and per-class F1, for one stage."""
-    n = len(LABELS)
+def classification_metrics(prefix: str, n: int) -> MetricCollection:
+    """Accuracy and macro-F1 (the official PubMedQA pair) and per-class F1 over `n` labels,
+    for one stage."""
     return MetricCollection(
         {
             "acc": MulticlassAccuracy(num_classes=n, average="micro"),
@@ -104,27 +103,27 @@ def classification_metrics(prefix: str) -> MetricCollection:
     )
 
 
-def confusion_matrix() -> ConfusionMatrix:
-    return ConfusionMatrix(task="multiclass", num_classes=len(LABELS))
+def confusion_matrix(n: int) -> ConfusionMatrix:
+    return ConfusionMatrix(task="multiclass", num_classes=n)
 
 
-def calibration_error() -> MulticlassCalibrationError:
-    """Expected calibration error of the yes/no/maybe probabilities (10 bins, L1)."""
-    return MulticlassCalibrationError(num_classes=len(LABELS), n_bins=10, norm="l1")
+def calibration_error(n: int) -> MulticlassCalibrationError:
+    """Expected calibration error of the label probabilities (10 bins, L1)."""
+    return MulticlassCalibrationError(num_classes=n, n_bins=10, norm="l1")
 
 
-def confusion_figure(metric: ConfusionMatrix, matrix: Tensor) -> Any:
+def confusion_figure(metric: ConfusionMatrix, matrix: Tensor, labels: Sequence[str]) -> Any:
     """`metric`'s computed `matrix` as a matplotlib figure (rows: truth, columns: prediction)."""
-    fig, ax = metric.plot(val=matrix.cpu(), labels=list(LABELS))
+    fig, ax = metric.plot(val=matrix.cpu(), labels=list(labels))
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
     return fig
 
 
-def format_confusion(matrix: Tensor) -> str:
+def format_confusion(matrix: Tensor, labels: Sequence[str]) -> str:
     """The confusion matrix as a small text table (rows: truth, columns: prediction)."""
-    width = max(len(w) for w in LABELS) + 2
-    lines = ["truth \\ pred".ljust(14) + "".join(w.rjust(width) for w in LABELS)]
-    for w, row in zip(LABELS, matrix.tolist()):
+    width = max(len(w) for w in labels) + 2
+    lines = ["truth \\ pred".ljust(14) + "".join(w.rjust(width) for w in labels)]
+    for w, row in zip(labels, matrix.tolist()):
         lines.append(w.ljust(14) + "".join(str(int(v)).rjust(width) for v in row))
     return "\n".join(lines)

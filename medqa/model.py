@@ -1,11 +1,8 @@
-"""The `LightningModule`: a 4-bit Llama with LoRA, answer-only loss, categorical
-yes/no/maybe scoring, and checkpoints that hold only what was trained."""
+"""The `LightningModule`: a 4-bit Llama with LoRA, answer-only loss, categorical scoring
+over the task's label words, and checkpoints that hold only what was trained."""
 
 from __future__ import annotations
 
-import hashlib
-import math
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -14,7 +11,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 
 from medqa.backends import (
     Backend,
@@ -24,6 +20,8 @@ from medqa.backends import (
     keep_activations,
     load,
 )
+from medqa.checkpoints import base_fingerprint, misfits
+from medqa.schedules import WarmupCosine
 from medqa.memory import Plan, TrainingOutOfMemory, fallback, plan_for
 from medqa.metrics import (
     answer_loss,
@@ -34,7 +32,6 @@ from medqa.metrics import (
     format_confusion,
     label_log_probs,
 )
-from medqa.prompts import LABELS
 
 class SettingsError(ValueError):
     """A setting with a value that cannot work (a zero or negative size, say)."""
@@ -42,33 +39,6 @@ class SettingsError(ValueError):
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint whose adapter does not fit the model built for this run."""
-
-
-class WarmupCosine(LambdaLR):
-    """Linear warm-up from 0, then cosine decay to `min_ratio` of the peak learning rate.
-
-    Args:
-        optimizer: The optimizer whose learning rate is scheduled.
-        warmup: Warm-up length: a fraction of all steps when below 1, else a step count.
-        total_steps: All optimizer steps; left out, the trainer's estimate is used.
-        min_ratio: Final learning rate as a fraction of the peak.
-    """
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, warmup: float = 0.03, total_steps: int | None = None,
-        min_ratio: float = 0.0,
-    ) -> None:
-        self.warmup, self.total_steps, self.min_ratio = warmup, total_steps, min_ratio
-        super().__init__(optimizer, self.factor)
-
-    def factor(self, step: int) -> float:
-        if self.total_steps is None:  # only at construction, before the trainer's estimate is set
-            return 0.0 if self.warmup > 0 else 1.0
-        warm = self.warmup * self.total_steps if self.warmup < 1 else self.warmup
-        if step < warm:
-            return step / warm
-        progress = min(1.0, (step - warm) / max(1.0, self.total_steps - warm))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _write_hparams(logger: Any, settings: dict[str, Any], metric_tags: list[str]) -> None:
@@ -111,6 +81,9 @@ class MedQALoRA(L.LightningModule):
         rationale_tokens: `predict` only: after the scored decision, generate up to this many
             tokens of explanation (greedy), written to predictions.jsonl. 0 (the default)
             generates nothing. Set by `predict --generate_rationale true`.
+        answer_tokens: The task's label words and their token ids, the pad id and the tokens
+            that ask for a rationale (`QADataModule.answer_tokens`); linked from the data by
+            the CLI, not set here. Saved with every checkpoint.
         optimizer: Optimizer for the LoRA weights (e.g. torch.optim.AdamW,
             bitsandbytes.optim.AdamW8bit on a GPU).
         scheduler: Learning-rate schedule, stepped every optimizer step.
@@ -133,6 +106,7 @@ class MedQALoRA(L.LightningModule):
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
         rationale_tokens: int = 0,
+        answer_tokens: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosine,
     ) -> None:
@@ -158,13 +132,17 @@ class MedQALoRA(L.LightningModule):
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
         self.resolved_backend: str | None = None
-        self.val_metrics = classification_metrics("val/")
-        self.test_metrics = classification_metrics("test/")
-        self.val_confusion, self.test_confusion = confusion_matrix(), confusion_matrix()
-        self.val_calibration, self.test_calibration = calibration_error(), calibration_error()
-        self.label_ids: list[list[int]] = []
-        self.pad_id = 0
-        self.longest_batch_tokens = 0  # from the data in setup("fit"); sizes the `auto` plan
+        if answer_tokens is None:
+            raise SettingsError("MedQALoRA needs answer_tokens: the CLI links them from the data; in code pass "
+                                "answer_tokens=datamodule.answer_tokens")
+        self.labels: list[str] = list(answer_tokens["labels"])
+        self.label_ids: list[list[int]] = [list(ids) for ids in answer_tokens["label_ids"]]
+        self.pad_id: int = answer_tokens["pad_id"]
+        self.rationale_suffix: list[int] = list(answer_tokens["rationale_suffix"])
+        n = len(self.labels)
+        self.val_metrics, self.test_metrics = classification_metrics("val/", n), classification_metrics("test/", n)
+        self.val_confusion, self.test_confusion = confusion_matrix(n), confusion_matrix(n)
+        self.val_calibration, self.test_calibration = calibration_error(n), calibration_error(n)
         self.plan: Plan | None = None  # the `auto` plan in use, once fit has chosen one
         self._trainable: list[Tensor] | None = None
 
@@ -183,8 +161,6 @@ class MedQALoRA(L.LightningModule):
             f"({'4-bit' if self.load_in_4bit else '16/32-bit'}); LoRA r={self.lora.r}: "
             f"{trainable:,} trainable of {total:,} parameters."
         )
-        if self.gradient_checkpointing == "auto" and self._trainer is not None and self.trainer.state.fn == "fit":
-            self._use_plan(plan_for(self.model, self.resolved_backend, self.dtype_name, self.longest_batch_tokens))
 
     def _use_plan(self, plan: Plan) -> None:
         keep_activations(self.model, plan.kept_layers())
@@ -216,14 +192,10 @@ class MedQALoRA(L.LightningModule):
         rank_zero_info(f"Out of GPU memory at {where} with {self.plan.name()}; retrying the batch with {nxt.name()}.")
         self._use_plan(nxt)
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "label_token_ids"):
-            raise RuntimeError("MedQALoRA needs medqa's PubMedQADataModule (it supplies the label tokens)")
-        self.label_ids, self.pad_id = dm.label_token_ids(), dm.pad_id
-        if stage == "fit":
-            self.longest_batch_tokens = dm.longest_batch_tokens()
-        self.rationale_suffix = dm.rationale_suffix_ids() if self.rationale_tokens > 0 else []
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.gradient_checkpointing == "auto" and self.plan is None:
+            # The first training batch says how long the data's longest batch can be.
+            self._use_plan(plan_for(self.model, self.resolved_backend, self.dtype_name, batch["longest_batch_tokens"]))
 
     # ------------------------------------------------------------------ steps
 
@@ -248,7 +220,7 @@ class MedQALoRA(L.LightningModule):
         return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"]), hidden
 
     def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(answer loss, log-probs of yes/no/maybe) for a batch, from one forward pass."""
+        """(answer loss, log-probs of the label words) for a batch, from one forward pass."""
         loss, hidden = self._loss(batch)
         _, head = decoder_and_head(self.model)
         logp = label_log_probs(
@@ -325,7 +297,7 @@ class MedQALoRA(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         matrix = self._log_stage("test")
-        rank_zero_info("Test confusion matrix:\n" + format_confusion(matrix))
+        rank_zero_info("Test confusion matrix:\n" + format_confusion(matrix, self.labels))
 
     def _log_stage(self, stage: str) -> Tensor:
         """Log a stage's accuracy, macro-F1, per-class F1 and calibration error; draw its
@@ -333,7 +305,7 @@ class MedQALoRA(L.LightningModule):
         metrics, confusion, calibration = (getattr(self, f"{stage}_{m}") for m in ("metrics", "confusion", "calibration"))
         values = metrics.compute()
         per_class = values.pop(f"{stage}/f1")
-        values.update({f"{stage}/f1_{w}": f for w, f in zip(LABELS, per_class)})
+        values.update({f"{stage}/f1_{w}": f for w, f in zip(self.labels, per_class)})
         values[f"{stage}/ece"] = calibration.compute()
         # Already the same on every process (torchmetrics synchronises in compute); sync_dist
         # only tells Lightning so.
@@ -341,7 +313,8 @@ class MedQALoRA(L.LightningModule):
         self.log_dict(values, sync_dist=True)
         matrix = confusion.compute()
         if isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(confusion, matrix), self.global_step)
+            self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(confusion, matrix, self.labels),
+                                              self.global_step)
         for metric in (metrics, confusion, calibration):
             metric.reset()
         return matrix
@@ -391,43 +364,18 @@ class MedQALoRA(L.LightningModule):
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def base_fingerprint(self) -> dict[str, Any]:
-        """What identifies the base model: its name, architecture and a digest of weights no
-        LoRA touches (the input embeddings' first rows and the final norm, rounded to
-        bfloat16 so 4-bit, 16-bit and CPU loads of one model agree)."""
-        base = self.model.get_base_model()
-        config = base.config
-        keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size")
-        digest = hashlib.sha256()
-        norm = getattr(getattr(base, "model", base), "norm", None)
-        for tensor in (base.get_input_embeddings().weight[:64], *([norm.weight] if norm is not None else [])):
-            digest.update(tensor.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
-        return {"name": Path(self.pretrained.rstrip("/")).name, **{k: getattr(config, k, None) for k in keys},
-                "weights_sha256": digest.hexdigest()}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["medqa_base"] = self.base_fingerprint()
+        checkpoint["medqa_base"] = base_fingerprint(self.model, self.pretrained)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, before any step, a checkpoint made with another base model or other LoRA
-        settings, naming what differs."""
-        differs = self.lora.differences(checkpoint.get("hyper_parameters", {}))
-        base, our_base = checkpoint.get("medqa_base", {}), self.base_fingerprint()
-        differs += [f"base model {k}: checkpoint {base[k]!r}, this run {our_base[k]!r}"
-                    for k in our_base if k in base and base[k] != our_base[k]]
-
-        saved, names = checkpoint["state_dict"], self.trainable_names()
-        if set(saved) != names:
-            only_ckpt, only_model = sorted(set(saved) - names), sorted(names - set(saved))
-            differs.append(f"{len(only_ckpt)} weights only in the checkpoint (e.g. {only_ckpt[:2]}), "
-                           f"{len(only_model)} only in the model (e.g. {only_model[:2]})")
-        else:
-            shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(self.get_parameter(k).shape)}"
-                      for k, v in saved.items() if self.get_parameter(k).shape != v.shape]
-            if shapes:
-                differs.append(f"{len(shapes)} weights differ in shape (e.g. {shapes[0]})")
+        """Refuse, before any step, a checkpoint made with another base model, other LoRA
+        settings or other answer tokens, naming what differs."""
+        if "PubMedQADataModule" in checkpoint:  # the DataModule's name before medqa had a second task
+            checkpoint.setdefault("QADataModule", checkpoint.pop("PubMedQADataModule"))
+        differs = misfits(checkpoint, self.lora, {"labels": self.labels, "label_ids": self.label_ids},
+                          base_fingerprint(self.model, self.pretrained),
+                          {name: p.shape for name, p in self.named_parameters() if p.requires_grad})
         if differs:
             raise CheckpointMismatch("the checkpoint does not fit this run's model: " + "; ".join(differs))

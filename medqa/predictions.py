@@ -1,5 +1,5 @@
 """Writing `predict` results: `predictions.json` in the official scorer's format and a
-JSON Lines file with each question's three probabilities."""
+JSON Lines file with each question's label probabilities."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-
-from medqa.prompts import LABELS
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -40,7 +38,8 @@ class PredictionWriter(BasePredictionWriter):
                 return
             predictions = [batch for share in shares for batch in share]
         ids = [i for batch in predictions for i in batch["ids"]]
-        probs = torch.cat([batch["probs"] for batch in predictions]) if predictions else torch.empty(0, 3)
+        labels_of_task = list(pl_module.labels)
+        probs = torch.cat([batch["probs"] for batch in predictions]) if predictions else torch.empty(0, len(labels_of_task))
         truth = torch.cat([batch["truth"] for batch in predictions]) if predictions else torch.empty(0)
         expected = len(trainer.predict_dataloaders.dataset)
         if len(ids) != expected or len(set(ids)) != len(ids):
@@ -60,12 +59,12 @@ class PredictionWriter(BasePredictionWriter):
         if predictions and "rationale_ids" in predictions[0]:
             generated = [r for batch in predictions for r in batch["rationale_ids"]]
             rationales = [trainer.datamodule.decode(generated[i]) for i in rows]
-        labels = [LABELS[i] for i in probs.argmax(-1).tolist()]
+        labels = [labels_of_task[i] for i in probs.argmax(-1).tolist()]
         json_path.write_text(json.dumps(dict(zip(ids, labels)), indent=1) + "\n")
         with jsonl_path.open("w") as f:
             for n, (qid, label, p, t) in enumerate(zip(ids, labels, probs.tolist(), truth.tolist())):
-                row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(LABELS, p)}}
-                row["truth"] = LABELS[t]
+                row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(labels_of_task, p)}}
+                row["truth"] = labels_of_task[t]
                 if rationales is not None:
                     row["rationale"] = rationales[n]
                 f.write(json.dumps(row) + "\n")

@@ -1,6 +1,8 @@
-"""Prompt text for PubMedQA: label words, the question/context prompt and the chat turns.
+"""The prompt's shape, shared by every task: the system and user turns, the answer lead, the
+rationale request, and the settings saved with every checkpoint. A task supplies its own
+label words, system text, instruction and user message (`medqa.tasks`).
 
-Pure text, no torch and no tokenizer calls: `data.py` turns these strings into token ids.
+Pure text, no torch and no tokenizer calls: `medqa.tokens` turns these strings into token ids.
 """
 
 from __future__ import annotations
@@ -9,19 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-LABELS: tuple[str, ...] = ("yes", "no", "maybe")
-"""The PubMedQA decisions, in the order used for class indices everywhere in medqa."""
-
 Target = Literal["decision", "long_answer"]
 
-SYSTEM_PROMPT = (
-    "You are a biomedical research assistant. You read the abstract of a PubMed article "
-    "and answer the research question about it with yes, no or maybe."
-)
-INSTRUCTION = "Answer with yes, no or maybe."
 CONTEXT_PLACEHOLDER = "\x00MEDQA_CONTEXT\x00"
-"""Stands in for the abstract while a prompt is rendered, so the tokenizer can cut the
-abstract alone when an example is too long (the question and answer are never cut)."""
+"""Stands in for the passage (PubMedQA's abstract) while a prompt is rendered, so the
+tokenizer can cut the passage alone when an example is too long (the question and answer are never cut)."""
 
 RATIONALE_REQUEST = "Explain your answer in one or two sentences."
 """Asked after the scored decision when `predict` generates a rationale."""
@@ -36,12 +30,13 @@ class PromptSettings:
     model fine-tuned under one prompt is not the same model under another, so a run with a
     different prompt refuses the checkpoint, and `export` writes the checkpoint's."""
 
-    system: str = SYSTEM_PROMPT
-    instruction: str = INSTRUCTION
-    labels: tuple[str, ...] = LABELS
+    task: str
+    system: str
+    instruction: str
+    labels: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"system": self.system, "instruction": self.instruction, "labels": list(self.labels)}
+        return {"task": self.task, "system": self.system, "instruction": self.instruction, "labels": list(self.labels)}
 
 
 def prompt_differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
@@ -51,35 +46,19 @@ def prompt_differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> lis
         text = repr(value)
         return text if len(text) <= 80 else text[:77] + "..."
 
+    saved = {"task": "pubmedqa", **saved}  # saved before medqa had a second task
     return [f"{key}: checkpoint {short(saved.get(key))}, this run {short(ours[key])}"
             for key in ours if saved.get(key) != ours[key]]
 
 
-def format_contexts(contexts: list[str], section_labels: list[str]) -> str:
-    """The abstract's sections, one paragraph each, led by their section names."""
-    parts = []
-    for i, text in enumerate(contexts):
-        label = section_labels[i] if i < len(section_labels) else ""
-        parts.append(f"{label}: {text}" if label else text)
-    return "\n".join(parts)
+def chat_messages(user: str, settings: PromptSettings) -> list[dict[str, str]]:
+    """System and user turns for a chat template; `user` is the task's message."""
+    return [{"role": "system", "content": settings.system}, {"role": "user", "content": user}]
 
 
-def user_turn(question: str, context_text: str, settings: PromptSettings = PromptSettings()) -> str:
-    """The user's message: the abstract, then the question, then the instruction."""
-    return f"Abstract:\n{context_text}\n\nQuestion: {question}\n{settings.instruction}"
-
-
-def chat_messages(question: str, settings: PromptSettings = PromptSettings()) -> list[dict[str, str]]:
-    """System and user turns for a chat template, the abstract left as a placeholder."""
-    return [
-        {"role": "system", "content": settings.system},
-        {"role": "user", "content": user_turn(question, CONTEXT_PLACEHOLDER, settings)},
-    ]
-
-
-def plain_prompt(question: str, settings: PromptSettings = PromptSettings()) -> str:
-    """Prompt for tokenizers without a chat template, the abstract left as a placeholder."""
-    return f"{settings.system}\n\n{user_turn(question, CONTEXT_PLACEHOLDER, settings)}\nAnswer:"
+def plain_prompt(user: str, settings: PromptSettings) -> str:
+    """Prompt for tokenizers without a chat template."""
+    return f"{settings.system}\n\n{user}\nAnswer:"
 
 
 def answer_head(long_answer: str, target: Target, chat: bool) -> str:

@@ -1,8 +1,8 @@
-"""The embedded default model: a tokenizer trained in-process on the synthetic set and
-medqa's prompt text, and a tiny random Llama, made here, so the whole pipeline runs offline
-on a CPU. `--model.pretrained builtin:tiny-llama` is built once by `tiny_llama()` into the
-medqa cache directory and then loaded like any local model directory. The synthetic records
-(`--data.source synthetic`) are the task's: `medqa.tasks.pubmedqa.synthetic_records`.
+"""The embedded default model: a tokenizer trained in-process on every task's synthetic set
+and prompt text, and a tiny random Llama, made here, so the whole pipeline runs offline on a
+CPU. `--model.pretrained builtin:tiny-llama` is built once by `tiny_llama()` into the medqa
+cache directory and then loaded like any local model directory. The synthetic records
+(`--data.source synthetic`) are each task's (`medqa.tasks`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from medqa.prompts import LABELS
-from medqa.tasks.pubmedqa import synthetic_records
+from medqa.tasks import get_task, task_names
 
 TINY_LLAMA = "builtin:tiny-llama"
-_VERSION = 2  # bump when the recipe below changes, so old caches are not reused
+_VERSION = 3  # bump when the recipe below changes, so old caches are not reused
 
 # Llama 3's special tokens and a chat template of the same shape as Llama 3.1 Instruct's.
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
@@ -37,21 +36,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDQA_CACHE", Path.home() / ".cache" / "medqa"))
 
 
+def task_texts(synthetic: bool = True) -> list[str]:
+    """Every task's prompt text and label words, and (`synthetic`) its synthetic records as
+    the prompt shows them."""
+    texts = ["Answer:"]
+    for task in map(get_task, task_names()):
+        texts += [task.system_prompt, task.instruction, *task.labels, *(f" {w}" for w in task.labels)]
+        if synthetic:
+            texts += [t for r in task.read("synthetic", None)
+                      for t in (task.user_turn(r, task.passage(r), task.instruction), r.long_answer)]
+    return texts
+
+
 def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 1024):
     """A byte-level BPE tokenizer with Llama 3's special tokens and chat template, trained
-    in-process on `texts` (by default the synthetic set) and medqa's prompt text."""
+    in-process on `texts` (by default every task's, `task_texts`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from medqa import prompts
-
-    corpus = [prompts.SYSTEM_PROMPT, prompts.INSTRUCTION, "Abstract:\nQuestion: Answer:"]
-    corpus += list(LABELS) + [f" {w}" for w in LABELS]
-    if texts is None:
-        texts = []
-        for r in synthetic_records():
-            texts += [r.question, *r.contexts, r.long_answer, " ".join(r.context_labels)]
-    corpus += texts
+    corpus = task_texts() if texts is None else [*task_texts(synthetic=False), *texts]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

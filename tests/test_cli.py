@@ -104,7 +104,7 @@ def assert_same_answers(model, rows: list[dict], tokenizer_dir: str | None = Non
     """A plain transformers / peft model, prompted and scored by hand, gives the
     probabilities medqa's predict wrote."""
     from medqa.backends import load_tokenizer
-    from medqa.data import PromptFormat
+    from medqa.tokens import PromptFormat
 
     fmt = PromptFormat(load_tokenizer(tokenizer_dir or "builtin:tiny-llama"), "decision", 512)
     dev = {r.id: r for r in official_split(synthetic_records())["dev"]}
@@ -278,7 +278,7 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert e.value.code == 0
     printed = capsys.readouterr().out
-    assert "pretrained:" in printed and "class_path: medqa.model.WarmupCosine" in printed
+    assert "pretrained:" in printed and "class_path: medqa.schedules.WarmupCosine" in printed
 
 
 def test_packed_and_bucketed_training_match_the_plain_run(tmp_path):

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa.data import PromptFormat, collate
+from medqa.tokens import PromptFormat, collate
 from medqa.records import DataError
 from medqa.tasks.pubmedqa import Record, official_split, read_file, read_source
 from medqa.tasks.pubmedqa import synthetic_records
-from medqa.prompts import LABELS
+from medqa.tasks.pubmedqa import LABELS
 
 
 def as_original(records: list[Record]) -> dict:
@@ -257,7 +257,7 @@ def test_every_label_word_is_scored(tokenizer):
 
 
 def test_packed_batch_has_no_padding_and_restarts_positions(tokenizer):
-    from medqa.data import pack_examples
+    from medqa.tokens import pack_examples
 
     fmt = PromptFormat(tokenizer, "decision", 512)
     examples = [fmt.encode(r) for r in synthetic_records(3, seed=2)]
@@ -303,7 +303,7 @@ def test_pathological_nesting_is_a_clear_error(tmp_path):
 
 
 def test_training_sources_with_test_questions_are_refused_or_filtered(tmp_path):
-    from medqa.data import PubMedQADataModule
+    from medqa.data import QADataModule
 
     records = synthetic_records()
     test = official_split(records)["test"]
@@ -312,10 +312,10 @@ def test_training_sources_with_test_questions_are_refused_or_filtered(tmp_path):
     own = [Record(f"9{r.id}", r.question + " (own)", r.contexts, r.context_labels, r.long_answer, r.decision) for r in own]
     renamed = Record("777", test[1].question, test[1].contexts, test[1].context_labels, test[1].long_answer, test[1].decision)
     path = write(tmp_path, "train.jsonl", "\n".join(json.dumps(as_hub(r)) for r in own + [test[0], renamed]) + "\n")
-    dm = PubMedQADataModule(source="synthetic", train_source=str(path), pretrained="builtin:tiny-llama", max_length=512)
+    dm = QADataModule(source="synthetic", train_source=str(path), pretrained="builtin:tiny-llama", max_length=512)
     with pytest.raises(DataError, match=r"train\.jsonl: 2 of its 302 questions are dev or test questions .*drop_eval_overlap"):
         dm.setup("fit")
-    dm = PubMedQADataModule(source="synthetic", train_source=str(path), pretrained="builtin:tiny-llama", max_length=512,
-                            drop_eval_overlap=True)
+    dm = QADataModule(source="synthetic", train_source=str(path), pretrained="builtin:tiny-llama", max_length=512,
+                      drop_eval_overlap=True)
     dm.setup("fit")
     assert len(dm.examples["train"]) == 300

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medqa.data import PromptFormat, collate
+from medqa.tokens import PromptFormat, collate
 from medqa.records import DataError
 from medqa.tasks.pubmedqa import Record, read_file
-from medqa.prompts import LABELS
+from medqa.tasks.pubmedqa import LABELS
 
 # Unicode of every kind, odd whitespace included, but no lone surrogates (not valid UTF-8).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)

@@ -84,7 +84,7 @@ def test_ddp_training_saves_a_checkpoint_of_the_steps_of_both_processes(ddp_chec
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4 and (last.parent / "last.adapter").is_dir()
     # Where a resume continues: 4 batches of each of the 2 processes into epoch 0.
-    position = state["PubMedQADataModule"]["train_position"]
+    position = state["QADataModule"]["train_position"]
     assert (position["epoch"], position["batches"], position["processes"]) == (0, 4, 2)
 
 
@@ -116,7 +116,7 @@ def test_two_nodes_train_and_predict_every_question_once_as_one_process_does(tmp
                          "--trainer.limit_val_batches", "2")
     last = run / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
-    position = state["PubMedQADataModule"]["train_position"]
+    position = state["QADataModule"]["train_position"]
     # The finished epoch 0, all 4 of its batches taken: a resume starts epoch 1 from its start.
     assert state["global_step"] == 4 and (position["epoch"], position["batches"], position["processes"]) == (0, 4, 2)
     assert json.loads((run / "speed.json").read_text())["processes"] == 2

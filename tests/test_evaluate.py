@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score
 
 from medqa.evaluate import EvaluationError, evaluate, main, official_scores, read_answers
+from medqa.tasks.pubmedqa import LABELS
 
 LABEL = st.sampled_from(["yes", "no", "maybe"])
 
@@ -17,7 +18,7 @@ LABEL = st.sampled_from(["yes", "no", "maybe"])
 @given(st.lists(st.tuples(LABEL, LABEL), min_size=1, max_size=80))
 def test_scores_equal_the_official_scikit_learn_calls(pairs):
     truth, predicted = [t for t, _ in pairs], [p for _, p in pairs]
-    scores = official_scores(truth, predicted)
+    scores = official_scores(truth, predicted, LABELS)
     # The official evaluation.py: accuracy_score(truth, preds), f1_score(truth, preds, average="macro").
     assert scores["accuracy"] == pytest.approx(accuracy_score(truth, predicted), abs=1e-12)
     assert scores["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-12)
@@ -46,7 +47,7 @@ def test_bad_prediction_files_get_a_clear_error(tmp_path, text, message):
     path = tmp_path / "predictions.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(EvaluationError, match=r"predictions file .*predictions\.json: " + message):
-        read_answers(path, "predictions")
+        read_answers(path, "predictions", LABELS)
 
 
 def test_missing_file_and_existing_output_are_refused(tmp_path):

@@ -8,6 +8,13 @@ import torch
 from medqa.memory import GiB, MARGIN_BYTES, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback
 from medqa.model import MedQALoRA
 
+def answers(task: str = "pubmedqa") -> dict:
+    """The tiny tokenizer's answer tokens, as the CLI links them from the data to the model."""
+    from medqa.data import QADataModule
+
+    return QADataModule(task=task, pretrained="builtin:tiny-llama").answer_tokens
+
+
 
 def test_llama_8b_layer_estimate_covers_the_measured_activations():
     """Measured on one H200 (8B shape, longest batch about 5,840 tokens): 0.62 GiB a kept
@@ -82,12 +89,12 @@ class OutOfMemoryWhileKept(L.Callback):
 
 
 def fit(tmp_path, checkpointing, callbacks=(), accumulate=1):
-    from medqa.data import PubMedQADataModule
+    from medqa.data import QADataModule
 
     torch.manual_seed(0)
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=checkpointing)
-    data = PubMedQADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
+    data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=list(callbacks), accumulate_grad_batches=accumulate)
@@ -124,7 +131,8 @@ def test_auto_plan_is_chosen_for_the_longest_training_batch(medqa_cache, tmp_pat
     module, _ = fit(tmp_path, "auto")
     assert module.plan.kept == module.plan.layers  # no GPU: nothing to plan around
     lengths = sorted((len(e.input_ids) for e in module.trainer.datamodule.examples["train"]), reverse=True)
-    assert module.longest_batch_tokens == 4 * lengths[0]
+    per_token = activation_bytes_per_token(module.model.get_base_model().config, 4)  # float32 on the CPU
+    assert module.plan.per_layer_bytes == per_token * 4 * lengths[0]  # a batch of 4 of the longest
     assert "Gradient checkpointing auto: no recomputation" in caplog.text
     with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or auto, got sometimes"):
         MedQALoRA(gradient_checkpointing="sometimes")
@@ -134,10 +142,10 @@ def test_kept_layers_run_once_and_recomputed_layers_twice(medqa_cache, tokenizer
     """The plan's flags really choose the layers: a recomputed layer's forward runs again in
     backward, a kept one's does not."""
     from medqa.backends import decoder_and_head, keep_activations
-    from medqa.data import PromptFormat, collate
+    from medqa.tokens import PromptFormat, collate
     from medqa.tasks.pubmedqa import synthetic_records
 
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=True)
     module.configure_model()
     layers = decoder_and_head(module.model)[0].layers

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medqa.data import PromptFormat, collate
+from medqa.tokens import PromptFormat, collate
 from medqa.tasks.pubmedqa import synthetic_records
 from medqa.metrics import answer_loss, classification_metrics, label_log_probs
 
@@ -70,7 +70,7 @@ def test_metrics_against_hand_computed_values():
     # pred:   yes yes no  no yes maybe yes
     truth = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 0, 1, 1, 0, 2, 0])
-    metrics = classification_metrics("test/")
+    metrics = classification_metrics("test/", 3)
     metrics.update(pred, truth)
     values = metrics.compute()
     # yes: tp 2, fp 2, fn 1 -> P 1/2, R 2/3, F1 4/7;  no: tp 1, fp 1, fn 1 -> F1 1/2;

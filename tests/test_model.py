@@ -1,12 +1,20 @@
 import pytest
 import torch
 
-from medqa.model import MedQALoRA, WarmupCosine
+from medqa.model import MedQALoRA
+from medqa.schedules import WarmupCosine
+
+def answers(task: str = "pubmedqa") -> dict:
+    """The tiny tokenizer's answer tokens, as the CLI links them from the data to the model."""
+    from medqa.data import QADataModule
+
+    return QADataModule(task=task, pretrained="builtin:tiny-llama").answer_tokens
+
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_built_model_trains_in_train_mode_with_only_lora_trainable(medqa_cache, checkpointing):
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=checkpointing)
     module.configure_model()
     first = module.model
@@ -34,7 +42,7 @@ def test_warmup_cosine_schedule():
 
 
 def tiny_module(**kwargs) -> MedQALoRA:
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=False, **kwargs)
     module.configure_model()
     return module
@@ -103,11 +111,11 @@ class PoisonOneBatch:
 def run_with_poison(tmp_path, nonfinite: str):
     import lightning as L
 
-    from medqa.data import PubMedQADataModule
+    from medqa.data import QADataModule
 
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=False, nonfinite=nonfinite)
-    data = PubMedQADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
+    data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
                         callbacks=[PoisonOneBatch(at=2).hooks()])
@@ -130,12 +138,11 @@ def test_nonfinite_loss_can_skip_the_batch(medqa_cache, tmp_path):
 @torch.no_grad()
 def test_a_padded_batch_scores_each_question_as_if_alone(medqa_cache, tokenizer):
     """Attention runs without the padding mask: right padding is invisible to real tokens."""
-    from medqa.data import PromptFormat, collate
+    from medqa.tokens import PromptFormat, collate
     from medqa.tasks.pubmedqa import synthetic_records
 
     module = tiny_module().eval()
     fmt = PromptFormat(tokenizer, "decision", 512)
-    module.label_ids, module.pad_id = fmt.label_token_ids(), tokenizer.pad_token_id
     examples = [fmt.encode(r) for r in synthetic_records(6, seed=3)]
     assert len({len(e.input_ids) for e in examples}) > 1  # the batch really is padded
     loss, logp = module._forward(collate(examples, module.pad_id))
@@ -150,12 +157,11 @@ def test_a_padded_batch_scores_each_question_as_if_alone(medqa_cache, tokenizer)
 @torch.no_grad()
 def test_an_untrained_adapter_scores_like_the_base_model(medqa_cache, tokenizer):
     """Zero-shot: validate / test without a checkpoint score the base model itself."""
-    from medqa.data import PromptFormat, collate
+    from medqa.tokens import PromptFormat, collate
     from medqa.tasks.pubmedqa import synthetic_records
 
     module = tiny_module().eval()
     fmt = PromptFormat(tokenizer, "decision", 512)
-    module.label_ids, module.pad_id = fmt.label_token_ids(), tokenizer.pad_token_id
     batch = collate([fmt.encode(r) for r in synthetic_records(4, seed=1)], module.pad_id)
     _, with_adapter = module._forward(batch)
     with module.model.disable_adapter():
@@ -165,7 +171,7 @@ def test_an_untrained_adapter_scores_like_the_base_model(medqa_cache, tokenizer)
 
 @torch.no_grad()
 def test_packed_batch_gives_the_padded_batch_loss(medqa_cache, tokenizer):
-    from medqa.data import PromptFormat, collate
+    from medqa.tokens import PromptFormat, collate
     from medqa.tasks.pubmedqa import synthetic_records
 
     module = tiny_module().eval()

@@ -4,7 +4,7 @@ one) and the longest-first evaluation shares."""
 import pytest
 import torch
 
-from medqa.data import PromptFormat
+from medqa.tokens import PromptFormat
 from medqa.tasks.pubmedqa import synthetic_records
 from medqa.samplers import LongestFirst, ResumableSampler
 

@@ -1,6 +1,7 @@
-"""PubMedQA: the record shape, the readers (the hub, `ori_pqal.json`, hub-schema JSON and
-JSON Lines), the official split (PQA-L's 500 test questions and ten cross-validation folds)
-and the synthetic demo set that `--data.source synthetic` reads."""
+"""PubMedQA: the label words and prompt text, the record shape, the readers (the hub,
+`ori_pqal.json`, hub-schema JSON and JSON Lines), the official split (PQA-L's 500 test
+questions and ten cross-validation folds) and the synthetic demo set that
+`--data.source synthetic` reads."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from medqa.prompts import LABELS
 from medqa.records import DataError, parse_json, record_id, require_field, require_str_list, require_text
+from medqa.tasks.task import Task
 
 
 HUB_DATASET = "qiaojin/PubMedQA"
+
+LABELS: tuple[str, ...] = ("yes", "no", "maybe")
+"""The PubMedQA decisions, in class-index order."""
+
+SYSTEM_PROMPT = (
+    "You are a biomedical research assistant. You read the abstract of a PubMed article "
+    "and answer the research question about it with yes, no or maybe."
+)
+INSTRUCTION = "Answer with yes, no or maybe."
 
 
 SYNTHETIC = "synthetic"
@@ -236,6 +246,20 @@ def label_counts(records: Iterable[Record]) -> dict[str, int]:
     return {w: sum(r.decision == w for r in records) for w in LABELS}
 
 
+def passage(record: Record) -> str:
+    """The abstract's sections, one paragraph each, led by their section names."""
+    parts = []
+    for i, text in enumerate(record.contexts):
+        label = record.context_labels[i] if i < len(record.context_labels) else ""
+        parts.append(f"{label}: {text}" if label else text)
+    return "\n".join(parts)
+
+
+def user_turn(record: Record, abstract: str, instruction: str) -> str:
+    """The user's message: the abstract, then the question, then the instruction."""
+    return f"Abstract:\n{abstract}\n\nQuestion: {record.question}\n{instruction}"
+
+
 # ------------------------------------------------------------------ the synthetic demo set
 
 
@@ -295,3 +319,18 @@ def synthetic_records(n: int = 1000, seed: int = 0):
             )
         )
     return records
+
+
+TASK = Task(
+    name="pubmedqa",
+    labels=LABELS,
+    system_prompt=SYSTEM_PROMPT,
+    instruction=INSTRUCTION,
+    default_source=HUB_DATASET,
+    default_hub_config="pqa_labeled",
+    folds=10,
+    read=lambda source, hub_config: read_source(source, hub_config or "pqa_labeled"),
+    split=official_split,
+    passage=passage,
+    user_turn=user_turn,
+)

@@ -1,0 +1,63 @@
+"""What a task is: the `Task` value every task module defines, and the `Record` fields that
+shared code reads of any task's records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from medqa.prompts import PromptSettings
+
+
+class Record(Protocol):
+    """What shared code reads of any task's record."""
+
+    id: str
+    question: str  # the question as asked (also how training sources are checked for test questions)
+    long_answer: str  # the reasoning written before the answer with `--data.target long_answer` ("" if none)
+
+    @property
+    def label(self) -> int: ...  # the answer's index in the task's `labels`
+
+
+@dataclass(frozen=True)
+class Task:
+    """One question-answering set.
+
+    Attributes:
+        name: What `--data.task` and `evaluate --task` call it.
+        labels: The answer words, in class-index order; the model scores exactly these.
+        system_prompt: The default system turn (`--data.system_prompt` replaces it).
+        instruction: The default line that asks for the answer (`--data.instruction`).
+        default_source: The hub dataset read when `--data.source` is not given.
+        default_hub_config: Its hub configuration (None where it has none).
+        folds: Cross-validation folds of the official split (`--data.fold` is 0..folds-1).
+        read: `(source, hub_config) -> records`, every record of a source in its order:
+            `synthetic`, a local path, or a hub id.
+        split: `(records, fold) -> {"train", "dev", "test"}`: the official split.
+        passage: The record's text that may be cut from its end to fit `--data.max_length`
+            ("" where nothing may be cut).
+        user_turn: `(record, passage, instruction) -> str`: the user's message, `passage`
+            standing where the passage goes.
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    system_prompt: str
+    instruction: str
+    default_source: str
+    default_hub_config: str | None
+    folds: int
+    read: Callable[[str, str | None], list[Any]]
+    split: Callable[[Sequence[Any], int], dict[str, list[Any]]]
+    passage: Callable[[Any], str]
+    user_turn: Callable[[Any, str, str], str]
+
+    def default_prompt(self) -> PromptSettings:
+        """The task's own prompt settings."""
+        return PromptSettings(self.name, self.system_prompt, self.instruction, self.labels)
+
+    def label_counts(self, records: Sequence[Record]) -> dict[str, int]:
+        """How many records carry each label."""
+        return {w: sum(r.label == i for r in records) for i, w in enumerate(self.labels)}

@@ -1,0 +1,185 @@
+"""From records to batches, for any task: tokenization with answer-only labels (only the
+task's passage is cut to fit), the label words' token ids, and per-batch padding or packing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from medqa import prompts
+from medqa.prompts import Target
+from medqa.records import DataError
+from medqa.tasks import Record, Task, get_task
+
+
+@dataclass
+class Example:
+    """A tokenized record: `labels` are -100 outside the answer; `answer_pos` indexes the
+    first token of the decision word, whose logits are read at `answer_pos - 1`."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    answer_pos: int
+    label: int
+    truncated: bool = False
+
+
+@dataclass
+class PromptFormat:
+    """Turns one task's records into token ids with one tokenizer and one answer target
+    (`task` None: PubMedQA, medqa's default; `settings` None: the task's own prompt)."""
+
+    tokenizer: Any
+    target: Target = "decision"
+    max_length: int = 1024
+    task: Task | None = None
+    settings: prompts.PromptSettings | None = None
+    chat: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.task = self.task or get_task("pubmedqa")
+        self.settings = self.settings or self.task.default_prompt()
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self._end = self._end_of_answer()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _after_answer(self, turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        """What the chat template writes after an assistant answer, up to the end of `turns`
+        (the turns that follow it), as text."""
+        marker = "MEDQA_ANSWER_MARKER"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}, *turns],
+            tokenize=False, add_generation_prompt=generation_prompt,
+        )
+        return text[text.rindex(marker) + len(marker) :]
+
+    def _end_of_answer(self) -> list[int]:
+        if self.chat:
+            # The chat template closes the assistant turn with its own end-of-turn token.
+            tail = self._after_answer([])
+            ids = self._encode(tail.strip() or tail)
+            if ids:
+                return ids
+        if self.tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no end-of-sequence token; one is needed to end the answer")
+        return [self.tokenizer.eos_token_id]
+
+    def _prompt_parts(self, record: Record) -> tuple[str, str]:
+        """The prompt's text before and after the passage."""
+        user = self.task.user_turn(record, prompts.CONTEXT_PLACEHOLDER, self.settings.instruction)
+        if self.chat:
+            text = self.tokenizer.apply_chat_template(
+                prompts.chat_messages(user, self.settings), tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = (self.tokenizer.bos_token or "") + prompts.plain_prompt(user, self.settings)
+        prefix, _, suffix = text.partition(prompts.CONTEXT_PLACEHOLDER)  # no passage: all of it is prefix
+        return prefix, suffix
+
+    def rationale_suffix_ids(self) -> list[int]:
+        """Tokens that follow the decision word to ask for a rationale: the end of the
+        assistant's turn, a user turn with the request, and the assistant's turn opening."""
+        if not self.chat:
+            return self._encode(prompts.plain_rationale_request())
+        return self._encode(self._after_answer([{"role": "user", "content": prompts.RATIONALE_REQUEST}],
+                                               generation_prompt=True))
+
+    def label_token_ids(self) -> list[list[int]]:
+        """Token ids of each label word as written at the scoring position."""
+        return [self._encode(prompts.label_surface(w, self.target, self.chat)) for w in self.settings.labels]
+
+    def encode(self, record: Record) -> Example:
+        """Tokenize one record; when too long, only the task's passage is cut (from its end)."""
+        prefix, suffix = self._prompt_parts(record)
+        pre, post = self._encode(prefix), self._encode(suffix)
+        context = self._encode(self.task.passage(record))
+        head = self._encode(prompts.answer_head(record.long_answer, self.target, self.chat))
+        word = self.label_token_ids()[record.label]
+        fixed = len(pre) + len(post) + len(head) + len(word) + len(self._end)
+        budget = self.max_length - fixed
+        if budget < 0:
+            raise DataError(
+                f"record {record.id!r}: the prompt without its passage plus the answer takes {fixed} "
+                f"tokens, more than --data.max_length {self.max_length}; raise max_length"
+            )
+        truncated = len(context) > budget
+        context = context[:budget]
+        prompt = pre + context + post
+        answer = head + word + self._end
+        return Example(
+            id=record.id,
+            input_ids=prompt + answer,
+            labels=[-100] * len(prompt) + answer,
+            answer_pos=len(prompt) + len(head),
+            label=record.label,
+            truncated=truncated,
+        )
+
+
+def collate(examples: Sequence[Example], pad_id: int, pack: bool = False, longest: int | None = None) -> dict[str, Any]:
+    """Right-pad a batch to its own longest example, or, with `pack`, join its examples into
+    one row without padding (training only; see `pack_examples`). A batch of the training
+    order is marked `train` (the DataModule counts them as steps take them) and carries
+    `longest`, the token positions of the largest training batch the data can produce, which
+    sizes the model's memory plan."""
+    batch = pack_examples(examples) if pack else _padded(examples, pad_id)
+    return {**batch, "train": True, "longest_batch_tokens": longest} if longest is not None else batch
+
+
+def _padded(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    # Positions whose next token is an answer token, flattened over (batch, time).
+    rows, cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    return {
+        "ids": [e.id for e in examples],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "answer_pos": torch.tensor([e.answer_pos for e in examples]),
+        "label": torch.tensor([e.label for e in examples]),
+        "loss_pos": rows * width + cols,
+        "loss_targets": labels[rows, cols + 1],
+        "num_tokens": sum(len(e.input_ids) for e in examples),
+    }
+
+
+def pack_examples(examples: Sequence[Example]) -> dict[str, Any]:
+    """A training batch as one row: the examples one after another, no padding.
+
+    `position_ids` restart at 0 for each example; with no attention mask, both backends
+    read them as packed sequences and keep attention inside each example (transformers'
+    masking utilities and Unsloth build a block-diagonal causal mask, or use variable-length
+    flash attention). The loss positions never cross from one example into the next, so
+    the loss equals the padded batch's.
+    """
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
+    labels = torch.tensor([t for e in examples for t in e.labels]).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
+    # Answer positions: next token an answer token, within the same example.
+    follows = (labels[0, 1:] != -100) & (position_ids[0, 1:] != 0)
+    cols = torch.nonzero(follows).squeeze(1)
+    return {
+        "ids": [e.id for e in examples],
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "position_ids": position_ids,
+        "labels": labels,
+        "label": torch.tensor([e.label for e in examples]),
+        "loss_pos": cols,
+        "loss_targets": labels[0, cols + 1],
+        "num_tokens": input_ids.size(1),
+    }
