@@ -183,14 +183,15 @@ class MedQACLI(LightningCLI):
         lora = LoraSettings.from_hparams(model)
 
         def compatible(run: Path) -> bool:
-            """Whether the run trained the LoRA this command builds (its hparams.yaml)."""
+            """Whether the run trained the LoRA this command builds, on its task (the run's
+            hparams.yaml; runs from before medqa had a second task trained PubMedQA)."""
             try:
                 saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
             except (OSError, yaml.YAMLError):
                 return False
             if not isinstance(saved, dict) or saved.get("pretrained") != model.pretrained:
                 return False
-            return not lora.differences(saved)
+            return saved.get("task", "pubmedqa") == config.data.task and not lora.differences(saved)
 
         found = find_checkpoint(root, config.ckpt_path, compatible)
         if found is None:
@@ -198,7 +199,7 @@ class MedQACLI(LightningCLI):
                 rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run.")
                 config.ckpt_path = None
                 return
-            kind = "last.ckpt" if config.ckpt_path == "last" else "best checkpoint of a run with this command's model settings"
+            kind = "last.ckpt" if config.ckpt_path == "last" else "best checkpoint of a run with this command's task and model settings"
             raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no {kind} under {root}/*/checkpoints; "
                                   "train one with `fit`, or pass --ckpt_path PATH")
         which = "the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/acc of the compatible runs"

@@ -7,6 +7,7 @@ cache directory and then loaded like any local model directory. The synthetic re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -110,8 +111,11 @@ def build_tiny_llama(out: Path) -> None:
 
 
 def tiny_llama() -> Path:
-    """The directory of the built-in tiny Llama, built on first use (a few seconds)."""
-    out = cache_dir() / f"tiny-llama-v{_VERSION}"
+    """The directory of the built-in tiny Llama, built on first use (a few seconds). Its
+    name holds a digest of the tokenizer's training text, so a change to any task's prompt
+    or synthetic set builds a new one instead of reusing a stale tokenizer."""
+    digest = hashlib.sha256("\n".join(task_texts()).encode()).hexdigest()[:12]
+    out = cache_dir() / f"tiny-llama-v{_VERSION}-{digest}"
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out.parent))

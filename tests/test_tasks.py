@@ -134,3 +134,13 @@ def test_a_checkpoint_of_one_task_is_refused_by_another(synthetic_run, tmp_path)
     saved = torch.load(best, map_location="cpu", weights_only=True)
     assert saved["QADataModule"]["prompt"]["task"] == "medqa_usmle"
     assert saved["hyper_parameters"]["answer_tokens"]["labels"] == ["A", "B", "C", "D"]
+
+
+def test_best_is_chosen_among_the_runs_of_the_commands_task(synthetic_run):
+    from medqa.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no best checkpoint of a run with this command's task and model settings"):
+        main(["test", "--config", DEMO, "--trainer.logger.init_args.save_dir", str(synthetic_run), "--ckpt_path", "best"])
+    tested = cli("validate", "--ckpt_path", "best", logs=synthetic_run)
+    assert Path(tested.config["validate"]["ckpt_path"]).name.startswith("best")
+    assert tested.trainer.callback_metrics["val/acc"] >= 0.9
