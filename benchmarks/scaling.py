@@ -39,6 +39,8 @@ CONFIGS = {
     "default": [],  # gradient_checkpointing auto
     "checkpointing": ["--model.gradient_checkpointing", "true"],
     "no-checkpointing": ["--model.gradient_checkpointing", "false"],
+    "plain-batches": ["--data.bucket_batches", "0"],  # the default without length bucketing
+    "foreground-writes": ["--trainer.plugins", "medqa.checkpoints.AtomicCheckpointIO"],  # checkpoints written in the step loop
 }
 
 

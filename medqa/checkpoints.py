@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from medqa.backends import LoraSettings
 
@@ -64,6 +64,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path: _PATH) -> None:
         super().remove_checkpoint(path)
         shutil.rmtree(adapter_dir(Path(path)), ignore_errors=True)
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """`AtomicCheckpointIO` in a background thread: the training loop waits only while the
+    checkpoint's tensors are copied (Lightning's `AsyncCheckpointIO` clones them on the
+    caller's thread), not while 500 MB are written and synced to disk. Saves and removals
+    run one at a time, in order, so an old best checkpoint is removed only after the write
+    that replaces it; a failed write is raised at the next save or at the end of the run,
+    and the end of the run waits for the last write."""
+
+    def __init__(self) -> None:
+        super().__init__(AtomicCheckpointIO())
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        self._ensure_setup()
+
+        def remove() -> None:
+            try:
+                self.checkpoint_io.remove_checkpoint(path)
+            except BaseException as e:
+                self._error = e
+
+        self._executor.submit(remove)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -52,7 +52,7 @@ from medqa.speed import SpeedMonitor
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 TRAINER_DEFAULTS = {
     "logger": {"class_path": LOGGER, "init_args": {"save_dir": "logs", "name": "medqa", "default_hp_metric": False}},
-    "plugins": [{"class_path": "medqa.checkpoints.AtomicCheckpointIO"}],
+    "plugins": [{"class_path": "medqa.checkpoints.BackgroundCheckpointIO"}],
 }
 
 

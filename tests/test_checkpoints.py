@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from medqa.checkpoints import AtomicCheckpointIO, find_checkpoint, next_run_name
+from medqa.checkpoints import AtomicCheckpointIO, BackgroundCheckpointIO, find_checkpoint, next_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -23,6 +24,31 @@ def test_atomic_write_replaces_whole_files_and_clears_leftovers(tmp_path):
     io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 2}
     assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+def test_background_writes_keep_the_saved_values_and_their_order(tmp_path):
+    """The tensors are copied when the save is asked for (training goes on changing them),
+    and an old best is removed only after the write before it."""
+    io = BackgroundCheckpointIO()
+    weights = torch.zeros(1_000_000)
+    first, second, third = (tmp_path / f"best-{i}.ckpt" for i in (1, 2, 3))
+    io.save_checkpoint({"w": weights}, first)
+    weights += 1  # the next optimizer step, while the write may still be running
+    io.save_checkpoint({"w": weights}, second)
+    io.save_checkpoint({"w": weights}, third)
+    io.remove_checkpoint(second)
+    io.teardown()  # the end of the run waits for every write
+    assert sorted(os.listdir(tmp_path)) == ["best-1.ckpt", "best-3.ckpt"]
+    assert torch.load(first, weights_only=True)["w"].eq(0).all()
+    assert torch.load(third, weights_only=True)["w"].eq(1).all()
+
+
+def test_a_failed_background_write_is_raised(tmp_path):
+    io = BackgroundCheckpointIO()
+    (tmp_path / "taken").write_text("a file where the checkpoint folder should be")
+    io.save_checkpoint({"step": 1}, tmp_path / "taken" / "last.ckpt")
+    with pytest.raises(OSError):
+        io.teardown()
 
 
 def test_last_is_the_newest_runs_and_best_the_best_score_of_the_compatible_runs(tmp_path):
