@@ -5,7 +5,8 @@ nesting; the field checks every task's reader shares."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -68,3 +69,22 @@ def parse_json(text: str, where: str, error: type[ValueError] = DataError) -> An
         raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except RecursionError:
         raise error(f"{where}: nested too deeply to read (thousands of levels of [ or {{); not a PubMedQA file") from None
+
+
+def read_text(path: Path) -> str:
+    """A record file's text, or a `DataError` saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def json_lines(text: str, path: Path) -> Iterator[tuple[int, Any, str]]:
+    """(line number, parsed object, where) for each non-blank line of a JSON Lines file.
+    Records end at "\n" only (splitlines would also cut at U+0085, U+2028...)."""
+    for n, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            where = f"{path}: line {n}"
+            yield n, parse_json(line, where), where

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medqa.records import DataError, parse_json, require_field, require_text
+from medqa.records import DataError, json_lines, read_text, require_field, require_text
 from medqa.tasks.task import Task
 
 LABELS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -73,15 +73,9 @@ def read_file(path: Path) -> list[Record]:
     """One published JSON Lines file, in file order."""
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: expected a .jsonl file of MedQA-USMLE questions (one JSON object a line)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     split = split_of(path)
-    records = [make_record(parse_json(line, f"{path}: line {n}"), f"{split or path.stem}-{n}", split, f"{path}: line {n}")
-               for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    records = [make_record(raw, f"{split or path.stem}-{n}", split, where)
+               for n, raw, where in json_lines(read_text(path), path)]
     if not records:
         raise DataError(f"{path}: holds no questions")
     return records

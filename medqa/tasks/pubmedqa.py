@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from medqa.records import DataError, parse_json, record_id, require_field, require_str_list, require_text
+from medqa.records import (DataError, json_lines, parse_json, read_text, record_id, require_field, require_str_list,
+                           require_text)
 from medqa.tasks.task import Task
 
 
@@ -138,23 +139,12 @@ def read_file(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected ori_pqal.json, a hub-schema .json or .jsonl)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
 
     if path.suffix == ".jsonl":
-        records = []
-        # JSON Lines ends records at "\n" only (splitlines would also cut at U+0085, U+2028...).
-        for n, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            raw = parse_json(line, f"{path}: line {n}")
-            records.append(_from_hub(raw, f"{path}: line {n}"))
+        records = [_from_hub(raw, where) for _, raw, where in json_lines(text, path)]
         return _check_unique(records, str(path))
 
     data = parse_json(text, str(path))
