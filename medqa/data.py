@@ -103,7 +103,6 @@ class QADataModule(L.LightningDataModule):
             if prompts.CONTEXT_PLACEHOLDER in text:
                 raise DataError(f"--data.{name} contains medqa's internal context marker; remove it")
         self.prompt = prompts.PromptSettings(self.task.name, system_prompt, instruction, self.task.labels)
-        self.labels = list(self.task.labels)
         self.save_hyperparameters()
         self.source = self.task.default_source if source is None else source
         self.hub_config = self.task.default_hub_config if hub_config is None else hub_config
@@ -135,7 +134,7 @@ class QADataModule(L.LightningDataModule):
         """What the model needs to score and generate answers, linked to `model.answer_tokens`
         when the CLI builds both: the label words, their token ids, the pad id and the tokens
         that ask for a rationale."""
-        return {"labels": self.labels, "label_ids": self.formatter.label_token_ids(), "pad_id": self.pad_id,
+        return {"labels": list(self.prompt.labels), "label_ids": self.formatter.label_token_ids(), "pad_id": self.pad_id,
                 "rationale_suffix": self.formatter.rationale_suffix_ids()}
 
     def setup(self, stage: str) -> None:

@@ -21,7 +21,6 @@ from medqa.backends import (
     load,
 )
 from medqa.checkpoints import base_fingerprint, misfits
-from medqa.schedules import WarmupCosine
 from medqa.memory import Plan, TrainingOutOfMemory, fallback, plan_for
 from medqa.metrics import (
     answer_loss,
@@ -32,6 +31,8 @@ from medqa.metrics import (
     format_confusion,
     label_log_probs,
 )
+from medqa.schedules import WarmupCosine
+
 
 class SettingsError(ValueError):
     """A setting with a value that cannot work (a zero or negative size, say)."""

@@ -38,8 +38,8 @@ class PredictionWriter(BasePredictionWriter):
                 return
             predictions = [batch for share in shares for batch in share]
         ids = [i for batch in predictions for i in batch["ids"]]
-        labels_of_task = list(pl_module.labels)
-        probs = torch.cat([batch["probs"] for batch in predictions]) if predictions else torch.empty(0, len(labels_of_task))
+        words = list(pl_module.labels)
+        probs = torch.cat([batch["probs"] for batch in predictions]) if predictions else torch.empty(0, len(words))
         truth = torch.cat([batch["truth"] for batch in predictions]) if predictions else torch.empty(0)
         expected = len(trainer.predict_dataloaders.dataset)
         if len(ids) != expected or len(set(ids)) != len(ids):
@@ -59,12 +59,12 @@ class PredictionWriter(BasePredictionWriter):
         if predictions and "rationale_ids" in predictions[0]:
             generated = [r for batch in predictions for r in batch["rationale_ids"]]
             rationales = [trainer.datamodule.decode(generated[i]) for i in rows]
-        labels = [labels_of_task[i] for i in probs.argmax(-1).tolist()]
+        labels = [words[i] for i in probs.argmax(-1).tolist()]
         json_path.write_text(json.dumps(dict(zip(ids, labels)), indent=1) + "\n")
         with jsonl_path.open("w") as f:
             for n, (qid, label, p, t) in enumerate(zip(ids, labels, probs.tolist(), truth.tolist())):
-                row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(labels_of_task, p)}}
-                row["truth"] = labels_of_task[t]
+                row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(words, p)}}
+                row["truth"] = words[t]
                 if rationales is not None:
                     row["rationale"] = rationales[n]
                 f.write(json.dumps(row) + "\n")
