@@ -7,6 +7,7 @@ cache directory and then loaded like any local model directory. The synthetic re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -110,12 +111,18 @@ def build_tiny_llama(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+@functools.cache
+def _corpus_digest() -> str:
+    """A digest of the tokenizer's training text: rendering every synthetic record takes a
+    moment, and each model or tokenizer load asks for the directory."""
+    return hashlib.sha256("\n".join(task_texts()).encode()).hexdigest()[:12]
+
+
 def tiny_llama() -> Path:
     """The directory of the built-in tiny Llama, built on first use (a few seconds). Its
     name holds a digest of the tokenizer's training text, so a change to any task's prompt
     or synthetic set builds a new one instead of reusing a stale tokenizer."""
-    digest = hashlib.sha256("\n".join(task_texts()).encode()).hexdigest()[:12]
-    out = cache_dir() / f"tiny-llama-v{_VERSION}-{digest}"
+    out = cache_dir() / f"tiny-llama-v{_VERSION}-{_corpus_digest()}"
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out.parent))

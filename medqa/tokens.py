@@ -39,6 +39,7 @@ class PromptFormat:
     task: Task | None = None
     settings: prompts.PromptSettings | None = None
     chat: bool = field(init=False)
+    _label_ids: list[list[int]] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.task = self.task or get_task("pubmedqa")
@@ -91,8 +92,11 @@ class PromptFormat:
                                                generation_prompt=True))
 
     def label_token_ids(self) -> list[list[int]]:
-        """Token ids of each label word as written at the scoring position."""
-        return [self._encode(prompts.label_surface(w, self.target, self.chat)) for w in self.settings.labels]
+        """Token ids of each label word as written at the scoring position (tokenized once:
+        `encode` asks for them for every record)."""
+        if self._label_ids is None:
+            self._label_ids = [self._encode(prompts.label_surface(w, self.target, self.chat)) for w in self.settings.labels]
+        return self._label_ids
 
     def encode(self, record: Record) -> Example:
         """Tokenize one record; when too long, only the task's passage is cut (from its end)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -229,11 +229,6 @@ def official_split(records: Sequence[Record], fold: int = 0) -> dict[Split, list
         "dev": [by_id[i] for i in folds[fold]],
         "test": [by_id[i] for i in test],
     }
-
-
-def label_counts(records: Iterable[Record]) -> dict[str, int]:
-    """How many records carry each decision."""
-    return {w: sum(r.decision == w for r in records) for w in LABELS}
 
 
 def passage(record: Record) -> str:
