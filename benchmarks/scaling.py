@@ -17,6 +17,8 @@ at every epoch end as the config does. Figures, all from the same run:
   median step  the slowest process's median step time; the slowest steps beside it (a step
                that compiles again, e.g. for a batch of a new size, shows there)
   between      seconds the GPUs waited between steps after warm-up (checkpoints, epoch ends, data)
+With `--profile_steps N`, N batches after the warm-up are recorded by torch's profiler in every
+process (`profile-rank<R>.txt`: kernel time a step against wall time, NCCL apart).
 Scaling is each figure over the same configuration's 1-GPU figure. A table too long for one
 call of the lent machine is built over several with `--merge --budget S` (runs of another
 machine are never merged: the GPUs' ids are kept with every run). Lightning's
@@ -41,6 +43,7 @@ CONFIGS = {
     "no-checkpointing": ["--model.gradient_checkpointing", "false"],
     "plain-batches": ["--data.bucket_batches", "0"],  # the default without length bucketing
     "foreground-writes": ["--trainer.plugins", "medqa.checkpoints.AtomicCheckpointIO"],  # checkpoints written in the step loop
+    "packing": ["--data.packing", "true"],  # each batch one unpadded row
 }
 
 
@@ -56,7 +59,7 @@ def fit(args, name: str, extra: list[str], devices: int) -> dict:
         "--trainer.logger.init_args.save_dir", str(args.logs), "--trainer.logger.init_args.name", run,
         "--trainer.profiler", "lightning.pytorch.profilers.SimpleProfiler",
         "--trainer.profiler.dirpath", str(Path(args.logs) / run), "--trainer.profiler.filename", "profile",
-        "--speed.warmup_steps", str(args.warmup), *extra,
+        "--speed.warmup_steps", str(args.warmup), "--speed.profile_steps", str(args.profile_steps), *extra,
     ]
     if devices > 1:
         cmd += ["--trainer.strategy", "ddp"]
@@ -81,7 +84,8 @@ def fit(args, name: str, extra: list[str], devices: int) -> dict:
 def table(results: dict[str, dict[int, dict]], gpu: str, args) -> str:
     lines = [
         f"{gpu}, {date.today()}, model {Path(args.model).name}, data {Path(args.data).name}, batch {args.batch_size} per GPU, "
-        f"{args.steps} steps, {args.warmup} warm-up batches left out of the step figures.",
+        f"{args.steps} steps, {args.warmup} warm-up batches left out of the step figures"
+        + (f", then {args.profile_steps} profiled ones." if args.profile_steps else "."),
         "",
         "| config | GPUs | step tok/s | scaling | wall tok/s | scaling | fit tok/s (CLI) | scaling | "
         "median step s | slowest steps s | warm-up s | between steps s (longest) | peak GiB | command s |",
@@ -118,6 +122,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="record this many batches after the warm-up with torch's profiler (each process's report and "
+                   "trace beside its speed.json; left out of the step figures)")
     p.add_argument("--logs", default="logs/scaling")
     p.add_argument("--out", help="also write the table and the summaries here (.md and .json)")
     p.add_argument("--merge", action="store_true",

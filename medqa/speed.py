@@ -30,13 +30,23 @@ class SpeedMonitor(L.Callback):
     Args:
         warmup_steps: Batches left out of the step figures: the first steps compile
             Unsloth's kernels and allocate memory.
+        profile_steps: After the warm-up, record this many batches with torch's profiler
+            and write, for each process, where their time went (`profile-rank<R>.txt`: time
+            in GPU kernels, in NCCL kernels and in all, a step, and the kernels and host
+            calls that took longest) and their trace (`trace-rank<R>.json.gz`, for
+            Perfetto or chrome://tracing) beside `speed.json`. These batches are left out
+            of the step figures too.
     """
 
-    def __init__(self, warmup_steps: int = 10) -> None:
+    def __init__(self, warmup_steps: int = 10, profile_steps: int = 0) -> None:
         if warmup_steps < 0:
             raise ValueError(f"--speed.warmup_steps must be 0 or more, got {warmup_steps}")
-        self.warmup_steps = warmup_steps
+        if profile_steps < 0:
+            raise ValueError(f"--speed.profile_steps must be 0 or more, got {profile_steps}")
+        self.warmup_steps, self.profile_steps = warmup_steps, profile_steps
         self.summary: dict[str, Any] = {}
+        self.profiler: torch.profiler.profile | None = None
+        self.scoring: dict[str, float] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start = time.perf_counter()
@@ -47,7 +57,18 @@ class SpeedMonitor(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
+    @property
+    def skipped_steps(self) -> int:
+        """Batches left out of the step figures: warm-up, then the profiled ones."""
+        return self.warmup_steps + self.profile_steps
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.profile_steps and len(self.starts) == self.warmup_steps:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
         self.starts.append(time.perf_counter())
         self.tokens.append(int(batch["num_tokens"]))  # counted on the host by collate: no sync
 
@@ -59,11 +80,27 @@ class SpeedMonitor(L.Callback):
         self.ends.append(time.perf_counter())
         seconds = self.ends[-1] - self.starts[-1]
         pl_module.log("speed/tokens_per_s", self.tokens[-1] / max(seconds, 1e-9), batch_size=1)
+        if self.profiler is not None and len(self.ends) == self.skipped_steps:
+            self._write_profile(trainer)
+
+    def _write_profile(self, trainer: L.Trainer) -> None:
+        """Stop the profiler and write this process's report and trace (see `profile_steps`)."""
+        profiler, self.profiler = self.profiler, None
+        profiler.__exit__(None, None, None)
+        folder = Path(trainer.log_dir if trainer.logger is not None else trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        first = self.warmup_steps
+        wall = sum(self.ends[i] - self.starts[i] for i in range(first, first + self.profile_steps))
+        tokens = self.tokens[first : first + self.profile_steps]
+        rank = trainer.global_rank
+        (folder / f"profile-rank{rank}.txt").write_text(profile_report(profiler, wall, tokens, rank) + "\n")
+        profiler.export_chrome_trace(str(folder / f"trace-rank{rank}.json.gz"))
+        rank_zero_info(f"Profiled batches {first}-{first + self.profile_steps - 1}: see {folder}/profile-rank*.txt.")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ours = self._process_figures(time.perf_counter())
         everyone = _gather(trainer, ours)
-        self.summary = summarize(everyone, self.warmup_steps)
+        self.summary = summarize(everyone, self.skipped_steps)
         self.summary["processes"] = trainer.world_size
         rank_zero_info(describe(self.summary))
         log_dir = trainer.log_dir if trainer.logger is not None else None  # collective: every process asks
@@ -71,10 +108,52 @@ class SpeedMonitor(L.Callback):
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             (Path(log_dir) / SPEED_FILE).write_text(json.dumps(self.summary, indent=1) + "\n")
 
+    # Scoring: `test` and `predict` say how long the questions took (the GPU synchronised at both ends).
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scoring_start(pl_module)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scoring_start(pl_module)
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._count(batch)
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._count(batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scoring_end(trainer, pl_module)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scoring_end(trainer, pl_module)
+
+    def _scoring_start(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.scored = [0, 0]  # questions, non-padding tokens
+        self.scoring_start = time.perf_counter()
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        self.scored[0] += len(batch["ids"])
+        self.scored[1] += int(batch["num_tokens"])
+
+    def _scoring_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        rows = _gather(trainer, [float(x) for x in self.scored] + [time.perf_counter() - self.scoring_start])
+        questions, tokens = int(sum(r[0] for r in rows)), int(sum(r[1] for r in rows))
+        seconds = max(r[2] for r in rows)
+        self.scoring = {"questions": questions, "tokens": tokens, "seconds": seconds}
+        rank_zero_info(f"Scored {questions} questions ({tokens:,} tokens) in {seconds:.1f} s: "
+                       f"{questions / max(seconds, 1e-9):,.1f} questions/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s.")
+
     def _process_figures(self, now: float) -> list[float]:
         """This process's figures, as one flat list of floats (gathered over processes)."""
         done = len(self.ends)  # a batch that raised has a start and no end
-        starts, ends, tokens, w = self.starts[:done], self.ends, self.tokens[:done], min(self.warmup_steps, len(self.ends))
+        starts, ends, tokens, w = self.starts[:done], self.ends, self.tokens[:done], min(self.skipped_steps, len(self.ends))
         timed = range(w, done)
         in_steps = sum(ends[i] - starts[i] for i in timed)
         wall = (ends[-1] - starts[w]) if done > w else 0.0
@@ -131,6 +210,30 @@ def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
         "per_process": [{"seconds_in_steps": r[3], "seconds_between_steps": r[4] - r[3], "tokens": int(r[0])}
                         for r in rows],
     }
+
+
+def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens: list[int], rank: int) -> str:
+    """Where the profiled steps' time went: kernel time a step (NCCL apart) against the
+    steps' wall time, then the longest kernels and host calls."""
+    from torch.autograd import DeviceType
+
+    averages = profiler.key_averages()
+    on_gpu = [e for e in averages if e.device_type == DeviceType.CUDA]  # the kernels themselves, each once
+    kernels = sum(e.self_device_time_total for e in on_gpu) / 1e6  # seconds
+    nccl = sum(e.self_device_time_total for e in on_gpu if "nccl" in e.key.lower()) / 1e6
+    steps = max(len(tokens), 1)
+    lines = [
+        f"process {rank}: {len(tokens)} profiled steps, {sum(tokens):,} non-padding tokens, "
+        f"{wall_seconds / steps:.4f} s a step (with the profiler's own cost)",
+        f"GPU kernels {kernels / steps:.4f} s a step: compute {(kernels - nccl) / steps:.4f} s, NCCL {nccl / steps:.4f} s "
+        f"(NCCL overlaps compute); wall minus compute {(wall_seconds - kernels + nccl) / steps:.4f} s a step",
+        "",
+        "Kernels and calls by time on the GPU:",
+        averages.table(sort_by="self_device_time_total", row_limit=30),
+        "Host calls by time on the CPU:",
+        averages.table(sort_by="self_cpu_time_total", row_limit=20),
+    ]
+    return "\n".join(lines)
 
 
 def _longest(rows: list[list[float]], first: int) -> list[tuple[float, int]]:

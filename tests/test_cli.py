@@ -14,6 +14,7 @@ from medqa.cli import main
 from medqa.tasks.pubmedqa import official_split
 from medqa.tasks.pubmedqa import synthetic_records
 from medqa.model import CheckpointMismatch
+from medqa.speed import SpeedMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -84,6 +85,10 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
     assert all(abs(r["p_yes"] + r["p_no"] + r["p_maybe"] - 1) < 1e-4 for r in rows)
     correct = sum(answers[r.id] == r.decision for r in test_set) / len(test_set)
     assert correct == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]), abs=1e-6)
+    for done in (tested, predicted):  # each says how long its scoring took, of every question
+        scoring = next(c for c in done.trainer.callbacks if isinstance(c, SpeedMonitor)).scoring
+        assert scoring["questions"] == len(test_set) and scoring["seconds"] > 0
+        assert scoring["tokens"] == sum(len(e.input_ids) for e in done.datamodule.examples["test"])
 
 
 def test_predict_answers_every_question_once(demo_run, tmp_path):

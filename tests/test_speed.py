@@ -76,3 +76,27 @@ def test_a_fit_counts_every_batch_and_times_only_those_after_warm_up(tmp_path):
 def test_negative_warm_up_is_refused():
     with pytest.raises(ValueError, match="warmup_steps"):
         SpeedMonitor(warmup_steps=-1)
+
+
+def test_profiled_batches_are_reported_and_left_out_of_the_step_figures(tmp_path):
+    counts = list(range(10, 22))
+    loader = torch.utils.data.DataLoader(Batches(counts), batch_size=None)
+    monitor = SpeedMonitor(warmup_steps=2, profile_steps=3)
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="speed")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=logger, callbacks=[monitor], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(Tiny(), train_dataloaders=loader)
+    run = tmp_path / "speed" / "version_0"
+    s = json.loads((run / "speed.json").read_text())
+    assert s["timed_steps"] == len(counts) - 5 and s["warmup_steps"] == 5
+    assert s["step_tokens_per_s"] == pytest.approx(sum(counts[5:]) / s["seconds_in_steps"])
+    report = (run / "profile-rank0.txt").read_text()
+    assert report.startswith(f"process 0: 3 profiled steps, {sum(counts[2:5]):,} non-padding tokens")
+    assert "aten::linear" in report or "aten::addmm" in report  # the step's own calls were recorded
+    assert (run / "trace-rank0.json.gz").stat().st_size > 0
+    assert monitor.profiler is None  # stopped after its batches
+
+
+def test_negative_profile_steps_are_refused():
+    with pytest.raises(ValueError, match="profile_steps"):
+        SpeedMonitor(profile_steps=-1)
