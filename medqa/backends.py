@@ -266,6 +266,18 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, pad_id: i
             model.eval()  # predict runs in eval mode; for_training switched the modules to training
 
 
+@torch.no_grad()
+def continuations(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_id: int, unsloth: bool) -> list[list[int]]:
+    """Each prompt's greedy continuation, one prompt at a time (prompts differ in length, and
+    this is for reading, not for speed)."""
+    device = next(model.parameters()).device
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
+        texts.append(generate(model, ids, max_new_tokens, pad_id, unsloth)[0, ids.size(1) :].tolist())
+    return texts
+
+
 def keep_activations(model: Any, kept: list[int]) -> None:
     """Recompute every decoder layer's activations in backward except those of the layers in
     `kept`. Both backends checkpoint through transformers' `GradientCheckpointingLayer`, which

@@ -3,6 +3,7 @@ over the task's label words, and checkpoints that hold only what was trained."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import lightning as L
@@ -15,8 +16,8 @@ from torch import Tensor
 from medqa.backends import (
     Backend,
     LoraSettings,
+    continuations,
     decoder_and_head,
-    generate,
     keep_activations,
     load,
 )
@@ -32,6 +33,8 @@ from medqa.metrics import (
     label_log_probs,
 )
 from medqa.schedules import WarmupCosine
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -75,9 +78,9 @@ class MedQALoRA(L.LightningModule):
             activations as the card's free memory allows for the longest training batch,
             recompute the rest, and step down on an out-of-memory error (`medqa.memory`).
         trust_remote_code: Let the hub model run its own Python code. Off unless you trust it.
-        nonfinite: On a NaN or infinite training loss: `error` stops the run naming the step
-            and the questions in the batch; `skip` skips that batch's update and counts it
-            (`train/skipped_batches`).
+        nonfinite: On a NaN or infinite training loss (in any process): `error` stops the run
+            naming the step and the questions in the batch; `skip` leaves the batch out of its
+            step (a step of no other batch changes nothing) and counts it (`train/skipped_batches`).
         lora_seed: Seed for the LoRA initialisation.
         rationale_tokens: `predict` only: after the scored decision, generate up to this many
             tokens of explanation (greedy), written to predictions.jsonl. 0 (the default)
@@ -128,6 +131,7 @@ class MedQALoRA(L.LightningModule):
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.nonfinite, self.skipped_batches = nonfinite, 0
+        self._window = [0, 0]  # this optimizer step's batches: kept, skipped for a non-finite loss
         self.rationale_tokens = rationale_tokens
         # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
         self.strict_loading = False
@@ -238,21 +242,41 @@ class MedQALoRA(L.LightningModule):
             except torch.OutOfMemoryError as e:
                 error = str(e)  # handled outside the except: its traceback holds the activations
             self._out_of_memory(error)
-        if not torch.isfinite(loss):  # one host sync a step; the progress bar makes one anyway
+        finite = bool(torch.isfinite(loss))  # one host sync a step; the progress bar makes one anyway
+        # Under DDP every process must take the same path (one that skipped its backward would
+        # leave the others waiting in the gradient all-reduce): they agree first.
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            culprit = (f"questions in the batch: {', '.join(batch['ids'])}" if not finite
+                       else f"in another process's batch (process {self.global_rank}'s loss was finite)")
             if self.nonfinite == "error":
                 raise FloatingPointError(
-                    f"non-finite training loss ({loss.item()}) at {where}; questions in the batch: "
-                    f"{', '.join(batch['ids'])}. Check those records or lower the learning rate; "
-                    "--model.nonfinite skip skips such batches instead."
+                    f"non-finite training loss ({loss.item()}) at {where}; {culprit}. Check those records or "
+                    "lower the learning rate; --model.nonfinite skip skips such batches instead."
                 )
             self.skipped_batches += 1
-            rank_zero_info(f"Skipped the update of {where}: non-finite loss; questions {', '.join(batch['ids'])}.")
+            self._window[1] += 1
+            if not finite:  # said once, by the process that had the batch
+                log.warning(f"Skipped the update of {where}: non-finite loss; {culprit}.")
             self.log("train/skipped_batches", float(self.skipped_batches))
-            return None  # Lightning skips the optimizer step
+            # Not `return None`: Lightning refuses that under DDP. A loss whose gradient is zero
+            # for every trained weight, whatever their values, adds nothing to this step's
+            # gradients, and every process still takes part in their exchange.
+            return torch.stack([p.sum() for p in self._trainable_params()]).sum() * 0.0
+        self._window[0] += 1
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         self._step_loss = loss.detach()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the update whose batches were all skipped (`nonfinite: skip`): with no
+        gradients, AdamW leaves every weight and its moments as they were (a zero gradient
+        would still move them, by momentum and weight decay). Every process decides alike."""
+        kept, skipped = self._window
+        self._window = [0, 0]
+        if skipped and not kept:
+            for p in self._trainable_params():
+                p.grad = None
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         scale = None
@@ -333,28 +357,17 @@ class MedQALoRA(L.LightningModule):
         _, logp = self._forward(batch)
         probs = logp.softmax(-1).float().cpu()
         out = {"ids": batch["ids"], "probs": probs, "truth": batch["label"].cpu()}
-        if self.rationale_tokens > 0:
-            out["rationale_ids"] = self._rationales(batch, probs.argmax(-1).tolist())
+        if self.rationale_tokens > 0:  # after each scored decision, a request to explain it
+            prompts = [batch["input_ids"][i, : int(batch["answer_pos"][i])].tolist() + self.label_ids[d] + self.rationale_suffix
+                       for i, d in enumerate(probs.argmax(-1).tolist())]
+            out["rationale_ids"] = continuations(self.model, prompts, self.rationale_tokens, self.pad_id,
+                                                 self.resolved_backend == "unsloth")
         return out
-
-    @torch.no_grad()
-    def _rationales(self, batch: dict[str, Any], decisions: list[int]) -> list[list[int]]:
-        """Greedy continuations after each question's scored decision and a request to
-        explain it; one question at a time (prompts differ in length, and this is for reading,
-        not for speed)."""
-        texts = []
-        for i, decision in enumerate(decisions):
-            prompt = batch["input_ids"][i, : int(batch["answer_pos"][i])].tolist()
-            ids = torch.tensor([prompt + self.label_ids[decision] + self.rationale_suffix], device=self.device)
-            generated = generate(self.model, ids, self.rationale_tokens, self.pad_id, self.resolved_backend == "unsloth")
-            texts.append(generated[0, ids.size(1) :].tolist())
-        return texts
 
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(self._trainable_params())
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)

@@ -34,8 +34,8 @@ class SpeedMonitor(L.Callback):
             and write, for each process, where their time went (`profile-rank<R>.txt`: time
             in GPU kernels, in NCCL kernels and in all, a step, and the kernels and host
             calls that took longest) and their trace (`trace-rank<R>.json.gz`, for
-            Perfetto or chrome://tracing) beside `speed.json`. These batches are left out
-            of the step figures too.
+            Perfetto or chrome://tracing) beside `speed.json`. These batches, and the one
+            after them, are left out of the step figures too.
     """
 
     def __init__(self, warmup_steps: int = 10, profile_steps: int = 0) -> None:
@@ -59,8 +59,10 @@ class SpeedMonitor(L.Callback):
 
     @property
     def skipped_steps(self) -> int:
-        """Batches left out of the step figures: warm-up, then the profiled ones."""
-        return self.warmup_steps + self.profile_steps
+        """Batches left out of the step figures: warm-up, then the profiled ones and the one
+        after them (the profiler's report is written before it; under DDP the other processes
+        wait for it inside that batch: 3 s on 2 x H200)."""
+        return self.warmup_steps + self.profile_steps + (1 if self.profile_steps else 0)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.profile_steps and len(self.starts) == self.warmup_steps:
@@ -80,7 +82,7 @@ class SpeedMonitor(L.Callback):
         self.ends.append(time.perf_counter())
         seconds = self.ends[-1] - self.starts[-1]
         pl_module.log("speed/tokens_per_s", self.tokens[-1] / max(seconds, 1e-9), batch_size=1)
-        if self.profiler is not None and len(self.ends) == self.skipped_steps:
+        if self.profiler is not None and len(self.ends) == self.warmup_steps + self.profile_steps:
             self._write_profile(trainer)
 
     def _write_profile(self, trainer: L.Trainer) -> None:
@@ -218,7 +220,7 @@ def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens
     from torch.autograd import DeviceType
 
     averages = profiler.key_averages()
-    on_gpu = [e for e in averages if e.device_type == DeviceType.CUDA]  # the kernels themselves, each once
+    on_gpu = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]  # kernels, each once
     kernels = sum(e.self_device_time_total for e in on_gpu) / 1e6  # seconds
     nccl = sum(e.self_device_time_total for e in on_gpu if "nccl" in e.key.lower()) / 1e6
     steps = max(len(tokens), 1)

@@ -129,3 +129,33 @@ def test_two_nodes_train_and_predict_every_question_once_as_one_process_does(tmp
     assert len(ids) == len(set(ids)) == 500 and ids == [r["id"] for r in alone]
     for a, b in zip(alone, shared):
         assert a["label"] == b["label"] and abs(a["p_yes"] - b["p_yes"]) < 1e-5 and abs(a["p_no"] - b["p_no"]) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["skip", "error"])
+def test_a_nonfinite_loss_in_one_process_stops_or_skips_in_every_process(mode, medqa_cache, tmp_path):
+    """Process 1 alone gets a NaN loss. Both processes skip that update (the weights stay
+    finite and equal) or both stop, each naming where the loss was non-finite; neither is
+    left waiting for the other's gradients."""
+    from test_model import tiny_module
+
+    tiny_module()  # the tiny model built once, before two processes load it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "tests" / "ddp_nonfinite.py"), mode,
+         str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    results = {rank: json.loads((tmp_path / f"result-{rank}.json").read_text())
+               for rank in (0, 1) if (tmp_path / f"result-{rank}.json").exists()}
+    assert set(results) == {0, 1}, done.stdout[-2000:] + done.stderr[-4000:]
+    if mode == "skip":
+        assert done.returncode == 0
+        assert all(r["skipped"] == 1 and r["steps"] == 5 and r["finite"] for r in results.values())
+    else:
+        assert done.returncode != 0
+        assert "questions in the batch" in results[1]["error"]
+        assert "in another process's batch (process 0's loss was finite)" in results[0]["error"]
+        assert all("at step 2 (epoch 0, batch 2)" in r["error"] for r in results.values())

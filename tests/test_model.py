@@ -132,7 +132,9 @@ def test_nonfinite_loss_can_skip_the_batch(medqa_cache, tmp_path):
     module, trainer = run_with_poison(tmp_path, "skip")
     assert module.skipped_batches == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())  # the NaN never reached the weights
-    assert trainer.global_step == 5  # skipped batch is not a step; training went on to max_steps
+    assert trainer.global_step == 5  # training went on to max_steps
+    adam = trainer.optimizers[0].state
+    assert {int(adam[p]["step"]) for p in module.parameters() if p.requires_grad} == {4}  # no update from the NaN batch
 
 
 @torch.no_grad()

@@ -88,8 +88,8 @@ def test_profiled_batches_are_reported_and_left_out_of_the_step_figures(tmp_path
     trainer.fit(Tiny(), train_dataloaders=loader)
     run = tmp_path / "speed" / "version_0"
     s = json.loads((run / "speed.json").read_text())
-    assert s["timed_steps"] == len(counts) - 5 and s["warmup_steps"] == 5
-    assert s["step_tokens_per_s"] == pytest.approx(sum(counts[5:]) / s["seconds_in_steps"])
+    assert s["timed_steps"] == len(counts) - 6 and s["warmup_steps"] == 6  # and the batch after the profiled ones
+    assert s["step_tokens_per_s"] == pytest.approx(sum(counts[6:]) / s["seconds_in_steps"])
     report = (run / "profile-rank0.txt").read_text()
     assert report.startswith(f"process 0: 3 profiled steps, {sum(counts[2:5]):,} non-padding tokens")
     assert "aten::linear" in report or "aten::addmm" in report  # the step's own calls were recorded
