@@ -43,7 +43,6 @@ CONFIGS = {
     "no-checkpointing": ["--model.gradient_checkpointing", "false"],
     "plain-batches": ["--data.bucket_batches", "0"],  # the default without length bucketing
     "foreground-writes": ["--trainer.plugins", "medqa.checkpoints.AtomicCheckpointIO"],  # checkpoints written in the step loop
-    "packing": ["--data.packing", "true"],  # each batch one unpadded row
 }
 
 

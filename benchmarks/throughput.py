@@ -36,14 +36,14 @@ LR = 2e-4
 CHECKPOINTING = {"true": True, "false": False, "auto": "auto"}
 
 
-def datamodule(args, bucket_batches: int = 0, packing: bool = False):
+def datamodule(args, bucket_batches: int = 0):
     """medqa's DataModule on the benchmark's data: ordinary random batches, padded per batch,
-    unless told otherwise (the medqa path's --medqa_bucket_batches / --medqa_packing)."""
+    unless told otherwise (the medqa path's --medqa_bucket_batches)."""
     from medqa.data import QADataModule
 
     dm = QADataModule(source=args.data, pretrained=args.model, max_length=args.max_length,
                       batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                      bucket_batches=bucket_batches, packing=packing)
+                      bucket_batches=bucket_batches)
     dm.setup("fit")
     return dm
 
@@ -120,7 +120,7 @@ def run_medqa(args) -> dict:
 
     from medqa.model import MedQALoRA
 
-    dm = datamodule(args, args.medqa_bucket_batches, args.medqa_packing)
+    dm = datamodule(args, args.medqa_bucket_batches)
     n = args.warmup + args.steps
 
     timer = step_timer(args.warmup, args.steps)
@@ -149,7 +149,7 @@ def run_medqa(args) -> dict:
     result["score_seconds"] = score_timer.seconds
     result["scored"] = len(dm.examples["test"])
     result["test_acc"] = metrics["test/acc"]
-    if args.paired and not (args.medqa_bucket_batches or args.medqa_packing):  # paired needs the same batches
+    if args.paired and not args.medqa_bucket_batches:  # paired needs the same batches
         result["paired"] = paired_with_unsloth(model, dm, args)
     return result
 
@@ -332,7 +332,6 @@ def main() -> None:
     parser.add_argument("--paired_warmup", type=int, default=3)
     parser.add_argument("--medqa_bucket_batches", type=int, default=0,
                         help="length-aware batches for the medqa path (the others keep random batches)")
-    parser.add_argument("--medqa_packing", action="store_true", help="packed training batches for the medqa path")
     parser.add_argument("--medqa_checkpointing", choices=sorted(CHECKPOINTING), default="true",
                         help="the medqa path's --model.gradient_checkpointing (true: as Unsloth alone's recipe)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))

@@ -60,8 +60,6 @@ class QADataModule(L.LightningDataModule):
         bucket_batches: Length-aware training batches: the shuffled order is cut into runs
             of this many batches, each sorted by length, and the batches are shuffled again
             (less padding, still random). 0: plain random batches.
-        packing: Join each training batch's examples into one row without padding, attention
-            kept inside each example (same loss as the padded batch, less work).
         drop_eval_overlap: Leave out of `train_source` its questions that are also dev or test
             questions (same id or same question text), saying how many. Without it such a
             source is refused: training on test questions inflates every score.
@@ -86,7 +84,6 @@ class QADataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_seed: int = 0,
         bucket_batches: int = 16,
-        packing: bool = False,
         drop_eval_overlap: bool = False,
     ) -> None:
         super().__init__()
@@ -112,7 +109,7 @@ class QADataModule(L.LightningDataModule):
         self.predict_split, self.num_workers, self.shuffle_seed = predict_split, num_workers, shuffle_seed
         if bucket_batches < 0:
             raise DataError(f"--data.bucket_batches must be 0 (off) or more, got {bucket_batches}")
-        self.bucket_batches, self.packing, self.drop_eval_overlap = bucket_batches, packing, drop_eval_overlap
+        self.bucket_batches, self.drop_eval_overlap = bucket_batches, drop_eval_overlap
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
@@ -189,10 +186,10 @@ class QADataModule(L.LightningDataModule):
 
     def longest_batch_tokens(self) -> int:
         """Token positions of the largest training batch the data can produce: a full batch of
-        its longest examples (padded or packed, the same bound). 0 before `setup("fit")`."""
+        its longest examples, padded. 0 before `setup("fit")`."""
         train = self.examples.get("train") or []
         longest = sorted((len(e.input_ids) for e in train), reverse=True)[: self.batch_size]
-        return sum(longest) if self.packing else len(longest) * (longest[0] if longest else 0)
+        return len(longest) * (longest[0] if longest else 0)
 
     def decode(self, ids: list[int]) -> str:
         return self.formatter.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -212,7 +209,7 @@ class QADataModule(L.LightningDataModule):
             examples,
             batch_size=batch_size,
             sampler=sampler or LongestFirst([len(e.input_ids) for e in examples], batch_size, world, rank),
-            collate_fn=partial(collate, pad_id=self.pad_id, pack=self.packing and split == "train",
+            collate_fn=partial(collate, pad_id=self.pad_id,
                                longest=self.longest_batch_tokens() if sampler is not None else None),
             num_workers=self.num_workers,
         )

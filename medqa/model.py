@@ -204,9 +204,8 @@ class MedQALoRA(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """Last hidden states of a right-padded batch, or of packed rows (`position_ids`
-        restarting at each example, see `data.pack_examples`).
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Last hidden states of a right-padded batch.
 
         The mask is not passed on: pads come after every real token, so under causal
         attention no real token sees one, and the values read (answer and label positions)
@@ -215,13 +214,13 @@ class MedQALoRA(L.LightningModule):
         back to a slower kernel.
         """
         decoder, _ = decoder_and_head(self.model)
-        out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
+        out = decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
         return out[0]
 
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """(answer loss, last hidden states) of a batch."""
         _, head = decoder_and_head(self.model)
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
         return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"]), hidden
 
     def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

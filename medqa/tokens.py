@@ -1,5 +1,5 @@
 """From records to batches, for any task: tokenization with answer-only labels (only the
-task's passage is cut to fit), the label words' token ids, and per-batch padding or packing."""
+task's passage is cut to fit), the label words' token ids, and per-batch padding."""
 
 from __future__ import annotations
 
@@ -126,13 +126,12 @@ class PromptFormat:
         )
 
 
-def collate(examples: Sequence[Example], pad_id: int, pack: bool = False, longest: int | None = None) -> dict[str, Any]:
-    """Right-pad a batch to its own longest example, or, with `pack`, join its examples into
-    one row without padding (training only; see `pack_examples`). A batch of the training
-    order is marked `train` (the DataModule counts them as steps take them) and carries
-    `longest`, the token positions of the largest training batch the data can produce, which
-    sizes the model's memory plan."""
-    batch = pack_examples(examples) if pack else _padded(examples, pad_id)
+def collate(examples: Sequence[Example], pad_id: int, longest: int | None = None) -> dict[str, Any]:
+    """Right-pad a batch to its own longest example. A batch of the training order is marked
+    `train` (the DataModule counts them as steps take them) and carries `longest`, the token
+    positions of the largest training batch the data can produce, which sizes the model's
+    memory plan."""
+    batch = _padded(examples, pad_id)
     return {**batch, "train": True, "longest_batch_tokens": longest} if longest is not None else batch
 
 
@@ -158,32 +157,4 @@ def _padded(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         "loss_pos": rows * width + cols,
         "loss_targets": labels[rows, cols + 1],
         "num_tokens": sum(len(e.input_ids) for e in examples),
-    }
-
-
-def pack_examples(examples: Sequence[Example]) -> dict[str, Any]:
-    """A training batch as one row: the examples one after another, no padding.
-
-    `position_ids` restart at 0 for each example; with no attention mask, both backends
-    read them as packed sequences and keep attention inside each example (transformers'
-    masking utilities and Unsloth build a block-diagonal causal mask, or use variable-length
-    flash attention). The loss positions never cross from one example into the next, so
-    the loss equals the padded batch's.
-    """
-    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
-    labels = torch.tensor([t for e in examples for t in e.labels]).unsqueeze(0)
-    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
-    # Answer positions: next token an answer token, within the same example.
-    follows = (labels[0, 1:] != -100) & (position_ids[0, 1:] != 0)
-    cols = torch.nonzero(follows).squeeze(1)
-    return {
-        "ids": [e.id for e in examples],
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "position_ids": position_ids,
-        "labels": labels,
-        "label": torch.tensor([e.label for e in examples]),
-        "loss_pos": cols,
-        "loss_targets": labels[0, cols + 1],
-        "num_tokens": input_ids.size(1),
     }

@@ -256,20 +256,6 @@ def test_every_label_word_is_scored(tokenizer):
     assert len(ids) == len(LABELS) and all(ids) and len({tuple(i) for i in ids}) == 3
 
 
-def test_packed_batch_has_no_padding_and_restarts_positions(tokenizer):
-    from medqa.tokens import pack_examples
-
-    fmt = PromptFormat(tokenizer, "decision", 512)
-    examples = [fmt.encode(r) for r in synthetic_records(3, seed=2)]
-    packed, padded = pack_examples(examples), collate(examples, tokenizer.pad_token_id)
-    lengths = [len(e.input_ids) for e in examples]
-    assert packed["input_ids"].shape == (1, sum(lengths)) and packed["num_tokens"] == sum(lengths)
-    starts = [0, lengths[0], lengths[0] + lengths[1]]
-    assert packed["position_ids"][0, starts].tolist() == [0, 0, 0]
-    assert packed["loss_targets"].tolist() == padded["loss_targets"].tolist()  # the same answer tokens
-    assert len(packed["loss_pos"]) == len(padded["loss_pos"])
-
-
 @pytest.mark.parametrize("pubid, shown", [
     (None, "None"), ("", "''"), ("  ", "'  '"), ([1], r"\[1\]"), ({"a": 1}, r"\{'a': 1\}"), (True, "True"), (1.5, "1.5"),
 ])

@@ -169,16 +169,3 @@ def test_an_untrained_adapter_scores_like_the_base_model(medqa_cache, tokenizer)
     with module.model.disable_adapter():
         _, base = module._forward(batch)
     torch.testing.assert_close(with_adapter, base, atol=0, rtol=0)
-
-
-@torch.no_grad()
-def test_packed_batch_gives_the_padded_batch_loss(medqa_cache, tokenizer):
-    from medqa.tokens import PromptFormat, collate
-    from medqa.tasks.pubmedqa import synthetic_records
-
-    module = tiny_module().eval()
-    fmt = PromptFormat(tokenizer, "decision", 512)
-    examples = [fmt.encode(r) for r in synthetic_records(5, seed=4)]
-    padded, _ = module._loss(collate(examples, tokenizer.pad_token_id))
-    packed, _ = module._loss(collate(examples, tokenizer.pad_token_id, pack=True))
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
