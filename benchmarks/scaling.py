@@ -43,6 +43,7 @@ CONFIGS = {
     "no-checkpointing": ["--model.gradient_checkpointing", "false"],
     "plain-batches": ["--data.bucket_batches", "0"],  # the default without length bucketing
     "foreground-writes": ["--trainer.plugins", "medqa.checkpoints.AtomicCheckpointIO"],  # checkpoints written in the step loop
+    "24gb": ["--model.memory_limit_gib", "24"],  # the default as a 24 GB card would run it
 }
 
 

@@ -51,6 +51,7 @@ class Plan:
             optimizer state, and one layer's activations while it is recomputed.
         free_bytes: Free card memory the plan was sized for; None where nothing was measured
             (no GPU: there every layer keeps its activations).
+        limited: `free_bytes` is `--model.memory_limit_gib`, not all the card had free.
     """
 
     layers: int
@@ -58,6 +59,7 @@ class Plan:
     per_layer_bytes: int
     base_bytes: int
     free_bytes: int | None
+    limited: bool = False
 
     @property
     def estimate_bytes(self) -> int:
@@ -82,7 +84,7 @@ class Plan:
             return f"Gradient checkpointing auto: {self.name()}; no GPU, so no memory limit to plan for."
         return (f"Gradient checkpointing auto: {self.name()}; {estimate} at the longest batch "
                 f"({self.per_layer_bytes / GiB:.2f} GiB a kept layer), of {self.free_bytes / GiB:.1f} GiB "
-                f"the card had free.")
+                + ("allowed by --model.memory_limit_gib." if self.limited else "the card had free."))
 
 
 def activation_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
@@ -95,14 +97,18 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
     return (5 * hidden + 3 * intermediate) * dtype_bytes
 
 
-def choose(layers: int, per_layer_bytes: int, base_bytes: int, free_bytes: int | None) -> Plan:
-    """The plan that keeps the most layers' activations and still fits `free_bytes` with the
-    margin; every layer keeps them where nothing was measured (`free_bytes` None)."""
+def choose(layers: int, per_layer_bytes: int, base_bytes: int, free_bytes: int | None,
+           limit_bytes: int | None = None) -> Plan:
+    """The plan that keeps the most layers' activations and still fits `free_bytes` (or
+    `limit_bytes`, where smaller) with the margin; every layer keeps them where nothing was
+    measured (`free_bytes` None)."""
     if free_bytes is None:
         return Plan(layers, layers, per_layer_bytes, base_bytes, None)
-    usable = free_bytes * (1 - MARGIN_FRACTION) - MARGIN_BYTES - base_bytes
+    limited = limit_bytes is not None and limit_bytes < free_bytes
+    available = limit_bytes if limited else free_bytes
+    usable = available * (1 - MARGIN_FRACTION) - MARGIN_BYTES - base_bytes
     kept = int(usable // per_layer_bytes) if per_layer_bytes > 0 else layers
-    return Plan(layers, max(0, min(layers, kept)), per_layer_bytes, base_bytes, free_bytes)
+    return Plan(layers, max(0, min(layers, kept)), per_layer_bytes, base_bytes, available, limited)
 
 
 def fallback(plan: Plan) -> Plan | None:
@@ -110,12 +116,26 @@ def fallback(plan: Plan) -> Plan | None:
     every layer is already recomputed."""
     if plan.kept == 0:
         return None
-    return Plan(plan.layers, plan.kept // 2, plan.per_layer_bytes, plan.base_bytes, plan.free_bytes)
+    return Plan(plan.layers, plan.kept // 2, plan.per_layer_bytes, plan.base_bytes, plan.free_bytes, plan.limited)
 
 
-def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int) -> Plan:
-    """The plan for this process's card and the longest training batch, for a loaded PEFT
-    model (every layer checkpointed so far)."""
+def limit_memory(limit_gib: float | None) -> int | None:
+    """Hold this process's CUDA allocator to `limit_gib` (`--model.memory_limit_gib`: a card
+    shared with other work, or a smaller card's plan tried on a larger one); past it an
+    allocation fails as on a card of that size. The limit in bytes; None without one or
+    without a GPU."""
+    if limit_gib is None or not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = min(int(limit_gib * GiB), total)
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit
+
+
+def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, limit_bytes: int | None = None) -> Plan:
+    """The plan for this process's card (or its `limit_memory`) and the longest training
+    batch, for a loaded PEFT model (every layer checkpointed so far)."""
     decoder, _ = decoder_and_head(model)
     layers, config = len(decoder.layers), model.get_base_model().config
     cuda = torch.cuda.is_available()
@@ -131,4 +151,4 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int) ->
     inputs = 0 if backend == "unsloth" else layers * longest_batch_tokens * config.hidden_size * dtype_bytes
     # In use after loading, LoRA gradients and AdamW's two moments, one recomputed layer, the inputs.
     base = torch.cuda.memory_allocated(device) + 3 * lora + per_layer + inputs
-    return choose(layers, per_layer, base, free + torch.cuda.memory_reserved(device))
+    return choose(layers, per_layer, base, free + torch.cuda.memory_reserved(device), limit_bytes)

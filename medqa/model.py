@@ -22,7 +22,7 @@ from medqa.backends import (
     load,
 )
 from medqa.checkpoints import base_fingerprint, misfits
-from medqa.memory import Plan, TrainingOutOfMemory, fallback, plan_for
+from medqa.memory import Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
 from medqa.metrics import (
     answer_loss,
     calibration_error,
@@ -77,6 +77,9 @@ class MedQALoRA(L.LightningModule):
             that backend) to fit long sequences. `auto`: in `fit`, keep as many layers'
             activations as the card's free memory allows for the longest training batch,
             recompute the rest, and step down on an out-of-memory error (`medqa.memory`).
+        memory_limit_gib: Hold this process to this much GPU memory (a shared card, or a
+            smaller card's plan tried on a larger one): `auto` plans within it and the
+            allocator refuses more. None: the whole card. No effect without a GPU.
         trust_remote_code: Let the hub model run its own Python code. Off unless you trust it.
         nonfinite: On a NaN or infinite training loss (in any process): `error` stops the run
             naming the step and the questions in the batch; `skip` leaves the batch out of its
@@ -106,6 +109,7 @@ class MedQALoRA(L.LightningModule):
         target_modules: list[str] | None = None,
         use_rslora: bool = False,
         gradient_checkpointing: bool | Literal["auto"] = "auto",
+        memory_limit_gib: float | None = None,
         trust_remote_code: bool = False,
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
@@ -119,6 +123,7 @@ class MedQALoRA(L.LightningModule):
             ("lora_r", lora_r, lora_r >= 1, "1 or more"), ("lora_alpha", lora_alpha, lora_alpha > 0, "above 0"),
             ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
             ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
+            ("memory_limit_gib", memory_limit_gib, memory_limit_gib is None or memory_limit_gib > 0, "above 0"),
             ("gradient_checkpointing", gradient_checkpointing, gradient_checkpointing in (True, False, "auto"),
              "true, false or auto"),
         ):
@@ -129,6 +134,7 @@ class MedQALoRA(L.LightningModule):
         self.max_length = max_length
         self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
+        self.memory_limit_gib, self._limit_bytes = memory_limit_gib, None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.nonfinite, self.skipped_batches = nonfinite, 0
         self._window = [0, 0]  # this optimizer step's batches: kept, skipped for a non-finite loss
@@ -156,6 +162,7 @@ class MedQALoRA(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        self._limit_bytes = limit_memory(self.memory_limit_gib)  # before loading: the weights count too
         model, backend = load(self.backend, self.pretrained, self.max_length, self.load_in_4bit, self.dtype_name,
                               self.lora, self.gradient_checkpointing is not False, self.lora_seed, self.trust_remote_code)
         self.model, self.resolved_backend = model, backend
@@ -200,7 +207,8 @@ class MedQALoRA(L.LightningModule):
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.gradient_checkpointing == "auto" and self.plan is None:
             # The first training batch says how long the data's longest batch can be.
-            self._use_plan(plan_for(self.model, self.resolved_backend, self.dtype_name, batch["longest_batch_tokens"]))
+            self._use_plan(plan_for(self.model, self.resolved_backend, self.dtype_name, batch["longest_batch_tokens"],
+                                    self._limit_bytes))
 
     # ------------------------------------------------------------------ steps
 
@@ -258,9 +266,8 @@ class MedQALoRA(L.LightningModule):
             if not finite:  # said once, by the process that had the batch
                 log.warning(f"Skipped the update of {where}: non-finite loss; {culprit}.")
             self.log("train/skipped_batches", float(self.skipped_batches))
-            # Not `return None`: Lightning refuses that under DDP. A loss whose gradient is zero
-            # for every trained weight, whatever their values, adds nothing to this step's
-            # gradients, and every process still takes part in their exchange.
+            # Not `return None` (Lightning refuses it under DDP): a loss of zero gradient for every
+            # trained weight, whatever its value, so every process still exchanges gradients.
             return torch.stack([p.sum() for p in self._trainable_params()]).sum() * 0.0
         self._window[0] += 1
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
@@ -268,9 +275,8 @@ class MedQALoRA(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the update whose batches were all skipped (`nonfinite: skip`): with no
-        gradients, AdamW leaves every weight and its moments as they were (a zero gradient
-        would still move them, by momentum and weight decay). Every process decides alike."""
+        """A step of skipped batches alone changes nothing: with no gradients AdamW leaves the
+        weights and moments be (zero ones would still move them). Every process decides alike."""
         kept, skipped = self._window
         self._window = [0, 0]
         if skipped and not kept:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medqa.memory import GiB, MARGIN_BYTES, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback
-from medqa.model import MedQALoRA
+from medqa.model import MedQALoRA, SettingsError
 
 def answers(task: str = "pubmedqa") -> dict:
     """The tiny tokenizer's answer tokens, as the CLI links them from the data to the model."""
@@ -39,6 +39,22 @@ def test_plan_keeps_the_layers_that_fit(free_gib, kept):
     if kept == 16:  # spread over the stack, not the first sixteen
         assert plan.kept_layers() == list(range(1, 32, 2))
         assert "16 of 32 layers keep their activations, the other 16 are recomputed" in plan.describe()
+
+
+def test_a_memory_limit_below_the_free_memory_sizes_the_plan_and_is_named():
+    """A 24 GiB limit on a 139 GiB card plans as a 24 GiB card would, and says so; a limit
+    above the free memory changes nothing."""
+    limited = choose(32, GiB // 2, 8 * GiB, 139 * GiB, limit_bytes=24 * GiB)
+    assert limited.kept == choose(32, GiB // 2, 8 * GiB, 24 * GiB).kept == 23  # (24 x 0.9 - 2 - 8) / 0.5
+    assert limited.limited and "of 24.0 GiB allowed by --model.memory_limit_gib" in limited.describe()
+    assert fallback(limited).limited  # stepping down keeps saying what it planned for
+    roomy = choose(32, GiB // 2, 8 * GiB, 20 * GiB, limit_bytes=100 * GiB)
+    assert roomy == choose(32, GiB // 2, 8 * GiB, 20 * GiB) and "the card had free" in roomy.describe()
+
+
+def test_a_memory_limit_must_be_positive(medqa_cache):
+    with pytest.raises(SettingsError, match=r"--model.memory_limit_gib must be above 0, got 0"):
+        MedQALoRA(memory_limit_gib=0, answer_tokens=answers())
 
 
 def test_without_a_gpu_every_layer_keeps_its_activations():
