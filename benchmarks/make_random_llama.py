@@ -7,11 +7,17 @@ into a local directory, so the full-size path runs where no hub is reachable.
 Random weights give real speed and memory figures, not accuracy. The tokenizer is a
 byte-level BPE with Llama 3's special tokens and chat template, trained on the PubMedQA
 text in `--corpus`, so prompt lengths are close to (a little above) Llama 3's.
+
+`--nf4` (needs CUDA and bitsandbytes) writes the weights already quantized to NF4, as
+`configs/lora.yaml`'s `unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit` holds them (double
+quantization, bfloat16 compute), so loading times compare with the real run's; without it
+the bf16 weights are quantized at every load.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +42,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--corpus", type=Path, help="ori_pqal.json (or any medqa source) to train the tokenizer on")
     parser.add_argument("--vocab_size", type=int, default=32000, help="tokenizer vocabulary (the model keeps 128,256 rows)")
+    parser.add_argument("--nf4", action="store_true", help="write the weights pre-quantized to NF4 (CUDA)")
     args = parser.parse_args()
+    if args.nf4 and not torch.cuda.is_available():
+        raise SystemExit("--nf4 quantizes with bitsandbytes on a CUDA GPU; this machine has none")
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,10 +67,20 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    if args.nf4:  # through a bf16 copy: bitsandbytes quantizes while loading
+        from transformers import BitsAndBytesConfig
+
+        staging = args.out.with_name(args.out.name + "-bf16")
+        model.save_pretrained(staging)
+        del model
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = LlamaForCausalLM.from_pretrained(staging, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": 0})
+        shutil.rmtree(staging)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {args.shape} shape, {n / 1e9:.2f}B parameters, tokenizer {len(tokenizer)} "
+    print(f"wrote {args.out}: {args.shape} shape, {n / 1e9:.2f}B parameters{' in NF4' if args.nf4 else ''}, tokenizer {len(tokenizer)} "
           f"tokens, {time.perf_counter() - t0:.0f} s")
 
 
