@@ -70,7 +70,7 @@ class SpeedMonitor(L.Callback):
             if pl_module.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.__enter__()
+            self.profiler.start()
         self.starts.append(time.perf_counter())
         self.tokens.append(int(batch["num_tokens"]))  # counted on the host by collate: no sync
 
@@ -88,7 +88,7 @@ class SpeedMonitor(L.Callback):
     def _write_profile(self, trainer: L.Trainer) -> None:
         """Stop the profiler and write this process's report and trace (see `profile_steps`)."""
         profiler, self.profiler = self.profiler, None
-        profiler.__exit__(None, None, None)
+        profiler.stop()
         folder = Path(trainer.log_dir if trainer.logger is not None else trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         first = self.warmup_steps
