@@ -48,8 +48,12 @@ class SpeedMonitor(L.Callback):
         self.profiler: torch.profiler.profile | None = None
         self.scoring: dict[str, float] = {}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.setup_start = time.perf_counter()  # the model is loaded (configure_model) after this
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start = time.perf_counter()
+        self.loading_seconds = self.fit_start - self.setup_start
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.tokens: list[int] = []
@@ -137,6 +141,7 @@ class SpeedMonitor(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         self.scored = [0, 0]  # questions, non-padding tokens
         self.scoring_start = time.perf_counter()
+        self.loading_seconds = self.scoring_start - self.setup_start
 
     def _count(self, batch: dict[str, Any]) -> None:
         self.scored[0] += len(batch["ids"])
@@ -145,11 +150,11 @@ class SpeedMonitor(L.Callback):
     def _scoring_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        rows = _gather(trainer, [float(x) for x in self.scored] + [time.perf_counter() - self.scoring_start])
+        rows = _gather(trainer, [*map(float, self.scored), time.perf_counter() - self.scoring_start, self.loading_seconds])
         questions, tokens = int(sum(r[0] for r in rows)), int(sum(r[1] for r in rows))
-        seconds = max(r[2] for r in rows)
-        self.scoring = {"questions": questions, "tokens": tokens, "seconds": seconds}
-        rank_zero_info(f"Scored {questions} questions ({tokens:,} tokens) in {seconds:.1f} s: "
+        seconds, loading = max(r[2] for r in rows), max(r[3] for r in rows)
+        self.scoring = {"questions": questions, "tokens": tokens, "seconds": seconds, "loading_seconds": loading}
+        rank_zero_info(f"Loaded the model in {loading:.1f} s. Scored {questions} questions ({tokens:,} tokens) in {seconds:.1f} s: "
                        f"{questions / max(seconds, 1e-9):,.1f} questions/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s.")
 
     def _process_figures(self, now: float) -> list[float]:
@@ -168,7 +173,7 @@ class SpeedMonitor(L.Callback):
         return [
             float(sum(tokens)), now - self.fit_start, float(sum(tokens[i] for i in timed)), in_steps, wall,
             (starts[w] - self.fit_start) if done > w else now - self.fit_start, float(len(timed)), peak,
-            *[x for gap in gaps for x in gap], median, *[x for step in slow for x in step],
+            *[x for gap in gaps for x in gap], median, *[x for step in slow for x in step], self.loading_seconds,
         ]
 
 
@@ -209,6 +214,7 @@ def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
         "median_step_seconds": max(column(steps_first - 1)),
         "slowest_steps": [{"seconds": s, "batch": i} for s, i in slow_steps[:TOP_GAPS]],
         "peak_gpu_gib": max(column(7)),
+        "loading_seconds": max(column(steps_first + 2 * TOP_GAPS)),
         "per_process": [{"seconds_in_steps": r[3], "seconds_between_steps": r[4] - r[3], "tokens": int(r[0])}
                         for r in rows],
     }
@@ -252,7 +258,7 @@ def _longest(rows: list[list[float]], first: int) -> list[tuple[float, int]]:
 def describe(s: dict[str, Any]) -> str:
     """The end-of-fit lines."""
     over = f" over {s['processes']} processes" if s.get("processes", 1) > 1 else ""
-    lines = [f"Trained on {s['tokens']:,} non-padding tokens{over} in {s['fit_seconds']:.1f} s: "
+    lines = [f"Loaded the model in {s['loading_seconds']:.1f} s. Trained on {s['tokens']:,} non-padding tokens{over} in {s['fit_seconds']:.1f} s: "
              f"{s['fit_tokens_per_s']:,.0f} tokens/s over the whole fit (warm-up, validation and checkpoints included)."]
     if s["step_tokens_per_s"] is not None:
         gaps = ", ".join(f"{g['seconds']:.1f} s before batch {g['before_batch']}" for g in s["longest_gaps"])

@@ -87,7 +87,7 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
     assert correct == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]), abs=1e-6)
     for done in (tested, predicted):  # each says how long its scoring took, of every question
         scoring = next(c for c in done.trainer.callbacks if isinstance(c, SpeedMonitor)).scoring
-        assert scoring["questions"] == len(test_set) and scoring["seconds"] > 0
+        assert scoring["questions"] == len(test_set) and scoring["seconds"] > 0 and scoring["loading_seconds"] > 0
         assert scoring["tokens"] == sum(len(e.input_ids) for e in done.datamodule.examples["test"])
 
 

@@ -2,6 +2,7 @@
 figures against the tokens its batches hold."""
 
 import json
+import time
 
 import lightning as L
 import pytest
@@ -10,14 +11,15 @@ import torch
 from medqa.speed import SpeedMonitor, describe, summarize
 
 
-def row(tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, gaps, median=0.5, slow=((0.0, -1),) * 3):
+def row(tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, gaps, median=0.5, slow=((0.0, -1),) * 3, loading=1.0):
     flat = [x for gap in gaps for x in gap]
-    return [tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, 0.0, *flat, median, *[x for s in slow for x in s]]
+    return [tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, 0.0, *flat, median, *[x for s in slow for x in s],
+            loading]
 
 
 def test_summary_sums_tokens_takes_the_slowest_process_and_one_wait_per_batch():
     rows = [row(1000, 10.0, 800, 4.0, 5.0, 3.0, 8, [(0.5, 7), (0.2, 4), (0.0, -1)], 0.4, [(2.5, 5), (0.6, 6), (0.5, 2)]),
-            row(900, 11.0, 700, 4.5, 5.2, 2.0, 8, [(0.6, 7), (0.1, 3), (0.0, -1)], 0.45, [(2.0, 5), (0.7, 3), (0.4, 4)])]
+            row(900, 11.0, 700, 4.5, 5.2, 2.0, 8, [(0.6, 7), (0.1, 3), (0.0, -1)], 0.45, [(2.0, 5), (0.7, 3), (0.4, 4)], 7.5)]
     s = summarize(rows, warmup_steps=2)
     assert s["tokens"] == 1900 and s["fit_seconds"] == 11.0
     assert s["step_tokens_per_s"] == pytest.approx(1500 / 4.5)
@@ -30,6 +32,7 @@ def test_summary_sums_tokens_takes_the_slowest_process_and_one_wait_per_batch():
     assert [(g["batch"], g["seconds"]) for g in s["slowest_steps"]] == [(5, 2.5), (3, 0.7), (6, 0.6)]
     text = describe({**s, "processes": 2})
     assert "1,900 non-padding tokens" in text and "Median step 0.450 s; slowest: 2.50 s (batch 5)" in text
+    assert s["loading_seconds"] == 7.5 and text.startswith("Loaded the model in 7.5 s. ")  # the slower process
 
 
 class Batches(torch.utils.data.Dataset):
@@ -50,6 +53,9 @@ class Tiny(L.LightningModule):
         super().__init__()
         self.layer = torch.nn.Linear(4, 1)
 
+    def configure_model(self):
+        time.sleep(0.3)  # loading
+
     def training_step(self, batch, batch_idx):
         return self.layer(batch["x"]).pow(2).mean()
 
@@ -69,6 +75,7 @@ def test_a_fit_counts_every_batch_and_times_only_those_after_warm_up(tmp_path):
     assert s["tokens"] == 2 * sum(counts) and s["timed_steps"] == 2 * len(counts) - 3
     assert s["step_tokens_per_s"] == pytest.approx((2 * sum(counts) - sum(counts[:3])) / s["seconds_in_steps"])
     assert 0 < s["seconds_in_steps"] <= s["seconds_in_steps"] + s["seconds_between_steps"] <= s["fit_seconds"]
+    assert 0.3 <= s["loading_seconds"] < 5  # Tiny.configure_model's 0.3 s, as a model load would take
     assert s["processes"] == 1 and len(s["per_process"]) == 1
     assert "speed/tokens_per_s" in trainer.logged_metrics
 
