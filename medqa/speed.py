@@ -26,6 +26,7 @@ class SpeedMonitor(L.Callback):
     the GPU spent waiting for the host: checkpoint writes, validation, the data loader,
     epoch ends. Under DDP the processes meet in every backward pass, so their step times
     agree; the figures take the slowest process and sum the tokens of all of them.
+    `test` and `predict` say how long loading the model and scoring took (`speed.json` too).
 
     Args:
         warmup_steps: Batches left out of the step figures: the first steps compile
@@ -109,10 +110,14 @@ class SpeedMonitor(L.Callback):
         self.summary = summarize(everyone, self.skipped_steps)
         self.summary["processes"] = trainer.world_size
         rank_zero_info(describe(self.summary))
+        self._write(trainer, self.summary)
+
+    def _write(self, trainer: L.Trainer, figures: dict[str, Any]) -> None:
+        """`speed.json` in the run directory (from the first process)."""
         log_dir = trainer.log_dir if trainer.logger is not None else None  # collective: every process asks
         if log_dir is not None and trainer.is_global_zero:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / SPEED_FILE).write_text(json.dumps(self.summary, indent=1) + "\n")
+            (Path(log_dir) / SPEED_FILE).write_text(json.dumps(figures, indent=1) + "\n")
 
     # Scoring: `test` and `predict` say how long the questions took (the GPU synchronised at both ends).
 
@@ -154,6 +159,7 @@ class SpeedMonitor(L.Callback):
         questions, tokens = int(sum(r[0] for r in rows)), int(sum(r[1] for r in rows))
         seconds, loading = max(r[2] for r in rows), max(r[3] for r in rows)
         self.scoring = {"questions": questions, "tokens": tokens, "seconds": seconds, "loading_seconds": loading}
+        self._write(trainer, {"scoring": self.scoring, "processes": trainer.world_size})
         rank_zero_info(f"Loaded the model in {loading:.1f} s. Scored {questions} questions ({tokens:,} tokens) in {seconds:.1f} s: "
                        f"{questions / max(seconds, 1e-9):,.1f} questions/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s.")
 

@@ -88,6 +88,7 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
     for done in (tested, predicted):  # each says how long its scoring took, of every question
         scoring = next(c for c in done.trainer.callbacks if isinstance(c, SpeedMonitor)).scoring
         assert scoring["questions"] == len(test_set) and scoring["seconds"] > 0 and scoring["loading_seconds"] > 0
+        assert json.loads((Path(done.trainer.log_dir) / "speed.json").read_text())["scoring"] == scoring
         assert scoring["tokens"] == sum(len(e.input_ids) for e in done.datamodule.examples["test"])
 
 
