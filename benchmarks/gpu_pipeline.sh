@@ -14,9 +14,9 @@ NAME=${NAME:-gpu-$SHAPE-$BACKEND}
 ARGS=(--config configs/lora.yaml --model.pretrained "$MODEL" --model.backend "$BACKEND"
       --data.source "$DATA" --trainer.logger.init_args.name "$NAME" "$@")
 run() { /usr/bin/time -f "$1: %e s wall, %M KB peak host RSS" python -m medqa "$@" 2>&1 | grep -vE "it/s]|s/it]|Warning"; }
-STEPS=${STEPS:-25}  # optimizer steps of 4 batches: validate once, at the end (an epoch is 112 batches)
+STEPS=${STEPS:-25}  # optimizer steps of 4 batches of 4: validate once, at the end (an epoch is 112 batches)
 STAGES=${STAGES:-fit test predict}
-run fit "${ARGS[@]}" --trainer.max_steps "$STEPS" --trainer.accumulate_grad_batches 4 \
+run fit "${ARGS[@]}" --trainer.max_steps "$STEPS" --data.batch_size 4 --trainer.accumulate_grad_batches 4 \
     --trainer.val_check_interval $((STEPS * 4)) --trainer.limit_val_batches 4
 for stage in $STAGES; do [ "$stage" = fit ] || run "$stage" "${ARGS[@]}" --ckpt_path best; done
-du -h logs/"$NAME"/version_0/checkpoints/*.ckpt
+du -h logs/"$NAME"/fit-*/checkpoints/*.ckpt

@@ -4,16 +4,18 @@
     python benchmarks/make_random_llama.py --shape 8b --out /tmp/llama-8b-random --corpus .gpudata/ori_pqal.json
     python benchmarks/recipe.py --model /tmp/llama-8b-random --data .gpudata/ori_pqal.json
 
-Two sides, each in its own processes, each timed from its first command's start to its test
-score (loading, compiling, training, checkpoints and scoring all count):
-  medqa    `python -m medqa fit --config configs/lora.yaml` with the model and data given,
-           then `python -m medqa test --ckpt_path last`
-  recipe   Unsloth's Llama 3.1 notebook: `FastLanguageModel.from_pretrained(load_in_4bit=True)`,
-           `get_peft_model(r=16, lora_alpha=16, lora_dropout=0, the seven projections,
-           use_gradient_checkpointing="unsloth", random_state=3407)`, TRL's `SFTTrainer` with
-           `optim="adamw_8bit"`, a linear schedule after 5 warm-up steps, bf16, the loss on every
-           token as the notebook has it; then the 500 test questions scored as medqa scores them
-           (the label words' log-probabilities at the answer), so the scores compare
+Each side in its own processes, timed from its first command's start to its test score
+(loading, compiling, training, checkpoints and scoring all count):
+  medqa      `python -m medqa fit --config configs/lora.yaml` with the model and data given,
+             then `python -m medqa test --ckpt_path last`
+  medqa-one  the same fit with `--test_after_fit last`: the test scored in fit's process, as
+             the recipe scores in its own (one start, one model load)
+  recipe     Unsloth's Llama 3.1 notebook: `FastLanguageModel.from_pretrained(load_in_4bit=True)`,
+             `get_peft_model(r=16, lora_alpha=16, lora_dropout=0, the seven projections,
+             use_gradient_checkpointing="unsloth", random_state=3407)`, TRL's `SFTTrainer` with
+             `optim="adamw_8bit"`, a linear schedule after 5 warm-up steps, bf16, the loss on every
+             token as the notebook has it; then the 500 test questions scored as medqa scores them
+             (the label words' log-probabilities at the answer), so the scores compare
 Both train on the same tokens (medqa's prompt and answer word for each PQA-L training
 question), with the epochs, batch size, accumulation, learning rate 2e-4 and weight decay
 0.01 of `configs/lora.yaml`. `--max_steps` shortens both alike. With random weights (the
@@ -55,19 +57,22 @@ def settings() -> dict:
             "lora_r": model["lora_r"], "lora_alpha": model["lora_alpha"]}
 
 
-def medqa(args, logs: Path) -> dict:
-    """`python -m medqa fit` then `test`, timed together; the test scores from metrics.json,
-    where the time went from each command's speed.json."""
+def medqa(args, logs: Path, one_command: bool = False) -> dict:
+    """`python -m medqa fit` then `test`, timed together, or `fit --test_after_fit last`
+    alone (`one_command`); the test scores from metrics.json, where the time went from the
+    commands' speed.json."""
+    name = "medqa-one" if one_command else "medqa"
     common = ["--config", str(CONFIG), "--model.pretrained", args.model, "--data.source", args.data,
-              "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", "medqa"]
+              "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name]
     common += args.extra.split()
     fit = ["--trainer.enable_progress_bar", "false"]
     if args.max_steps:
         fit += ["--trainer.max_steps", str(args.max_steps)]
+    commands = [("fit", fit + ["--test_after_fit", "last"])] if one_command else [("fit", fit), ("test", ["--ckpt_path", "last"])]
     start = time.perf_counter()
     seconds = {}
-    for command, extra in (("fit", fit), ("test", ["--ckpt_path", "last"])):
-        log = logs / f"medqa-{command}.log"
+    for command, extra in commands:
+        log = logs / f"{name}-{command}.log"
         began = time.perf_counter()
         with open(log, "w") as out:
             done = subprocess.run([sys.executable, "-m", "medqa", command, *common, *extra], cwd=ROOT, stdout=out,
@@ -76,10 +81,11 @@ def medqa(args, logs: Path) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"medqa {command} failed (exit {done.returncode}); see {log}")
     total = time.perf_counter() - start
-    scores = json.loads(sorted((logs / "medqa").glob("test-*/metrics.json"))[-1].read_text())
-    fit_speed = json.loads(sorted((logs / "medqa").glob("fit-*/speed.json"))[-1].read_text())
-    scoring = json.loads(sorted((logs / "medqa").glob("test-*/speed.json"))[-1].read_text())["scoring"]
-    return {"seconds": total, "fit_command_seconds": seconds["fit"], "test_command_seconds": seconds["test"],
+    scored = "fit" if one_command else "test"
+    scores = json.loads(sorted((logs / name).glob(f"{scored}-*/metrics.json"))[-1].read_text())
+    fit_speed = json.loads(sorted((logs / name).glob("fit-*/speed.json"))[-1].read_text())
+    scoring = json.loads(sorted((logs / name).glob(f"{scored}-*/speed.json"))[-1].read_text())["scoring"]
+    return {"seconds": total, **{f"{c}_command_seconds": v for c, v in seconds.items()},
             "loading_seconds": fit_speed["loading_seconds"] + scoring["loading_seconds"],
             "train_seconds": fit_speed["fit_seconds"], "test_seconds": scoring["seconds"],
             "acc": scores["test/acc"], "macro_f1": scores["test/macro_f1"]}
@@ -147,7 +153,8 @@ def table(results: dict, args) -> str:
     steps = f"{args.max_steps} optimizer steps" if args.max_steps else f"{s['epochs']} epochs"
     lines = [
         f"{card}, {date.today()}, model {Path(args.model).name}, data {Path(args.data).name}, {steps}, "
-        f"batch {s['batch_size']} x {s['accumulate']} accumulated. Seconds from the command's start.",
+        f"batch {s['batch_size']} x {s['accumulate']} accumulated"
+        + (f" (medqa's commands with `{args.extra}`)" if args.extra else "") + ". Seconds from the command's start.",
         "",
         "| side | to test score s | loading the model s | training s | scoring s | the rest s | test acc | test macro-F1 | vs recipe |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -165,7 +172,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local model directory (benchmarks/make_random_llama.py)")
     p.add_argument("--data", required=True, help="ori_pqal.json")
-    p.add_argument("--sides", nargs="+", default=["recipe", "medqa"], choices=["recipe", "medqa"])
+    p.add_argument("--sides", nargs="+", default=["recipe", "medqa", "medqa-one"], choices=["recipe", "medqa", "medqa-one"])
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps for both sides (0: the config's epochs)")
     p.add_argument("--extra", default="", help="more arguments for both medqa commands, space-separated")
     p.add_argument("--logs", type=Path, help="where both sides write (default: a temporary directory)")
@@ -179,8 +186,8 @@ def main() -> None:
         return
     results = {}
     for side in args.sides:
-        if side == "medqa":
-            results[side] = medqa(args, logs)
+        if side in ("medqa", "medqa-one"):
+            results[side] = medqa(args, logs, one_command=side == "medqa-one")
         else:
             log = logs / "recipe.log"
             start = time.perf_counter()

@@ -20,7 +20,7 @@ import sys
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from unittest import mock
 
 import torch
@@ -119,6 +119,15 @@ class MedQACLI(LightningCLI):
         parser.link_arguments(("generate_rationale", "rationale_tokens"), "model.rationale_tokens",
                               compute_fn=lambda on, n: n if on else 0)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument("--test_after_fit", type=Literal["best", "last"] | None, default=None,
+                                help="score the test split with the run's best or last checkpoint at the end of "
+                                     "fit, in the same process (no second start and model load); the scores go "
+                                     "to the run's metrics.json")
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite this run's model settings, command line included, with
         those saved in the checkpoint. medqa keeps the settings given and refuses a
@@ -216,42 +225,55 @@ class MedQACLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
 
     def after_fit(self) -> None:
-        """Where the run went and what to do next."""
+        """Where the run went and what to do next; then the test split, if asked."""
         trainer = self.trainer
         log_dir = trainer.log_dir  # collective: every process asks
-        if not trainer.is_global_zero:
-            return
-        best, last = self.trainer.checkpoint_callbacks[:2]
+        best, last = trainer.checkpoint_callbacks[:2]
+        which = self.config.fit.get("test_after_fit")
+        if trainer.is_global_zero:
+            self._print_next(log_dir, best, last, tested=which is not None)
+        if which is not None:
+            path = (best if which == "best" else last).best_model_path
+            if not path:
+                raise SettingsError(f"--test_after_fit {which}: the run saved no {which} checkpoint"
+                                    + (" (it never validated: check --trainer.limit_val_batches and "
+                                       "check_val_every_n_epoch), use --test_after_fit last" if which == "best" else ""))
+            rank_zero_info(f"--test_after_fit {which}: scoring the test split with {path}")
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path, weights_only=True)
+            self._write_metrics(path)
+
+    def _print_next(self, log_dir: str | None, best: ModelCheckpoint, last: ModelCheckpoint, tested: bool) -> None:
         lines = [f"Run directory: {log_dir}"]
         if best.best_model_path:
             lines.append(f"Best checkpoint: {best.best_model_path} (val/acc {float(best.best_model_score):.4f})")
         if last.best_model_path:
-            lines.append(f"Last checkpoint: {last.best_model_path} (step {trainer.global_step})")
+            lines.append(f"Last checkpoint: {last.best_model_path} (step {self.trainer.global_step})")
         config = " ".join(f"--config {c}" for c in (self.config.fit.get("config") or [])) or "..."
         if self.config.fit.data.task != "pubmedqa":  # a task given on the command line
             config += f" --data.task {self.config.fit.data.task}"
-        lines += [f"Curves: tensorboard --logdir {Path(log_dir).parent}",
-                  f"Next: python -m medqa test {config} --ckpt_path best",
-                  f"      python -m medqa predict {config} --ckpt_path best",
-                  f"      python -m medqa export --ckpt_path {best.best_model_path or '...'} "
-                  f"--pretrained {self.model.pretrained} --out adapter"]
+        commands = [] if tested else [f"python -m medqa test {config} --ckpt_path best"]
+        commands += [f"python -m medqa predict {config} --ckpt_path best",
+                     f"python -m medqa export --ckpt_path {best.best_model_path or '...'} "
+                     f"--pretrained {self.model.pretrained} --out adapter"]
+        lines += [f"Curves: tensorboard --logdir {Path(log_dir).parent}", "Next: " + "\n      ".join(commands)]
         print("\n".join(lines))
 
     def after_validate(self) -> None:
-        self._write_metrics()
+        self._write_metrics(self.config.validate.get("ckpt_path"))
 
     def after_test(self) -> None:
-        self._write_metrics()
+        self._write_metrics(self.config.test.get("ckpt_path"))
 
-    def _write_metrics(self) -> None:
-        """The stage's scores as `metrics.json` in its run directory, which is printed."""
+    def _write_metrics(self, checkpoint: str | None) -> None:
+        """The stage's scores, and the checkpoint they come from, as `metrics.json` in its
+        run directory, which is printed."""
         log_dir = self.trainer.log_dir  # collective: every process asks
         if not self.trainer.is_global_zero or log_dir is None:
             return
         metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
         path = Path(log_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"checkpoint": self.config[self.subcommand].get("ckpt_path"), **metrics}, indent=1) + "\n")
+        path.write_text(json.dumps({"checkpoint": checkpoint, **metrics}, indent=1) + "\n")
         print(f"Scores written to {path}")
 
 

@@ -159,8 +159,10 @@ class SpeedMonitor(L.Callback):
         questions, tokens = int(sum(r[0] for r in rows)), int(sum(r[1] for r in rows))
         seconds, loading = max(r[2] for r in rows), max(r[3] for r in rows)
         self.scoring = {"questions": questions, "tokens": tokens, "seconds": seconds, "loading_seconds": loading}
-        self._write(trainer, {"scoring": self.scoring, "processes": trainer.world_size})
-        rank_zero_info(f"Loaded the model in {loading:.1f} s. Scored {questions} questions ({tokens:,} tokens) in {seconds:.1f} s: "
+        # After `fit --test_after_fit`, the run's speed.json keeps the fit's figures beside.
+        self._write(trainer, {**self.summary, "scoring": self.scoring, "processes": trainer.world_size})
+        ready = "Loaded the model" if not self.summary else "Restored the checkpoint into the fitted model"
+        rank_zero_info(f"{ready} in {loading:.1f} s. Scored {questions} questions ({tokens:,} tokens) in {seconds:.1f} s: "
                        f"{questions / max(seconds, 1e-9):,.1f} questions/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s.")
 
     def _process_figures(self, now: float) -> list[float]:

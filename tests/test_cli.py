@@ -92,6 +92,25 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
         assert scoring["tokens"] == sum(len(e.input_ids) for e in done.datamodule.examples["test"])
 
 
+def test_fit_can_score_the_test_split_in_the_same_process(tmp_path, capsys):
+    """`fit --test_after_fit last`: the scores a separate `test` of the last checkpoint gives,
+    in the run's metrics.json, and the scoring time beside the fit's figures."""
+    trained = cli("fit", "--trainer.max_epochs", "2", "--test_after_fit", "last", logs=tmp_path / "one")
+    run = Path(trained.trainer.log_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(last)
+    assert "Next: python -m medqa predict" in capsys.readouterr().out  # the test is done: not suggested
+    tested = cli("test", "--ckpt_path", str(last), logs=tmp_path / "two")
+    for key in ("test/acc", "test/macro_f1", "test/loss", "test/ece"):
+        assert metrics[key] == pytest.approx(float(tested.trainer.callback_metrics[key]), abs=1e-6), key
+    speed = json.loads((run / "speed.json").read_text())
+    assert speed["fit_seconds"] > 0 and speed["tokens"] > 0  # the fit's figures are kept
+    assert speed["scoring"]["questions"] == len(tested.datamodule.examples["test"])
+    with pytest.raises(SystemExit):  # a fit option only
+        cli("test", "--test_after_fit", "last", logs=tmp_path / "three")
+
+
 def test_predict_answers_every_question_once(demo_run, tmp_path):
     _, run = demo_run
     predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.predict_split", "all",
