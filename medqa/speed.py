@@ -36,7 +36,9 @@ class SpeedMonitor(L.Callback):
             in GPU kernels, in NCCL kernels and in all, a step, and the kernels and host
             calls that took longest) and their trace (`trace-rank<R>.json.gz`, for
             Perfetto or chrome://tracing) beside `speed.json`. These batches, and the one
-            after them, are left out of the step figures too.
+            after them, are left out of the step figures too. In `test` and `predict`
+            (and `fit --test_after_fit`), scoring batches 1 to N are profiled the same way
+            (`profile-scoring-rank<R>.txt`); their scoring time then includes the profiler's.
     """
 
     def __init__(self, warmup_steps: int = 10, profile_steps: int = 0) -> None:
@@ -71,11 +73,7 @@ class SpeedMonitor(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.profile_steps and len(self.starts) == self.warmup_steps:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if pl_module.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.start()
+            self._start_profiler(pl_module)
         self.starts.append(time.perf_counter())
         self.tokens.append(int(batch["num_tokens"]))  # counted on the host by collate: no sync
 
@@ -90,19 +88,30 @@ class SpeedMonitor(L.Callback):
         if self.profiler is not None and len(self.ends) == self.warmup_steps + self.profile_steps:
             self._write_profile(trainer)
 
-    def _write_profile(self, trainer: L.Trainer) -> None:
-        """Stop the profiler and write this process's report and trace (see `profile_steps`)."""
+    def _start_profiler(self, pl_module: L.LightningModule) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if pl_module.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.start()
+
+    def _write_profile(self, trainer: L.Trainer, wall: float | None = None, tokens: list[int] | None = None,
+                       stage: str = "") -> None:
+        """Stop the profiler and write this process's report and trace (see `profile_steps`):
+        the training batches after the warm-up, or the scoring batches given."""
         profiler, self.profiler = self.profiler, None
         profiler.stop()
         folder = Path(trainer.log_dir if trainer.logger is not None else trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        first = self.warmup_steps
-        wall = sum(self.ends[i] - self.starts[i] for i in range(first, first + self.profile_steps))
-        tokens = self.tokens[first : first + self.profile_steps]
-        rank = trainer.global_rank
-        (folder / f"profile-rank{rank}.txt").write_text(profile_report(profiler, wall, tokens, rank) + "\n")
-        profiler.export_chrome_trace(str(folder / f"trace-rank{rank}.json.gz"))
-        rank_zero_info(f"Profiled batches {first}-{first + self.profile_steps - 1}: see {folder}/profile-rank*.txt.")
+        first = self.warmup_steps if not stage else 1
+        if tokens is None:
+            wall = sum(self.ends[i] - self.starts[i] for i in range(first, first + self.profile_steps))
+            tokens = self.tokens[first : first + self.profile_steps]
+        rank, name = trainer.global_rank, f"profile{stage}-rank"
+        (folder / f"{name}{rank}.txt").write_text(profile_report(profiler, wall, tokens, rank, stage) + "\n")
+        profiler.export_chrome_trace(str(folder / f"trace{stage}-rank{rank}.json.gz"))
+        rank_zero_info(f"Profiled{stage.replace('-', ' ')} batches {first}-{first + len(tokens) - 1}: "
+                       f"see {folder}/{name}*.txt.")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ours = self._process_figures(time.perf_counter())
@@ -129,11 +138,19 @@ class SpeedMonitor(L.Callback):
 
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
                             dataloader_idx: int = 0) -> None:
-        self._count(batch)
+        self._count(pl_module, batch, batch_idx)
 
     def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
                                dataloader_idx: int = 0) -> None:
-        self._count(batch)
+        self._count(pl_module, batch, batch_idx)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._profiled_batch_end(trainer, pl_module, batch_idx)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._profiled_batch_end(trainer, pl_module, batch_idx)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._scoring_end(trainer, pl_module)
@@ -148,9 +165,27 @@ class SpeedMonitor(L.Callback):
         self.scoring_start = time.perf_counter()
         self.loading_seconds = self.scoring_start - self.setup_start
 
-    def _count(self, batch: dict[str, Any]) -> None:
+    def _count(self, pl_module: L.LightningModule, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.profile_steps and batch_idx == 1:  # after the first batch, which compiles
+            self._sync(pl_module)
+            self._start_profiler(pl_module)
+            self.profiled: tuple[float, list[int]] = (time.perf_counter(), [])
+        if self.profiler is not None:
+            self.profiled[1].append(int(batch["num_tokens"]))
         self.scored[0] += len(batch["ids"])
         self.scored[1] += int(batch["num_tokens"])
+
+    def _profiled_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int) -> None:
+        """With `profile_steps`, scoring batches 1 to `profile_steps` are profiled too
+        (`profile-scoring-rank<R>.txt`); the scoring time then includes the profiler's cost."""
+        if self.profiler is not None and batch_idx == self.profile_steps:
+            self._sync(pl_module)
+            self._write_profile(trainer, time.perf_counter() - self.profiled[0], self.profiled[1], "-scoring")
+
+    @staticmethod
+    def _sync(pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
 
     def _scoring_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -228,9 +263,10 @@ def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
     }
 
 
-def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens: list[int], rank: int) -> str:
-    """Where the profiled steps' time went: kernel time a step (NCCL apart) against the
-    steps' wall time, then the longest kernels and host calls."""
+def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens: list[int], rank: int,
+                   stage: str = "") -> str:
+    """Where the profiled steps' (or scoring batches') time went: kernel time a step (NCCL
+    apart) against the steps' wall time, then the longest kernels and host calls."""
     from torch.autograd import DeviceType
 
     averages = profiler.key_averages()
@@ -238,11 +274,12 @@ def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens
     kernels = sum(e.self_device_time_total for e in on_gpu) / 1e6  # seconds
     nccl = sum(e.self_device_time_total for e in on_gpu if "nccl" in e.key.lower()) / 1e6
     steps = max(len(tokens), 1)
+    unit = "scoring batch" if stage else "step"
     lines = [
-        f"process {rank}: {len(tokens)} profiled steps, {sum(tokens):,} non-padding tokens, "
-        f"{wall_seconds / steps:.4f} s a step (with the profiler's own cost)",
-        f"GPU kernels {kernels / steps:.4f} s a step: compute {(kernels - nccl) / steps:.4f} s, NCCL {nccl / steps:.4f} s "
-        f"(NCCL overlaps compute); wall minus compute {(wall_seconds - kernels + nccl) / steps:.4f} s a step",
+        f"process {rank}: {len(tokens)} profiled {unit}{'es' if stage else 's'}, {sum(tokens):,} non-padding tokens, "
+        f"{wall_seconds / steps:.4f} s a {unit} (with the profiler's own cost)",
+        f"GPU kernels {kernels / steps:.4f} s a {unit}: compute {(kernels - nccl) / steps:.4f} s, NCCL {nccl / steps:.4f} s "
+        f"(NCCL overlaps compute); wall minus compute {(wall_seconds - kernels + nccl) / steps:.4f} s a {unit}",
         "",
         "Kernels and calls by time on the GPU:",
         averages.table(sort_by="self_device_time_total", row_limit=30),

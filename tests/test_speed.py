@@ -45,7 +45,7 @@ class Batches(torch.utils.data.Dataset):
         return len(self.counts)
 
     def __getitem__(self, i):
-        return {"x": torch.ones(2, 4), "num_tokens": self.counts[i]}
+        return {"x": torch.ones(2, 4), "num_tokens": self.counts[i], "ids": [f"{i}a", f"{i}b"]}
 
 
 class Tiny(L.LightningModule):
@@ -58,6 +58,9 @@ class Tiny(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch["x"]).pow(2).mean()
+
+    def test_step(self, batch, batch_idx):
+        self.layer(batch["x"])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -107,3 +110,20 @@ def test_profiled_batches_are_reported_and_left_out_of_the_step_figures(tmp_path
 def test_negative_profile_steps_are_refused():
     with pytest.raises(ValueError, match="profile_steps"):
         SpeedMonitor(profile_steps=-1)
+
+
+def test_scoring_batches_are_profiled_after_the_first(tmp_path):
+    counts = list(range(10, 16))
+    loader = torch.utils.data.DataLoader(Batches(counts), batch_size=None)
+    monitor = SpeedMonitor(profile_steps=2)
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="speed")
+    trainer = L.Trainer(accelerator="cpu", logger=logger, callbacks=[monitor], enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.test(Tiny(), dataloaders=loader, verbose=False)
+    run = tmp_path / "speed" / "version_0"
+    report = (run / "profile-scoring-rank0.txt").read_text()
+    assert report.startswith(f"process 0: 2 profiled scoring batches, {sum(counts[1:3]):,} non-padding tokens")
+    assert "aten::linear" in report or "aten::addmm" in report  # the batches' own calls were recorded
+    assert (run / "trace-scoring-rank0.json.gz").stat().st_size > 0
+    assert monitor.profiler is None  # stopped after its batches
+    assert monitor.scoring["questions"] == 2 * len(counts) and monitor.scoring["tokens"] == sum(counts)
