@@ -10,6 +10,11 @@ Paths, each in its own process (Unsloth patches transformers and peft on import)
   unsloth  FastLanguageModel + get_peft_model in a plain PyTorch loop
   hf       transformers + peft + bitsandbytes (prepare_model_for_kbit_training), plain loop,
            bf16 autocast: the standard QLoRA recipe
+A path may carry its own settings after `@`, joined by `+`, so one call measures every row
+of a table on one machine, e.g. (issue 12's table):
+    --paths "unsloth,unsloth@batch_size=16,unsloth@unsloth_checkpointing=false,medqa@medqa_checkpointing=true,
+             medqa@medqa_checkpointing=true+medqa_bucket_batches=16,medqa@medqa_checkpointing=auto+medqa_bucket_batches=16,
+             medqa@medqa_checkpointing=auto+medqa_bucket_batches=16+medqa_memory_limit_gib=24"
 All three train on the same batches: PQA-L's training folds as medqa tokenizes them, in the
 order medqa's DataModule gives them, padded per batch. Each path warms up, then is timed
 with the GPU synchronised at both ends. Tokens are non-padding tokens. Peak memory is
@@ -34,6 +39,7 @@ LORA = dict(r=16, alpha=16, dropout=0.0,
             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 LR = 2e-4
 CHECKPOINTING = {"true": True, "false": False, "auto": "auto"}
+UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 
 def datamodule(args, bucket_batches: int = 0):
@@ -127,7 +133,7 @@ def run_medqa(args) -> dict:
     model = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"], gradient_checkpointing=CHECKPOINTING[args.medqa_checkpointing],
-                      answer_tokens=dm.answer_tokens, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
+                      memory_limit_gib=args.medqa_memory_limit_gib, answer_tokens=dm.answer_tokens, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
     trainer = bench_trainer(args.precision, n, timer)
     trainer.fit(model, datamodule=dm)
     result = {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps,
@@ -149,6 +155,7 @@ def run_medqa(args) -> dict:
     result["score_seconds"] = score_timer.seconds
     result["scored"] = len(dm.examples["test"])
     result["test_acc"] = metrics["test/acc"]
+    result["plan"] = model.plan.name() if model.plan is not None else None  # what `auto` chose
     if args.paired and not args.medqa_bucket_batches:  # paired needs the same batches
         result["paired"] = paired_with_unsloth(model, dm, args)
     return result
@@ -216,7 +223,7 @@ def run_unsloth(args) -> dict:
                                                  load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(
         model, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"],
-        bias="none", use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=args.max_length)
+        bias="none", use_gradient_checkpointing=UNSLOTH_CHECKPOINTING[args.unsloth_checkpointing], random_state=3407, max_seq_length=args.max_length)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     data = batches(datamodule(args), args.warmup + args.steps)
@@ -292,14 +299,18 @@ def table(results: dict[str, dict], args, card: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     base = results.get("unsloth", {}).get("tokens_per_s")
-    for name, r in results.items():
+    for spec, r in results.items():
+        name, settings = split_path(spec)
+        title = TITLES[name] + "".join(f", {k} {v}" for k, v in settings)
+        if "peak_gib" in r and r.get("plan"):
+            title += f" (plan: {r['plan']})"
         if "error" in r:
-            lines.append(f"| {TITLES[name]} | failed: {r['error']} | | | | |")
+            lines.append(f"| {title} | failed: {r['error']} | | | | |")
             continue
         score = f"{r['score_seconds']:.1f}" if "score_seconds" in r else "-"
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        lines.append(f"| {TITLES[name]} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | {score} | {ratio} |")
-    paired = results.get("medqa", {}).get("paired")
+        lines.append(f"| {title} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | {score} | {ratio} |")
+    paired = next((r["paired"] for r in results.values() if r.get("paired")), None)
     if paired:
         lines += [
             "",
@@ -314,6 +325,21 @@ def table(results: dict[str, dict], args, card: str) -> str:
             f"| medqa / Unsloth alone | {paired['ratio']:.2f}x | |",
         ]
     return "\n".join(lines)
+
+
+def split_path(spec: str) -> tuple[str, list[tuple[str, str]]]:
+    """`medqa@batch_size=16+medqa_checkpointing=auto` -> ("medqa", [("batch_size", "16"), ...])."""
+    name, _, rest = spec.partition("@")
+    settings = [tuple(item.split("=", 1)) for item in rest.split("+") if item] if rest else []
+    if name not in PATHS or any(len(kv) != 2 or kv[0] not in PATH_SETTINGS for kv in settings):
+        raise SystemExit(f"--paths: cannot read {spec!r}: a path is one of {', '.join(PATHS)}, optionally followed by "
+                         f"@key=value+key=value with keys from {', '.join(PATH_SETTINGS)}")
+    return name, settings
+
+
+PATH_SETTINGS = ("batch_size", "medqa_checkpointing", "medqa_bucket_batches", "medqa_memory_limit_gib",
+                 "unsloth_checkpointing", "max_length")
+"""The settings a path may carry after `@` (each a command-line option of this script)."""
 
 
 def main() -> None:
@@ -334,6 +360,10 @@ def main() -> None:
                         help="length-aware batches for the medqa path (the others keep random batches)")
     parser.add_argument("--medqa_checkpointing", choices=sorted(CHECKPOINTING), default="true",
                         help="the medqa path's --model.gradient_checkpointing (true: as Unsloth alone's recipe)")
+    parser.add_argument("--medqa_memory_limit_gib", type=float, default=None,
+                        help="the medqa path's --model.memory_limit_gib (plans and holds to that much of the card)")
+    parser.add_argument("--unsloth_checkpointing", choices=sorted(UNSLOTH_CHECKPOINTING), default="unsloth",
+                        help="Unsloth alone's use_gradient_checkpointing (unsloth: its default, offloaded)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))
     parser.add_argument("--one", choices=sorted(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -346,18 +376,20 @@ def main() -> None:
         return
 
     results = {}
-    for name in args.paths.split(","):
-        cmd = [sys.executable, __file__, "--one", name] + [a for a in sys.argv[1:]]
+    specs = [spec.strip() for spec in args.paths.split(",") if spec.strip()]
+    parsed = [split_path(spec) for spec in specs]  # all checked before the first path runs
+    for spec, (name, settings) in zip(specs, parsed):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name, *[x for k, v in settings for x in (f"--{k}", v)]]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            results[name] = {"error": tail[0][:200]}
+            results[spec] = {"error": tail[0][:200]}
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         else:
-            results[name] = json.loads(lines[-1][7:])
-        print(f"{name}: {results[name]} ({time.perf_counter() - t0:.0f} s with loading)", flush=True)
+            results[spec] = json.loads(lines[-1][7:])
+        print(f"{spec}: {results[spec]} ({time.perf_counter() - t0:.0f} s with loading)", flush=True)
         # Written after every path, so a run cut short keeps what it measured.
         card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
         text = table(results, args, card)
