@@ -73,7 +73,7 @@ def ddp_checkpoint(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ddp")
     run = medqa("fit", logs, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
                 "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
-                "--last_checkpoint.every_n_train_steps", "4")
+                "--last_checkpoint.every_n_train_steps", "4", "--test_after_fit", "last")
     return logs, run / "checkpoints" / "last.ckpt"
 
 
@@ -94,8 +94,12 @@ def test_ddp_test_and_predict_equal_the_single_process_run(ddp_checkpoint):
     two = ["--ckpt_path", str(last), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     single, double = test_metrics(medqa("test", logs, *one)), test_metrics(medqa("test", logs, *two))
     assert {"test/acc", "test/macro_f1", "test/ece"} <= set(single)
+    # and the fit's own test (--test_after_fit last), in its 2 processes, after training
+    after_fit = json.loads((last.parent.parent / "metrics.json").read_text())
+    assert after_fit["checkpoint"] == str(last)
     for tag in ("test/acc", "test/macro_f1", "test/f1_yes", "test/f1_no", "test/f1_maybe", "test/ece"):
         assert double[tag] == pytest.approx(single[tag], abs=1e-6), tag
+        assert after_fit[tag] == pytest.approx(single[tag], abs=1e-6), tag
 
     # 1,000 questions in batches of 7: the last batch is short and the processes get
     # different numbers of questions; none may be lost or answered twice.
