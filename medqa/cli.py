@@ -120,6 +120,7 @@ class MedQACLI(LightningCLI):
                               compute_fn=lambda on, n: n if on else 0)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """`add_arguments_to_parser` is not told the subcommand; `--test_after_fit` is fit's alone."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "fit":
             parser.add_argument("--test_after_fit", type=Literal["best", "last"] | None, default=None,
