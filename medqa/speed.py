@@ -188,8 +188,9 @@ class SpeedMonitor(L.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def _scoring_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        self._sync(pl_module)
+        if self.profiler is not None:  # fewer batches than asked for: report those there were
+            self._write_profile(trainer, time.perf_counter() - self.profiled[0], self.profiled[1], "-scoring")
         rows = _gather(trainer, [*map(float, self.scored), time.perf_counter() - self.scoring_start, self.loading_seconds])
         questions, tokens = int(sum(r[0] for r in rows)), int(sum(r[1] for r in rows))
         seconds, loading = max(r[2] for r in rows), max(r[3] for r in rows)

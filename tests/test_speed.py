@@ -127,3 +127,10 @@ def test_scoring_batches_are_profiled_after_the_first(tmp_path):
     assert (run / "trace-scoring-rank0.json.gz").stat().st_size > 0
     assert monitor.profiler is None  # stopped after its batches
     assert monitor.scoring["questions"] == 2 * len(counts) and monitor.scoring["tokens"] == sum(counts)
+
+    # More batches asked for than there are: the profile covers those after the first.
+    trainer = L.Trainer(accelerator="cpu", logger=logger, callbacks=[SpeedMonitor(profile_steps=50)],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(Tiny(), dataloaders=loader, verbose=False)
+    report = (run / "profile-scoring-rank0.txt").read_text()
+    assert report.startswith(f"process 0: {len(counts) - 1} profiled scoring batches, {sum(counts[1:]):,} non-padding")
