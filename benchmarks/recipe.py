@@ -18,7 +18,8 @@ Each side in its own processes, timed from its first command's start to its test
              (the label words' log-probabilities at the answer), so the scores compare
 Both train on the same tokens (medqa's prompt and answer word for each PQA-L training
 question), with the epochs, batch size, accumulation, learning rate 2e-4 and weight decay
-0.01 of `configs/lora.yaml`. `--max_steps` shortens both alike. With random weights (the
+0.01 of `configs/lora.yaml` (`--batch_size` and `--accumulate` change the batch of both
+sides). `--max_steps` shortens both alike. With random weights (the
 made model) the scores say nothing about quality; the times are what this measures.
 
 The recipe side needs CUDA (TRL 1.15's SFTTrainer always adds a Triton LM head) and `trl`
@@ -46,13 +47,13 @@ CONFIG = ROOT / "configs" / "lora.yaml"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def settings() -> dict:
-    """The training settings both sides use, from configs/lora.yaml."""
+def settings(args) -> dict:
+    """The training settings both sides use, from configs/lora.yaml (the batch as given)."""
     config = yaml.safe_load(CONFIG.read_text())
     trainer, model, data = config["trainer"], config["model"], config["data"]
     optimizer = model["optimizer"]["init_args"]
-    return {"epochs": trainer["max_epochs"], "batch_size": data["batch_size"],
-            "accumulate": trainer["accumulate_grad_batches"], "lr": optimizer["lr"],
+    return {"epochs": trainer["max_epochs"], "batch_size": args.batch_size or data["batch_size"],
+            "accumulate": args.accumulate or trainer["accumulate_grad_batches"], "lr": optimizer["lr"],
             "weight_decay": optimizer["weight_decay"], "max_length": data["max_length"],
             "lora_r": model["lora_r"], "lora_alpha": model["lora_alpha"]}
 
@@ -64,6 +65,8 @@ def medqa(args, logs: Path, one_command: bool = False) -> dict:
     name = "medqa-one" if one_command else "medqa"
     common = ["--config", str(CONFIG), "--model.pretrained", args.model, "--data.source", args.data,
               "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name]
+    s = settings(args)
+    common += ["--data.batch_size", str(s["batch_size"]), "--trainer.accumulate_grad_batches", str(s["accumulate"])]
     common += args.extra.split()
     fit = ["--trainer.enable_progress_bar", "false"]
     if args.max_steps:
@@ -107,7 +110,7 @@ def recipe(args, logs: Path) -> dict:
     from medqa.model import MedQALoRA
     from medqa.speed import SpeedMonitor
 
-    s = settings()
+    s = settings(args)
     dm = QADataModule(source=args.data, pretrained=args.model, max_length=s["max_length"],
                       batch_size=s["batch_size"])
     dm.setup("fit")
@@ -149,7 +152,7 @@ def table(results: dict, args) -> str:
     import torch
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    s = settings()
+    s = settings(args)
     steps = f"{args.max_steps} optimizer steps" if args.max_steps else f"{s['epochs']} epochs"
     lines = [
         f"{card}, {date.today()}, model {Path(args.model).name}, data {Path(args.data).name}, {steps}, "
@@ -174,6 +177,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="ori_pqal.json")
     p.add_argument("--sides", nargs="+", default=["recipe", "medqa", "medqa-one"], choices=["recipe", "medqa", "medqa-one"])
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps for both sides (0: the config's epochs)")
+    p.add_argument("--batch_size", type=int, help="questions a batch, both sides (default: lora.yaml's)")
+    p.add_argument("--accumulate", type=int, help="batches an optimizer step, both sides (default: lora.yaml's)")
     p.add_argument("--extra", default="", help="more arguments for both medqa commands, space-separated")
     p.add_argument("--logs", type=Path, help="where both sides write (default: a temporary directory)")
     p.add_argument("--out", type=Path, help="also write the table here")
