@@ -80,8 +80,7 @@ class SpeedMonitor(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        self._sync(pl_module)
         self.ends.append(time.perf_counter())
         seconds = self.ends[-1] - self.starts[-1]
         pl_module.log("speed/tokens_per_s", self.tokens[-1] / max(seconds, 1e-9), batch_size=1)
@@ -159,8 +158,7 @@ class SpeedMonitor(L.Callback):
         self._scoring_end(trainer, pl_module)
 
     def _scoring_start(self, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        self._sync(pl_module)
         self.scored = [0, 0]  # questions, non-padding tokens
         self.scoring_start = time.perf_counter()
         self.loading_seconds = self.scoring_start - self.setup_start
