@@ -302,7 +302,7 @@ def table(results: dict[str, dict], args, card: str) -> str:
     for spec, r in results.items():
         name, settings = split_path(spec)
         title = TITLES[name] + "".join(f", {k} {v}" for k, v in settings)
-        if "peak_gib" in r and r.get("plan"):
+        if r.get("plan"):
             title += f" (plan: {r['plan']})"
         if "error" in r:
             lines.append(f"| {title} | failed: {r['error']} | | | | |")

@@ -85,7 +85,9 @@ class SpeedMonitor(L.Callback):
         seconds = self.ends[-1] - self.starts[-1]
         pl_module.log("speed/tokens_per_s", self.tokens[-1] / max(seconds, 1e-9), batch_size=1)
         if self.profiler is not None and len(self.ends) == self.warmup_steps + self.profile_steps:
-            self._write_profile(trainer)
+            profiled = range(self.warmup_steps, len(self.ends))
+            self._write_profile(trainer, sum(self.ends[i] - self.starts[i] for i in profiled),
+                                [self.tokens[i] for i in profiled], self.warmup_steps)
 
     def _start_profiler(self, pl_module: L.LightningModule) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -94,18 +96,13 @@ class SpeedMonitor(L.Callback):
         self.profiler = torch.profiler.profile(activities=activities)
         self.profiler.start()
 
-    def _write_profile(self, trainer: L.Trainer, wall: float | None = None, tokens: list[int] | None = None,
-                       stage: str = "") -> None:
-        """Stop the profiler and write this process's report and trace (see `profile_steps`):
-        the training batches after the warm-up, or the scoring batches given."""
+    def _write_profile(self, trainer: L.Trainer, wall: float, tokens: list[int], first: int, stage: str = "") -> None:
+        """Stop the profiler and write this process's report and trace (see `profile_steps`)
+        of the batches from `first` on, which took `wall` seconds and held `tokens`."""
         profiler, self.profiler = self.profiler, None
         profiler.stop()
         folder = Path(trainer.log_dir if trainer.logger is not None else trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        first = self.warmup_steps if not stage else 1
-        if tokens is None:
-            wall = sum(self.ends[i] - self.starts[i] for i in range(first, first + self.profile_steps))
-            tokens = self.tokens[first : first + self.profile_steps]
         rank, name = trainer.global_rank, f"profile{stage}-rank"
         (folder / f"{name}{rank}.txt").write_text(profile_report(profiler, wall, tokens, rank, stage) + "\n")
         profiler.export_chrome_trace(str(folder / f"trace{stage}-rank{rank}.json.gz"))
@@ -178,7 +175,11 @@ class SpeedMonitor(L.Callback):
         (`profile-scoring-rank<R>.txt`); the scoring time then includes the profiler's cost."""
         if self.profiler is not None and batch_idx == self.profile_steps:
             self._sync(pl_module)
-            self._write_profile(trainer, time.perf_counter() - self.profiled[0], self.profiled[1], "-scoring")
+            self._write_scoring_profile(trainer)
+
+    def _write_scoring_profile(self, trainer: L.Trainer) -> None:
+        began, tokens = self.profiled
+        self._write_profile(trainer, time.perf_counter() - began, tokens, 1, "-scoring")
 
     @staticmethod
     def _sync(pl_module: L.LightningModule) -> None:
@@ -188,7 +189,7 @@ class SpeedMonitor(L.Callback):
     def _scoring_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync(pl_module)
         if self.profiler is not None:  # fewer batches than asked for: report those there were
-            self._write_profile(trainer, time.perf_counter() - self.profiled[0], self.profiled[1], "-scoring")
+            self._write_scoring_profile(trainer)
         rows = _gather(trainer, [*map(float, self.scored), time.perf_counter() - self.scoring_start, self.loading_seconds])
         questions, tokens = int(sum(r[0] for r in rows)), int(sum(r[1] for r in rows))
         seconds, loading = max(r[2] for r in rows), max(r[3] for r in rows)
