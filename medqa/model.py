@@ -24,11 +24,9 @@ from medqa.backends import (
 from medqa.checkpoints import base_fingerprint, misfits
 from medqa.memory import Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
 from medqa.metrics import (
+    StageScores,
     answer_loss,
-    calibration_error,
-    classification_metrics,
     confusion_figure,
-    confusion_matrix,
     format_confusion,
     label_log_probs,
 )
@@ -149,11 +147,11 @@ class MedQALoRA(L.LightningModule):
         self.labels: list[str] = list(answer_tokens["labels"])
         self.label_ids: list[list[int]] = [list(ids) for ids in answer_tokens["label_ids"]]
         self.pad_id: int = answer_tokens["pad_id"]
+        # On the model's device once: a copy for each batch would wait for the GPU.
+        self.register_buffer("label_first_ids", torch.tensor([ids[0] for ids in self.label_ids]), persistent=False)
         self.rationale_suffix: list[int] = list(answer_tokens["rationale_suffix"])
         n = len(self.labels)
-        self.val_metrics, self.test_metrics = classification_metrics("val/", n), classification_metrics("test/", n)
-        self.val_confusion, self.test_confusion = confusion_matrix(n), confusion_matrix(n)
-        self.val_calibration, self.test_calibration = calibration_error(n), calibration_error(n)
+        self.val_scores, self.test_scores = StageScores("val", n), StageScores("test", n)
         self.plan: Plan | None = None  # the `auto` plan in use, once fit has chosen one
         self._trainable: list[Tensor] | None = None
 
@@ -236,7 +234,8 @@ class MedQALoRA(L.LightningModule):
         loss, hidden = self._loss(batch)
         _, head = decoder_and_head(self.model)
         logp = label_log_probs(
-            self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id
+            self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id,
+            self.label_first_ids,
         )
         return loss, logp
 
@@ -310,11 +309,8 @@ class MedQALoRA(L.LightningModule):
 
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logp = self._forward(batch)
-        preds, labels = logp.argmax(-1), batch["label"]
-        getattr(self, f"{stage}_metrics").update(preds, labels)
-        getattr(self, f"{stage}_confusion").update(preds, labels)
-        getattr(self, f"{stage}_calibration").update(logp.float().exp(), labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=labels.size(0), sync_dist=True)
+        getattr(self, f"{stage}_scores").add(logp, batch["label"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=logp.size(0), sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -332,21 +328,17 @@ class MedQALoRA(L.LightningModule):
     def _log_stage(self, stage: str) -> Tensor:
         """Log a stage's accuracy, macro-F1, per-class F1 and calibration error; draw its
         confusion matrix into TensorBoard. Returns the matrix."""
-        metrics, confusion, calibration = (getattr(self, f"{stage}_{m}") for m in ("metrics", "confusion", "calibration"))
-        values = metrics.compute()
+        scores = getattr(self, f"{stage}_scores")
+        values, matrix = scores.compute()
         per_class = values.pop(f"{stage}/f1")
         values.update({f"{stage}/f1_{w}": f for w, f in zip(self.labels, per_class)})
-        values[f"{stage}/ece"] = calibration.compute()
         # Already the same on every process (torchmetrics synchronises in compute); sync_dist
         # only tells Lightning so.
         self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True, sync_dist=True)
         self.log_dict(values, sync_dist=True)
-        matrix = confusion.compute()
         if isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self.logger.experiment.add_figure(f"{stage}/confusion_matrix", confusion_figure(confusion, matrix, self.labels),
-                                              self.global_step)
-        for metric in (metrics, confusion, calibration):
-            metric.reset()
+            self.logger.experiment.add_figure(f"{stage}/confusion_matrix",
+                                              confusion_figure(scores.confusion, matrix, self.labels), self.global_step)
         return matrix
 
     def on_fit_start(self) -> None:

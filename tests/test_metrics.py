@@ -4,7 +4,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from medqa.tokens import PromptFormat, collate
 from medqa.tasks.pubmedqa import synthetic_records
-from medqa.metrics import answer_loss, classification_metrics, label_log_probs
+from medqa.metrics import StageScores, answer_loss, label_log_probs
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +65,26 @@ def test_answer_loss_equals_the_causal_lm_loss(llama, tokenizer):
     torch.testing.assert_close(ours, reference)
 
 
-def test_metrics_against_hand_computed_values():
+def test_stage_scores_against_hand_computed_values_over_batches_then_afresh():
     # truth:  yes yes yes no no maybe maybe
     # pred:   yes yes no  no yes maybe yes
     truth = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 0, 1, 1, 0, 2, 0])
-    metrics = classification_metrics("test/", 3)
-    metrics.update(pred, truth)
-    values = metrics.compute()
+    logp = torch.full((7, 3), 0.1).scatter(1, pred[:, None], 0.8).log()  # the prediction at 0.8
+    scores = StageScores("test", 3)
+    for part in (slice(0, 3), slice(3, 4), slice(4, 7)):  # three batches, scored at the end
+        scores.add(logp[part], truth[part])
+    values, matrix = scores.compute()
     # yes: tp 2, fp 2, fn 1 -> P 1/2, R 2/3, F1 4/7;  no: tp 1, fp 1, fn 1 -> F1 1/2;
     # maybe: tp 1, fp 0, fn 1 -> P 1, R 1/2, F1 2/3
     f1 = torch.tensor([4 / 7, 1 / 2, 2 / 3])
     torch.testing.assert_close(values["test/acc"], torch.tensor(4 / 7))
     torch.testing.assert_close(values["test/f1"], f1)
     torch.testing.assert_close(values["test/macro_f1"], f1.mean())
+    assert matrix.tolist() == [[2, 1, 0], [1, 1, 0], [1, 0, 1]]
+    # every answer at confidence 0.8, right 4 times in 7: ECE |0.8 - 4/7|
+    torch.testing.assert_close(values["test/ece"], torch.tensor(0.8 - 4 / 7))
+    # The next epoch starts afresh: one right answer alone.
+    scores.add(logp[:1], truth[:1])
+    values, matrix = scores.compute()
+    assert values["test/acc"] == 1 and matrix.sum() == 1
