@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -326,7 +327,19 @@ def import_unsloth_first(argv: list[str]) -> None:
     # Without CUDA or unsloth there is nothing to patch; resolve_backend explains later.
     if _requested_backend(argv[1:]) in ("unsloth", "auto") and torch.cuda.is_available() and unsloth_available():
         _use_launched_device()
+        global _unsloth_import_seconds
+        began = time.perf_counter()
         import unsloth  # noqa: F401
+
+        _unsloth_import_seconds = time.perf_counter() - began
+
+
+_unsloth_import_seconds: float | None = None
+
+
+def unsloth_import_seconds() -> float | None:
+    """How long `import_unsloth_first` took to import Unsloth in this process; None if it did not."""
+    return _unsloth_import_seconds
 
 
 def _use_launched_device() -> None:

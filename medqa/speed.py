@@ -5,6 +5,7 @@ whole fit, each summed or maxed over the processes."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,20 @@ class SpeedMonitor(L.Callback):
         self.summary: dict[str, Any] = {}
         self.profiler: torch.profiler.profile | None = None
         self.scoring: dict[str, float] = {}
+        self.start: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.setup_start = time.perf_counter()  # the model is loaded (configure_model) after this
+        if not self.start and (age := process_seconds()) is not None:  # the command's first stage only
+            from medqa.backends import unsloth_import_seconds
+
+            self.start = {"seconds": age}
+            unsloth = unsloth_import_seconds()
+            if unsloth is not None:
+                self.start["unsloth_import_seconds"] = unsloth
+            rank_zero_info(f"Ready to load the model {age:.1f} s after the process started"
+                           + (f" (importing Unsloth: {unsloth:.1f} s)" if unsloth is not None else "")
+                           + ": Python, the imports, the settings and the data.")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start = time.perf_counter()
@@ -122,7 +134,8 @@ class SpeedMonitor(L.Callback):
         log_dir = trainer.log_dir if trainer.logger is not None else None  # collective: every process asks
         if log_dir is not None and trainer.is_global_zero:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / SPEED_FILE).write_text(json.dumps(figures, indent=1) + "\n")
+            start = {"start": self.start} if self.start else {}
+            (Path(log_dir) / SPEED_FILE).write_text(json.dumps({**figures, **start}, indent=1) + "\n")
 
     # Scoring: `test` and `predict` say how long the questions took (the GPU synchronised at both ends).
 
@@ -218,6 +231,16 @@ class SpeedMonitor(L.Callback):
             (starts[w] - self.fit_start) if done > w else now - self.fit_start, float(len(timed)), peak,
             *[x for gap in gaps for x in gap], median, *[x for step in slow for x in step], self.loading_seconds,
         ]
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started, from Linux's /proc (10 ms steps); None elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime; the name may hold spaces
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _gather(trainer: L.Trainer, figures: list[float]) -> list[list[float]]:

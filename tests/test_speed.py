@@ -2,13 +2,15 @@
 figures against the tokens its batches hold."""
 
 import json
+import subprocess
+import sys
 import time
 
 import lightning as L
 import pytest
 import torch
 
-from medqa.speed import SpeedMonitor, describe, summarize
+from medqa.speed import SpeedMonitor, describe, process_seconds, summarize
 
 
 def row(tokens, fit_s, step_tokens, in_steps, wall, warmup_s, timed, gaps, median=0.5, slow=((0.0, -1),) * 3, loading=1.0):
@@ -73,14 +75,24 @@ def test_a_fit_counts_every_batch_and_times_only_those_after_warm_up(tmp_path):
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="speed")
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=logger, callbacks=[monitor], enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
+    before = process_seconds()
     trainer.fit(Tiny(), train_dataloaders=loader)
+    after = process_seconds()
     s = json.loads((tmp_path / "speed" / "version_0" / "speed.json").read_text())
+    assert before <= s["start"]["seconds"] <= after  # the process's age when the fit set up
+    assert "unsloth_import_seconds" not in s["start"]  # no Unsloth imported on the CPU
     assert s["tokens"] == 2 * sum(counts) and s["timed_steps"] == 2 * len(counts) - 3
     assert s["step_tokens_per_s"] == pytest.approx((2 * sum(counts) - sum(counts[:3])) / s["seconds_in_steps"])
     assert 0 < s["seconds_in_steps"] <= s["seconds_in_steps"] + s["seconds_between_steps"] <= s["fit_seconds"]
     assert 0.3 <= s["loading_seconds"] < 5  # Tiny.configure_model's 0.3 s, as a model load would take
     assert s["processes"] == 1 and len(s["per_process"]) == 1
     assert "speed/tokens_per_s" in trainer.logged_metrics
+
+
+def test_process_seconds_counts_from_the_process_start():
+    code = "import time; time.sleep(1.5); from medqa.speed import process_seconds; print(process_seconds())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.5 <= age < 60  # the sleep, then the import; not the machine's uptime
 
 
 def test_negative_warm_up_is_refused():
