@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from medqa.backends import unsloth_import_seconds
+
 SPEED_FILE = "speed.json"
 TOP_GAPS = 3
 
@@ -56,8 +58,6 @@ class SpeedMonitor(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.setup_start = time.perf_counter()  # the model is loaded (configure_model) after this
         if not self.start and (age := process_seconds()) is not None:  # the command's first stage only
-            from medqa.backends import unsloth_import_seconds
-
             self.start = {"seconds": age}
             unsloth = unsloth_import_seconds()
             if unsloth is not None:
