@@ -91,8 +91,8 @@ def medqa(args, logs: Path, one_command: bool = False) -> dict:
     scoring = test_speed["scoring"]
     starts = [fit_speed.get("start", {})] + ([] if one_command else [test_speed.get("start", {})])
     return {"seconds": total, **{f"{c}_command_seconds": v for c, v in seconds.items()},
-            "start_seconds": sum(s.get("seconds", 0.0) for s in starts),
-            "unsloth_import_seconds": sum(s.get("unsloth_import_seconds", 0.0) for s in starts),
+            "start_seconds": sum(st.get("seconds", 0.0) for st in starts),
+            "unsloth_import_seconds": sum(st.get("unsloth_import_seconds", 0.0) for st in starts),
             "loading_seconds": fit_speed["loading_seconds"] + scoring["loading_seconds"],
             "train_seconds": fit_speed["fit_seconds"], "test_seconds": scoring["seconds"],
             "acc": scores["test/acc"], "macro_f1": scores["test/macro_f1"]}
