@@ -212,6 +212,13 @@ def load_hf(
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(pretrained, e) from None
+    if not load_in_4bit and getattr(model, "hf_quantizer", None) is not None:
+        # A base saved quantized (e.g. unsloth/...-bnb-4bit) loads quantized whatever is asked.
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"{pretrained} is saved quantized: its weights are dequantized to {dtype}, "
+                       "as --model.load_in_4bit false asks")
+        model = model.dequantize(dtype=kwargs["dtype"])
     if load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -237,6 +244,18 @@ def load(
         torch.manual_seed(seed)  # the LoRA initialisation
         model, _ = load_hf(**common)
     return model, resolved
+
+
+def saved_quantized(pretrained: str, trust_remote_code: bool) -> bool:
+    """Whether the base's config says its weights are saved quantized (bitsandbytes NF4 or
+    similar), read from its config.json alone."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(pretrained, e) from None
+    return getattr(config, "quantization_config", None) is not None
 
 
 def save_merged(model: Any, tokenizer: Any, out: Path, backend: str, dtype: str) -> None:

@@ -129,14 +129,20 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
 
 
 def _export_merged(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer: Any, out: Path, dtype: str) -> None:
-    from medqa.backends import resolve_backend, save_merged
+    from medqa.backends import resolve_backend, save_merged, saved_quantized
     from medqa.model import MedQALoRA
 
     backend = resolve_backend(settings["backend"])
+    if backend == "unsloth" and saved_quantized(settings["pretrained"], settings["trust_remote_code"]):
+        # Unsloth's 16-bit merge refuses a local base saved in 4-bit (seen on an H200): merge
+        # into its dequantized weights instead, the ones the adapter was trained on.
+        print(f"{settings['pretrained']} is saved in 4-bit: the adapter is merged into its dequantized "
+              "weights (transformers + peft), the weights it was trained on")
+        backend = "hf"
     if backend == "hf":
         # Merging into 4-bit weights would round the result to 4 bits again: merge into the
         # base in 16/32-bit (`dtype`) instead.
-        settings.update(load_in_4bit=False, dtype=dtype)
+        settings.update(backend="hf", load_in_4bit=False, dtype=dtype)
     module = MedQALoRA(**settings)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why

@@ -192,6 +192,27 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
         main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
 
 
+def test_export_knows_a_base_saved_in_4bit_from_its_config(tmp_path):
+    # `export --merged` sends such a base to the transformers merge (Unsloth's refuses it).
+    from transformers import AutoConfig
+
+    from medqa.backends import resolve_pretrained, saved_quantized
+
+    config = AutoConfig.from_pretrained(resolve_pretrained("builtin:tiny-llama"))
+    config.save_pretrained(tmp_path / "plain")
+    assert not saved_quantized(str(tmp_path / "plain"), trust_remote_code=False)
+
+    saved = json.loads((tmp_path / "plain" / "config.json").read_text())
+    saved["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                    "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "nf4").mkdir()
+    (tmp_path / "nf4" / "config.json").write_text(json.dumps(saved))
+    assert saved_quantized(str(tmp_path / "nf4"), trust_remote_code=False)
+
+    with pytest.raises(BackendError, match="no-such-org/no-such-llama"):
+        saved_quantized("no-such-org/no-such-llama", trust_remote_code=False)
+
+
 def test_evaluate_agrees_with_scikit_learn_on_demo_predictions(demo_run, tmp_path):
     from sklearn.metrics import accuracy_score, f1_score
 
