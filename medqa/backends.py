@@ -216,7 +216,7 @@ def load_hf(
         # A base saved quantized (e.g. unsloth/...-bnb-4bit) loads quantized whatever is asked.
         from lightning.pytorch.utilities import rank_zero_info
 
-        rank_zero_info(f"{pretrained} is saved quantized: its weights are dequantized to {dtype}, "
+        rank_zero_info(f"{pretrained} is saved quantized: its weights are dequantized to {kwargs['dtype']}, "
                        "as --model.load_in_4bit false asks")
         model = model.dequantize(dtype=kwargs["dtype"])
     if load_in_4bit:
@@ -260,8 +260,9 @@ def saved_quantized(pretrained: str, trust_remote_code: bool) -> bool:
 
 def save_merged(model: Any, tokenizer: Any, out: Path, backend: str, dtype: str) -> None:
     """Write the base model with the LoRA weights merged in, and the tokenizer, to `out`:
-    Unsloth's merged 16-bit save on that backend (it dequantizes a 4-bit base), else
-    peft's `merge_and_unload` on a base loaded in 16/32-bit."""
+    Unsloth's merged 16-bit save on that backend (for a base saved in 16-bit; it refuses
+    one saved in 4-bit, which `export` sends here as "hf"), else peft's `merge_and_unload`
+    on a base loaded in 16/32-bit."""
     if backend == "unsloth":
         model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit")
         return
