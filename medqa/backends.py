@@ -74,14 +74,11 @@ class LoraSettings:
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """A hub id or local directory as given; `builtin:tiny-llama` built on first use."""
-    from medqa.tiny import TINY_LLAMA, tiny_llama
+    """A hub id or local directory for transformers and Unsloth (`medqa.bases`: built-in
+    names and GGUF files become cached folders)."""
+    from medqa.bases import resolve
 
-    if pretrained == TINY_LLAMA:
-        return str(tiny_llama())
-    if pretrained.startswith("builtin:"):
-        raise BackendError(f"unknown built-in model {pretrained!r}; the only one is {TINY_LLAMA!r}")
-    return pretrained
+    return resolve(pretrained)
 
 
 def _hub_error(pretrained: str, e: Exception) -> BackendError:
@@ -182,6 +179,22 @@ def load_unsloth(
     return model, tokenizer
 
 
+def _check_cpu_4bit() -> None:
+    """bitsandbytes runs NF4 on the CPU from 0.48 on (slower than 16-bit there: for tests and
+    for comparing 4-bit with 16-bit on one machine)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("bitsandbytes")
+    except PackageNotFoundError:
+        found = None
+    if found is None or tuple(int(p) for p in found.split(".")[:2] if p.isdigit()) < (0, 48):
+        raise BackendError(
+            f"--model.load_in_4bit true without a GPU needs bitsandbytes 0.48 or newer (found: {found or 'none'}): "
+            "pip install 'bitsandbytes>=0.48,<0.51', or pass --model.load_in_4bit false"
+        )
+
+
 def load_hf(
     pretrained: str, load_in_4bit: bool, dtype: str, lora: LoraSettings,
     gradient_checkpointing: bool, trust_remote_code: bool,
@@ -191,13 +204,10 @@ def load_hf(
 
     path = resolve_pretrained(pretrained)
     cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"dtype": _dtype(dtype) if cuda else torch.float32}
+    kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
     if load_in_4bit:
         if not cuda:
-            raise BackendError(
-                "--model.load_in_4bit true needs a CUDA GPU (bitsandbytes NF4); "
-                "pass --model.load_in_4bit false to run on the CPU"
-            )
+            _check_cpu_4bit()
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -215,8 +215,9 @@ def ensure_adapter(checkpoint: dict[str, Any], path: Path) -> bool:
 RUN_NAME = re.compile(r"^(?:(fit|validate|test|predict)-|version_)(\d+)$")
 """A run directory: `fit-3`, `test-4`, ... (the command that made it and a number counted over
 the experiment), or Lightning's `version_N` from before medqa named them."""
-SCORE = re.compile(r"acc(\d+(?:\.\d+)?)")
-"""The val/acc in a best checkpoint's name (`best-epoch{epoch}-step{step}-acc{val/acc:.4f}`)."""
+SCORE = re.compile(r"-(f1|acc)(\d+(?:\.\d+)?)")
+"""The monitored score in a best checkpoint's name: val/macro_f1 (`best-epoch{epoch}-step{step}-f1{val/macro_f1:.4f}`),
+or val/acc (`...-acc0.9400`) in runs from before medqa monitored macro-F1."""
 
 
 def runs(root: Path) -> list[Path]:
@@ -232,8 +233,10 @@ def next_run_name(root: Path, command: str) -> str:
 
 
 def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], bool] | None = None) -> Path | None:
-    """The newest run's `last.ckpt` (which='last'), or the best checkpoint by the val/acc in
-    its name over the runs that `compatible` accepts (which='best'; the newest on ties)."""
+    """The newest run's `last.ckpt` (which='last'), or the best checkpoint by the score in its
+    name over the runs that `compatible` accepts (which='best'; the newest on ties). Scores
+    compare within one metric: a checkpoint named by val/macro_f1 beats one named by the
+    val/acc of earlier medqa versions."""
     candidates = []
     for order, run in enumerate(runs(run_root)):
         ckpts = run / "checkpoints"
@@ -243,7 +246,7 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
             for path in ckpts.glob("best*.ckpt"):
                 score = SCORE.search(path.stem)
                 if path.is_file() and score:
-                    candidates.append((float(score.group(1)), -order, path.stat().st_mtime, path))
+                    candidates.append((score.group(1) == "f1", float(score.group(2)), -order, path.stat().st_mtime, path))
     return max(candidates)[-1] if candidates else None
 
 

@@ -1,5 +1,5 @@
 """`python -m medqa {fit,validate,test,predict}`: the LightningCLI with medqa's defaults
-(TensorBoard under logs/, best-by-val/acc and last checkpoints, learning-rate monitor,
+(TensorBoard under logs/, best-by-val/macro_f1 and last checkpoints, learning-rate monitor,
 prediction files) and the links that keep each value in one place.
 
 Four more commands work on what those produce: `evaluate` (official scoring of a
@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa.backends import BackendError, LoraSettings
+from medqa.bases import BaseModelError
 from medqa.checkpoints import (
     CheckpointError,
     FinishedRun,
@@ -90,10 +91,13 @@ class MedQACLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/acc",
+                # Macro-F1, not accuracy: on PQA-L's 50 dev questions a model that answers "yes" to
+                # everything ties the best accuracy (0.54) and wins the tie as the earlier checkpoint;
+                # its macro-F1 is 0.23. A tie on macro-F1 keeps the earlier checkpoint.
+                "checkpoint.monitor": "val/macro_f1",
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "best-epoch{epoch}-step{step}-acc{val/acc:.4f}",
+                "checkpoint.filename": "best-epoch{epoch}-step{step}-f1{val/macro_f1:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -212,7 +216,7 @@ class MedQACLI(LightningCLI):
             kind = "last.ckpt" if config.ckpt_path == "last" else "best checkpoint of a run with this command's task and model settings"
             raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no {kind} under {root}/*/checkpoints; "
                                   "train one with `fit`, or pass --ckpt_path PATH")
-        which = "the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/acc of the compatible runs"
+        which = "the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/macro_f1 of the compatible runs"
         rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found} ({which})")
         newest = runs(root)[0]
         if config.ckpt_path == "last" and newest != found.parent.parent:
@@ -246,7 +250,7 @@ class MedQACLI(LightningCLI):
     def _print_next(self, log_dir: str | None, best: ModelCheckpoint, last: ModelCheckpoint, tested: bool) -> None:
         lines = [f"Run directory: {log_dir}"]
         if best.best_model_path:
-            lines.append(f"Best checkpoint: {best.best_model_path} (val/acc {float(best.best_model_score):.4f})")
+            lines.append(f"Best checkpoint: {best.best_model_path} ({best.monitor} {float(best.best_model_score):.4f})")
         if last.best_model_path:
             lines.append(f"Last checkpoint: {last.best_model_path} (step {self.trainer.global_step})")
         config = " ".join(f"--config {c}" for c in (self.config.fit.get("config") or [])) or "..."
@@ -318,7 +322,7 @@ def explain(error: BaseException) -> str:
     return message
 
 
-USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, SettingsError, FloatingPointError,
+USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, BaseModelError, SettingsError, FloatingPointError,
                TrainingOutOfMemory, MisconfigurationException)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
 

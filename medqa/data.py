@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from medqa import prompts
-from medqa.prompts import Target
+from medqa.prompts import Reasoning, Target
 from medqa.records import DataError
 from medqa.samplers import LongestFirst, ResumableSampler
 from medqa.tasks import Record, get_task
@@ -46,6 +46,9 @@ class QADataModule(L.LightningDataModule):
             with a fixed dev set: 0).
         target: What the model learns to write: the decision word alone, or the long
             answer followed by the decision.
+        reasoning: PubMedQA's setting: `required` (the official task: the abstract without its
+            conclusion) or `free` (the paper's reasoning-free setting: the conclusion follows the
+            abstract, so the answer can be read; shows quickly whether training learns at all).
         system_prompt: The system turn (or the plain prompt's first paragraph); by default the
             task's. Saved with every checkpoint; a checkpoint trained under another is refused.
         instruction: The line after the question that asks for the answer; by default the
@@ -74,6 +77,7 @@ class QADataModule(L.LightningDataModule):
         train_hub_config: str | None = None,
         fold: int = 0,
         target: Target = "decision",
+        reasoning: Reasoning = "required",
         system_prompt: str | None = None,
         instruction: str | None = None,
         pretrained: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
@@ -105,6 +109,7 @@ class QADataModule(L.LightningDataModule):
         self.hub_config = self.task.default_hub_config if hub_config is None else hub_config
         self.train_source, self.train_hub_config = train_source, train_hub_config
         self.fold, self.target, self.pretrained, self.max_length = fold, target, pretrained, max_length
+        self.reasoning = reasoning
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.predict_split, self.num_workers, self.shuffle_seed = predict_split, num_workers, shuffle_seed
         if bucket_batches < 0:
@@ -123,7 +128,7 @@ class QADataModule(L.LightningDataModule):
             from medqa.backends import load_tokenizer
 
             self.format = PromptFormat(load_tokenizer(self.pretrained), self.target, self.max_length, self.task,
-                                       self.prompt)
+                                       self.prompt, self.reasoning)
         return self.format
 
     @property
@@ -253,12 +258,13 @@ class QADataModule(L.LightningDataModule):
                 train.update(array("q", e.input_ids).tobytes())
             dev = hashlib.sha256("\n".join(e.id for e in self.examples["dev"]).encode())
             self._identity = {"task": self.task.name, "source": self.source, "train_source": self.train_source, "fold": self.fold,
-                              "target": self.target, "max_length": self.max_length,
+                              "target": self.target, "reasoning": self.reasoning, "max_length": self.max_length,
                               "train_sha256": train.hexdigest(), "dev_sha256": dev.hexdigest()}
         return self._identity
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"target": self.target, "max_length": self.max_length, "prompt": self.prompt.as_dict()}
+        state: dict[str, Any] = {"target": self.target, "reasoning": self.reasoning, "max_length": self.max_length,
+                                 "prompt": self.prompt.as_dict()}
         if self.examples:
             state["identity"] = self.identity()
         if self.train_sampler is not None and self.stage == "fit":
@@ -268,11 +274,11 @@ class QADataModule(L.LightningDataModule):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("target", self.target) != self.target:
-            raise DataError(
-                f"the checkpoint was trained with --data.target {state['target']!r}, this run uses "
-                f"{self.target!r}; pass --data.target {state['target']} so the prompt matches"
-            )
+        for name, ours, default in (("target", self.target, self.target), ("reasoning", self.reasoning, "required")):
+            theirs = state.get(name, default)  # a checkpoint from before `reasoning` was saved: required
+            if theirs != ours:
+                raise DataError(f"the checkpoint was trained with --data.{name} {theirs!r}, this run uses {ours!r}; "
+                                f"pass --data.{name} {theirs} so the prompt matches")
         self.check_prompt(state.get("prompt"))
         position = state.get("train_position")
         fitting = self.stage == "fit"
@@ -302,7 +308,7 @@ class QADataModule(L.LightningDataModule):
     def _check_identity(self, theirs: dict[str, Any]) -> None:
         """Refuse to resume a fit on other data, naming what differs."""
         ours = self.identity()
-        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("task", "fold", "target", "max_length")
+        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("task", "fold", "target", "reasoning", "max_length")
                  if k in theirs and theirs[k] != ours[k]]
         digests = [k for k in ("train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
         if not named and not digests:

@@ -73,18 +73,21 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str)
 
     data = checkpoint.get("datamodule_hyper_parameters", {})
     target, max_length = data.get("target", "decision"), data.get("max_length", 1024)
-    if target not in ("decision", "long_answer") or isinstance(max_length, bool) or not isinstance(max_length, int):
-        raise CheckpointError(f"saved data settings target={target!r}, max_length={max_length!r} are not "
-                              "'decision' / 'long_answer' and a whole number")
+    reasoning = data.get("reasoning", "required")
+    if (target not in ("decision", "long_answer") or reasoning not in ("required", "free")
+            or isinstance(max_length, bool) or not isinstance(max_length, int)):
+        raise CheckpointError(f"saved data settings target={target!r}, reasoning={reasoning!r}, max_length={max_length!r} "
+                              "are not 'decision' / 'long_answer', 'required' / 'free' and a whole number")
     settings, task, saved = trained_prompt(checkpoint)
     if not saved:
         print("Note: this checkpoint predates saved prompt settings; medqa_prompt.json shows today's built-in prompt")
-    fmt = PromptFormat(tokenizer, target, max_length, task, settings)
+    fmt = PromptFormat(tokenizer, target, max_length, task, settings, reasoning)
     example = fmt.encode(task.read("synthetic", None)[0])
     return {
         "task": task.name,
         "base_model": base_model,
         "target": fmt.target,
+        "reasoning": fmt.reasoning,
         "max_length": fmt.max_length,
         "chat_template": fmt.chat,
         "system_prompt": settings.system,

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Target = Literal["decision", "long_answer"]
+Reasoning = Literal["required", "free"]
+"""PubMedQA's two settings: `required`, the official task (the abstract without its
+conclusion), or `free`, the paper's reasoning-free setting (the conclusion given too)."""
 
 CONTEXT_PLACEHOLDER = "\x00MEDQA_CONTEXT\x00"
 """Stands in for the passage (PubMedQA's abstract) while a prompt is rendered, so the
@@ -59,6 +62,11 @@ def chat_messages(user: str, settings: PromptSettings) -> list[dict[str, str]]:
 def plain_prompt(user: str, settings: PromptSettings) -> str:
     """Prompt for tokenizers without a chat template."""
     return f"{settings.system}\n\n{user}\nAnswer:"
+
+
+def given_conclusion(long_answer: str) -> str:
+    """The conclusion as the reasoning-free setting shows it, after the abstract's sections."""
+    return f"\nCONCLUSIONS: {long_answer.strip()}"
 
 
 def answer_head(long_answer: str, target: Target, chat: bool) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from medqa import prompts
-from medqa.prompts import Target
+from medqa.prompts import Reasoning, Target
 from medqa.records import DataError
 from medqa.tasks import Record, Task, get_task
 
@@ -31,13 +31,15 @@ class Example:
 @dataclass
 class PromptFormat:
     """Turns one task's records into token ids with one tokenizer and one answer target
-    (`task` None: PubMedQA, medqa's default; `settings` None: the task's own prompt)."""
+    (`task` None: PubMedQA, medqa's default; `settings` None: the task's own prompt;
+    `reasoning` "free": the record's conclusion follows its passage and is never cut)."""
 
     tokenizer: Any
     target: Target = "decision"
     max_length: int = 1024
     task: Task | None = None
     settings: prompts.PromptSettings | None = None
+    reasoning: Reasoning = "required"
     chat: bool = field(init=False)
     _label_ids: list[list[int]] | None = field(init=False, default=None, repr=False)
 
@@ -73,7 +75,13 @@ class PromptFormat:
 
     def _prompt_parts(self, record: Record) -> tuple[str, str]:
         """The prompt's text before and after the passage."""
-        user = self.task.user_turn(record, prompts.CONTEXT_PLACEHOLDER, self.settings.instruction)
+        passage = prompts.CONTEXT_PLACEHOLDER
+        if self.reasoning == "free":
+            if not record.long_answer.strip():
+                raise DataError(f"record {record.id!r}: --data.reasoning free gives the record's conclusion (its "
+                                f"long answer), and it has none; {self.task.name} records need one")
+            passage += prompts.given_conclusion(record.long_answer)
+        user = self.task.user_turn(record, passage, self.settings.instruction)
         if self.chat:
             text = self.tokenizer.apply_chat_template(
                 prompts.chat_messages(user, self.settings), tokenize=False, add_generation_prompt=True

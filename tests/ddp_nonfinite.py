@@ -19,7 +19,7 @@ from medqa.model import MedQALoRA  # noqa: E402
 
 def main() -> None:
     mode, root = sys.argv[1], sys.argv[2]
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4,
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4,
                        answer_tokens=answers(), gradient_checkpointing=False, nonfinite=mode)
     data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
     poison = PoisonOneBatch(at=2).hooks()

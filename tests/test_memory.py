@@ -108,7 +108,7 @@ def fit(tmp_path, checkpointing, callbacks=(), accumulate=1):
     from medqa.data import QADataModule
 
     torch.manual_seed(0)
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=checkpointing)
     data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -161,7 +161,7 @@ def test_kept_layers_run_once_and_recomputed_layers_twice(medqa_cache, tokenizer
     from medqa.tokens import PromptFormat, collate
     from medqa.tasks.pubmedqa import synthetic_records
 
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=True)
     module.configure_model()
     layers = decoder_and_head(module.model)[0].layers

@@ -17,7 +17,7 @@ def answers(task: str = "pubmedqa") -> dict:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_built_model_trains_in_train_mode_with_only_lora_trainable(medqa_cache, checkpointing):
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=checkpointing)
     module.configure_model()
     first = module.model
@@ -45,7 +45,7 @@ def test_warmup_cosine_schedule():
 
 
 def tiny_module(**kwargs) -> MedQALoRA:
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=False, **kwargs)
     module.configure_model()
     return module
@@ -116,7 +116,7 @@ def run_with_poison(tmp_path, nonfinite: str):
 
     from medqa.data import QADataModule
 
-    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, lora_r=4, answer_tokens=answers(),
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4, answer_tokens=answers(),
                        gradient_checkpointing=False, nonfinite=nonfinite)
     data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False,

