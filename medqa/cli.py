@@ -2,9 +2,10 @@
 (TensorBoard under logs/, best-by-val/macro_f1 and last checkpoints, learning-rate monitor,
 prediction files) and the links that keep each value in one place.
 
-Four more commands work on what those produce: `evaluate` (official scoring of a
-prediction file), `cv` (the 10-fold cross-validation of PQA-L), `export` (the adapter in
-PEFT's format, optionally merged) and `ask` (one question).
+Five more commands work on what those produce: `evaluate` (official scoring of a
+prediction file), `compare` (two prediction files with bootstrap intervals), `cv` (the
+10-fold cross-validation of PQA-L), `export` (the adapter in PEFT's format, optionally
+merged) and `ask` (one question).
 """
 
 from __future__ import annotations
@@ -295,7 +296,8 @@ def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: 
     return None
 
 
-COMMANDS = {"evaluate": "medqa.evaluate", "cv": "medqa.crossval", "export": "medqa.export", "ask": "medqa.ask"}
+COMMANDS = {"evaluate": "medqa.evaluate", "compare": "medqa.compare", "cv": "medqa.crossval", "export": "medqa.export",
+            "ask": "medqa.ask"}
 """Commands beside Lightning's, each a module with its own `main(argv)`."""
 
 NEW_RUNS: list[Path] = []
@@ -361,7 +363,7 @@ def main(args: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if args is None else list(args)
     quiet(argv[0] if argv else "")
     if argv[:1] in (["-h"], ["--help"]):
-        print("medqa commands: fit, validate, test, predict (below), and evaluate, cv, export, ask "
+        print("medqa commands: fit, validate, test, predict (below), and evaluate, compare, cv, export, ask "
               "(python -m medqa evaluate --help, ...).\n")
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]])
