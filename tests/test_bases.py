@@ -1,0 +1,74 @@
+"""Where a base model comes from: GGUF files dequantized once into a cached folder, and the
+errors for files that cannot be read."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medqa.bases import SMOLLM2, BaseModelError, gguf_folder, resolve
+
+
+def test_a_gguf_base_gives_transformers_own_gguf_logits(smollm2):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(resolve(SMOLLM2))
+    assert resolve(smollm2) == str(folder)  # the short name and the file's path are one folder
+    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    path = Path(smollm2)
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2, 198]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+    assert not hasattr(ours.config, "quantization_config")  # an ordinary folder: saves, merges, exports
+
+
+def test_the_folder_is_built_once_and_a_damaged_one_rebuilt(smollm2):
+    from pathlib import Path
+
+    folder = Path(resolve(SMOLLM2))
+    weights = folder / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    assert Path(resolve(SMOLLM2)) == folder and weights.stat().st_mtime_ns == built  # loaded, not rebuilt
+    record = json.loads((folder / "medqa-gguf.json").read_text())
+    assert len(record["sha256"]) == 64 and record["sha256"][:16] in folder.name
+
+    (folder / "medqa-gguf.json").unlink()  # as a conversion killed before its record was written leaves it
+    assert Path(resolve(SMOLLM2)) == folder and weights.stat().st_mtime_ns != built
+    assert (folder / "medqa-gguf.json").is_file()
+
+
+def test_smollm2_tokenizer_takes_the_files_own_special_tokens(smollm2):
+    # transformers' GGUF conversion says <|im_start|> ends a sequence; the file says <|im_end|>.
+    from medqa.backends import load_tokenizer
+
+    tok = load_tokenizer(SMOLLM2)
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
+    assert tok.eos_token_id == 2
+
+
+def test_files_that_are_not_readable_gguf_get_one_line_naming_them(tmp_path):
+    import gguf
+
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    with pytest.raises(BaseModelError, match=r"notes\.gguf is not a readable GGUF file"):
+        gguf_folder(text)
+
+    other = tmp_path / "encoder.gguf"
+    writer = gguf.GGUFWriter(str(other), "bert")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(BaseModelError, match=r"encoder\.gguf: architecture 'bert' cannot be read.*it reads .*llama"):
+        gguf_folder(other)
+
+    with pytest.raises(BaseModelError, match="no such GGUF file"):
+        resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(BaseModelError, match="the built-in models are builtin:tiny-llama, builtin:smollm2"):
+        resolve("builtin:gpt-5")
