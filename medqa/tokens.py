@@ -79,7 +79,8 @@ class PromptFormat:
         if self.reasoning == "free":
             if not record.long_answer.strip():
                 raise DataError(f"record {record.id!r}: --data.reasoning free gives the record's conclusion (its "
-                                f"long answer), and it has none; {self.task.name} records need one")
+                                f"long answer), and it has none: use --data.reasoning required, or records with long answers "
+                                f"(PubMedQA's have them)")
             passage += prompts.given_conclusion(record.long_answer)
         user = self.task.user_turn(record, passage, self.settings.instruction)
         if self.chat:

@@ -305,3 +305,38 @@ def test_training_sources_with_test_questions_are_refused_or_filtered(tmp_path):
                       drop_eval_overlap=True)
     dm.setup("fit")
     assert len(dm.examples["train"]) == 300
+
+
+def test_reasoning_free_gives_the_conclusion_after_the_abstract_and_never_cuts_it(tokenizer):
+    record = synthetic_records(1)[0]
+    long = Record(record.id, record.question, record.contexts * 60, record.context_labels * 60,
+                  record.long_answer, record.decision)
+    required = PromptFormat(tokenizer, "decision", 512).encode(record)
+    free = PromptFormat(tokenizer, "decision", 512, reasoning="free").encode(record)
+    prompt = tokenizer.decode(free.input_ids[: free.answer_pos])
+    assert record.long_answer not in tokenizer.decode(required.input_ids)
+    assert f"{record.contexts[-1]}\nCONCLUSIONS: {record.long_answer}" in prompt  # after the abstract's sections
+    assert prompt.index("CONCLUSIONS:") < prompt.index(record.question)
+    cut = PromptFormat(tokenizer, "decision", 300, reasoning="free").encode(long)
+    assert cut.truncated and f"CONCLUSIONS: {record.long_answer}" in tokenizer.decode(cut.input_ids)
+    assert free.input_ids[free.answer_pos :] == required.input_ids[required.answer_pos :]  # the same answer
+
+
+def test_reasoning_free_needs_a_long_answer():
+    from medqa.data import QADataModule
+
+    dm = QADataModule(task="medqa_usmle", source="synthetic", pretrained="builtin:tiny-llama", max_length=512,
+                      reasoning="free")
+    with pytest.raises(DataError, match=r"record 'train-\d+'.*--data.reasoning free gives the record's conclusion"):
+        dm.setup("fit")
+
+
+def test_a_checkpoint_of_the_other_reasoning_setting_is_refused():
+    from medqa.data import QADataModule
+
+    dm = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512)
+    saved = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512,
+                         reasoning="free").state_dict()
+    with pytest.raises(DataError, match=r"trained with --data.reasoning 'free', this run uses 'required'"):
+        dm.load_state_dict(saved)
+    dm.load_state_dict({k: v for k, v in saved.items() if k != "reasoning"})  # saved before the setting: required

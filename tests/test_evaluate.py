@@ -60,3 +60,53 @@ def test_missing_file_and_existing_output_are_refused(tmp_path):
     with pytest.raises(EvaluationError, match="scores.json exists"):
         main([str(truth), "--truth", str(truth), "--out", str(out)])
     assert out.read_text() == "{}"  # not overwritten
+
+
+# ---------------------------------------------------------------- compare
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(LABEL, LABEL, LABEL), min_size=2, max_size=60))
+def test_compare_point_scores_are_the_official_ones_and_identical_files_differ_by_zero(triples):
+    from sklearn.metrics import recall_score
+
+    from medqa.compare import compare
+
+    truth = {str(i): t for i, (t, _, _) in enumerate(triples)}
+    base = {str(i): b for i, (_, b, _) in enumerate(triples)}
+    tuned = {str(i): p for i, (_, _, p) in enumerate(triples)}
+    result = compare(base, tuned, truth, LABELS, draws=200)
+    for name, answers in (("base", base), ("tuned", tuned)):
+        ours, keys = result["models"][name], sorted(truth)
+        official = official_scores([truth[k] for k in keys], [answers[k] for k in keys], LABELS)
+        assert ours["acc"] == pytest.approx(official["accuracy"]) and ours["macro_f1"] == pytest.approx(official["macro_f1"])
+        assert ours["acc_95"][0] <= ours["acc"] + 1e-9 or len(truth) < 5  # the interval brackets the point, as a rule
+        recall = recall_score([truth[k] for k in keys], [answers[k] for k in keys], labels=list(LABELS), average=None,
+                              zero_division=0)
+        assert [ours[f"recall_{w}"] for w in LABELS] == pytest.approx(list(recall))
+    assert result["difference"]["macro_f1"]["value"] == pytest.approx(
+        result["models"]["tuned"]["macro_f1"] - result["models"]["base"]["macro_f1"])
+    same = compare(base, dict(base), truth, LABELS, draws=200)["difference"]
+    assert same["acc"]["paired_95"] == [0.0, 0.0] and same["macro_f1"]["paired_95"] == [0.0, 0.0]
+
+
+def test_compare_a_clear_gain_has_an_interval_above_zero_and_files_must_answer_the_truth(tmp_path, capsys):
+    from medqa.compare import main as compare_main
+
+    truth = {str(i): ["yes", "no", "maybe"][i % 3] for i in range(300)}
+    paths = {}
+    for name, answers in (("base", dict.fromkeys(truth, "yes")), ("tuned", dict(truth)), ("truth", truth)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(answers))
+    result = compare_main([str(paths["base"]), str(paths["tuned"]), "--truth", str(paths["truth"]),
+                           "--out", str(tmp_path / "c.json")])
+    assert result["majority"]["acc"] == pytest.approx(1 / 3) and result["models"]["fine-tuned"]["acc"] == 1.0
+    assert result["difference"]["macro_f1"]["paired_95"][0] > 0.5
+    assert "| majority (all yes) |" in capsys.readouterr().out
+    with pytest.raises(EvaluationError, match="exists"):
+        compare_main([str(paths["base"]), str(paths["tuned"]), "--truth", str(paths["truth"]), "--out", str(tmp_path / "c.json")])
+    del truth["7"]
+    paths["truth"].write_text(json.dumps(truth))
+    with pytest.raises(EvaluationError, match="answers are for questions not in the test set"):
+        compare_main([str(paths["base"]), str(paths["tuned"]), "--truth", str(paths["truth"])])

@@ -215,3 +215,36 @@ def test_scoring_waits_for_the_gpu_once_a_stage_not_once_a_batch(medqa_cache):
     two, five = waits(2), waits(5)
     assert sum(two.values()) > 0  # the metrics' checks at the stage's end are seen: the counter works
     assert five == two, f"operations that wait for the GPU in every scoring batch: {dict(five - two)}"
+
+
+def test_the_hf_backend_trains_in_4bit_on_the_cpu_and_takes_a_16bit_checkpoint(medqa_cache):
+    """bitsandbytes runs NF4 on the CPU: the 4-bit path is tested here, not only on a GPU."""
+    pytest.importorskip("bitsandbytes", reason="the dev extra installs bitsandbytes for the 4-bit path")
+    from medqa.data import QADataModule
+    from medqa.tokens import collate
+
+    four = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=True, dtype="float32", lora_r=4,
+                     answer_tokens=answers(), gradient_checkpointing=False)
+    four.configure_model()
+    base = four.model.get_base_model()
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert four.trainable_names() and all("lora_" in n for n in four.trainable_names())
+
+    dm = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512)
+    dm.setup("fit")
+    batch = collate(dm.examples["train"][:4], dm.pad_id)
+    before = {n: p.detach().clone() for n, p in four.named_parameters() if p.requires_grad}
+    params = [p for p in four.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    loss, _ = four._loss(batch)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    optimizer.step()
+    assert any(not torch.equal(p, before[n]) for n, p in four.named_parameters() if p.requires_grad)
+
+    sixteen = tiny_module()
+    four.on_load_checkpoint(checkpoint_of(sixteen))  # the same base: its fingerprint agrees across 4-bit and 16-bit
+    four.model.eval()
+    with torch.no_grad():
+        logp = four._forward(batch)[1]
+    assert logp.shape == (4, 3) and torch.isfinite(logp).all()
