@@ -87,11 +87,11 @@ def gguf_folder(path: Path) -> Path:
     out = cache_dir() / f"gguf-{path.stem[:48]}-{digest[:16]}"
     if _is_built(out, digest):
         return out
-    check_gguf(path)
+    fields = check_gguf(path)  # before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        _convert(path, tmp)
+        _convert(path, fields, tmp)
         (tmp / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION}))
         if out.exists() and not _is_built(out, digest):
             shutil.rmtree(out)  # an unfinished folder of an earlier, killed conversion
@@ -153,7 +153,7 @@ def _field(reader: Any, name: str) -> Any:
     return None if field is None else field.contents()
 
 
-def _convert(path: Path, out: Path) -> None:
+def _convert(path: Path, fields: dict[str, Any], out: Path) -> None:
     """transformers' dequantizing GGUF load, saved as an ordinary float32 folder. A model
     loaded from GGUF cannot be saved as it is, so its weights go into a plain model of the
     same config. transformers' tokenizer conversion takes the wrong end-of-sequence token for
@@ -162,7 +162,6 @@ def _convert(path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    fields = check_gguf(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
