@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import logging
 import os
 import re
@@ -49,6 +48,7 @@ from medqa.memory import TrainingOutOfMemory
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PredictionWriter
 from medqa.records import DataError
+from medqa.results import write_json
 from medqa.speed import SpeedMonitor
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -198,15 +198,17 @@ class MedQACLI(LightningCLI):
         lora = LoraSettings.from_hparams(model)
 
         def compatible(run: Path) -> bool:
-            """Whether the run trained the LoRA this command builds, on its task (the run's
-            hparams.yaml; runs from before medqa had a second task trained PubMedQA)."""
+            """Whether the run trained the LoRA this command builds, on its task and reasoning
+            setting (the run's hparams.yaml; runs from before medqa had a second task trained
+            PubMedQA, and before `reasoning`, the official setting)."""
             try:
                 saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
             except (OSError, yaml.YAMLError):
                 return False
             if not isinstance(saved, dict) or saved.get("pretrained") != model.pretrained:
                 return False
-            return saved.get("task", "pubmedqa") == config.data.task and not lora.differences(saved)
+            return (saved.get("task", "pubmedqa") == config.data.task and not lora.differences(saved)
+                    and saved.get("reasoning", "required") == config.data.reasoning)
 
         found = find_checkpoint(root, config.ckpt_path, compatible)
         if found is None:
@@ -277,9 +279,10 @@ class MedQACLI(LightningCLI):
         if not self.trainer.is_global_zero or log_dir is None:
             return
         metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
-        path = Path(log_dir) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"checkpoint": checkpoint, **metrics}, indent=1) + "\n")
+        # The run directory's own file (a resumed fit scores again); without a logger the
+        # folder is the user's, and a file there is kept.
+        path = write_json(Path(log_dir) / "metrics.json", {"checkpoint": checkpoint, **metrics},
+                          replace=self.trainer.logger is not None)
         print(f"Scores written to {path}")
 
 

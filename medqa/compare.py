@@ -13,13 +13,13 @@ the zero-shot model's `predictions.json` and TUNED the fine-tuned one's.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medqa.evaluate import EvaluationError, evaluate, read_answers
+from medqa.results import write_json
 from medqa.tasks import get_task, task_names
 
 DRAWS = 10_000
@@ -124,5 +124,5 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         if args.out.exists():
             raise EvaluationError(f"{args.out} exists; remove it or choose another --out")
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result

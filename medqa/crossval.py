@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from medqa.results import write_json, write_result
 
 FOLDS = range(10)
 
@@ -30,9 +31,7 @@ def fold_result(cv_dir: Path, fold: int) -> Path:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)  # a fold is either done, with its whole result, or not
+    write_json(path, value, replace=True)  # a fold is either done, with its whole result, or not
 
 
 def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
@@ -115,6 +114,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(results)
     _write_json(cv_dir / "summary.json", summary)
     table = format_summary(summary)
-    (cv_dir / "summary.md").write_text(table + "\n")
+    write_result(cv_dir / "summary.md", table + "\n", replace=True)
     print(f"\n10-fold cross-validation on PQA-L ({cv_dir}):\n\n{table}")
     return summary

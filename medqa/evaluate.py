@@ -12,11 +12,11 @@ source (`--source`), for PQA-L the same 500 questions.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medqa.records import DataError, parse_json
+from medqa.results import write_json
 from medqa.tasks import Task, get_task, task_names
 
 
@@ -128,5 +128,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.out is not None:
         if args.out.exists():
             raise EvaluationError(f"{args.out} exists; remove it or choose another --out")
-        args.out.write_text(json.dumps({"questions": len(truth), **scores}, indent=1) + "\n")
+        write_json(args.out, {"questions": len(truth), **scores})
     return scores

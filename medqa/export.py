@@ -11,12 +11,12 @@ the prompt and scores the answer, so the adapter is used with the prompt it was 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from medqa import prompts
 from medqa.records import DataError
+from medqa.results import write_json
 from medqa.tasks import Task, get_task
 from medqa.checkpoints import CheckpointError, load_checkpoint, save_adapter
 
@@ -119,7 +119,7 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
     save_adapter(checkpoint, out)
     tokenizer.save_pretrained(out)
     prompt = prompt_settings(checkpoint, tokenizer, pretrained)
-    (out / "medqa_prompt.json").write_text(json.dumps(prompt, indent=1) + "\n")
+    write_json(out / "medqa_prompt.json", prompt)
     print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json)")
     if merged:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

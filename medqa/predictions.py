@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from medqa.results import write_json, write_result
+
 
 class PredictionWriter(BasePredictionWriter):
     """Writes `predictions.json` (`{id: label}`) and `predictions.jsonl` to the run directory.
@@ -60,12 +62,14 @@ class PredictionWriter(BasePredictionWriter):
             generated = [r for batch in predictions for r in batch["rationale_ids"]]
             rationales = [trainer.datamodule.decode(generated[i]) for i in rows]
         labels = [words[i] for i in probs.argmax(-1).tolist()]
-        json_path.write_text(json.dumps(dict(zip(ids, labels)), indent=1) + "\n")
-        with jsonl_path.open("w") as f:
-            for n, (qid, label, p, t) in enumerate(zip(ids, labels, probs.tolist(), truth.tolist())):
-                row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(words, p)}}
-                row["truth"] = words[t]
-                if rationales is not None:
-                    row["rationale"] = rationales[n]
-                f.write(json.dumps(row) + "\n")
+        lines = []
+        for n, (qid, label, p, t) in enumerate(zip(ids, labels, probs.tolist(), truth.tolist())):
+            row = {"id": qid, "label": label, **{f"p_{w}": round(v, 6) for w, v in zip(words, p)}}
+            row["truth"] = words[t]
+            if rationales is not None:
+                row["rationale"] = rationales[n]
+            lines.append(json.dumps(row) + "\n")
+        # Each file whole or absent: the official scorer never reads half a file.
+        write_result(jsonl_path, "".join(lines))
+        write_json(json_path, dict(zip(ids, labels)))
         rank_zero_info(f"Wrote {len(ids)} predictions to {json_path} (probabilities in {jsonl_path.name})")

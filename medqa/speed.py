@@ -4,7 +4,6 @@ whole fit, each summed or maxed over the processes."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from medqa.backends import unsloth_import_seconds
+from medqa.results import write_json
 
 SPEED_FILE = "speed.json"
 TOP_GAPS = 3
@@ -135,7 +135,7 @@ class SpeedMonitor(L.Callback):
         if log_dir is not None and trainer.is_global_zero:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             start = {"start": self.start} if self.start else {}
-            (Path(log_dir) / SPEED_FILE).write_text(json.dumps({**figures, **start}, indent=1) + "\n")
+            write_json(Path(log_dir) / SPEED_FILE, {**figures, **start}, replace=True)
 
     # Scoring: `test` and `predict` say how long the questions took (the GPU synchronised at both ends).
 
