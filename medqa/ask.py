@@ -22,10 +22,10 @@ import torch
 
 def read_record(source: str) -> tuple[str, list[str], list[str] | None]:
     """(question, contexts, section labels) from a JSON record in a file or on stdin ('-')."""
-    from medqa.records import DataError, parse_json
+    from medqa.records import DataError, parse_json, read_text
 
     where = "standard input" if source == "-" else source
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    text = sys.stdin.read() if source == "-" else read_text(Path(source))  # names the file if unreadable
     raw = parse_json(text, where)
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object with 'question' and 'contexts', got a {type(raw).__name__}")
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rationale_tokens", type=int, default=0, help="also generate an explanation this long")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
+    if args.rationale_tokens < 0:
+        from medqa.records import DataError
+
+        raise DataError(f"--rationale_tokens must be 0 or more, got {args.rationale_tokens}")
     if args.help:
         parser.print_help()
         print("\nAll other options are predict's: python -m medqa predict --help")

@@ -328,7 +328,7 @@ def explain(error: BaseException) -> str:
 
 
 USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, BaseModelError, SettingsError, FloatingPointError,
-               TrainingOutOfMemory, MisconfigurationException)
+               TrainingOutOfMemory, MisconfigurationException, FileExistsError)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
 
 

@@ -120,3 +120,22 @@ def test_ask_gives_predicts_probabilities_for_the_same_question(tmp_path):
     plain = medqa(*args, logs=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert json.loads(plain.stdout[plain.stdout.index("{"):])["decision"] in ("yes", "no", "maybe")
+
+
+def test_ask_refuses_a_negative_rationale_and_names_a_record_file_that_is_not_text(tmp_path):
+    record = tmp_path / "question.json"
+    record.write_bytes(b'{"question": "\xff"}')
+    message = one_line_error(medqa("ask", "--config", DEMO, "--record", str(record)), "ask")
+    assert message.startswith(f"{record}: not UTF-8 text")
+    message = one_line_error(medqa("ask", "--config", DEMO, "--record", str(record), "--rationale_tokens", "-1"), "ask")
+    assert message == "--rationale_tokens must be 0 or more, got -1"
+
+
+def test_predict_keeps_an_existing_predictions_file_and_says_so_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.json").write_text("mine")
+    done = medqa("predict", "--config", DEMO, "--trainer.limit_predict_batches", "1", "--predictions.output_dir",
+                 str(out), logs=tmp_path)
+    assert "predictions.json exists" in one_line_error(done, "predict")
+    assert (out / "predictions.json").read_text() == "mine"
