@@ -5,8 +5,9 @@ Backends:
 - `unsloth`: `FastLanguageModel` in 4-bit (or 16-bit) with Unsloth's LoRA and its own
   gradient checkpointing. Needs CUDA. Unsloth is imported before transformers and peft,
   since it patches them.
-- `hf`: transformers + peft, with bitsandbytes NF4 4-bit when `load_in_4bit` (CUDA only)
-  and `prepare_model_for_kbit_training`: the standard QLoRA recipe. Runs on CPU too.
+- `hf`: transformers + peft, with bitsandbytes NF4 4-bit when `load_in_4bit` and
+  `prepare_model_for_kbit_training`: the standard QLoRA recipe. Runs on the CPU too, 4-bit
+  included from bitsandbytes 0.48 on.
 - `auto`: `unsloth` when CUDA is there and unsloth is installed, else `hf`.
 """
 

@@ -64,7 +64,8 @@ class MedQALoRA(L.LightningModule):
         pretrained: Hub id or local directory of the base model, or `builtin:tiny-llama`.
         backend: `unsloth`, `hf` (transformers + peft + bitsandbytes) or `auto`.
         load_in_4bit: Load the base in 4-bit NF4 (QLoRA); false for 16-bit LoRA.
-        dtype: Compute dtype of the base on the GPU (bfloat16; float16 on cards without bf16).
+        dtype: The base's dtype, on a GPU or the CPU (bfloat16, taken as float16 on cards
+            without bf16; float32).
         max_length: Longest sequence; linked to `data.max_length`, not set here.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
