@@ -215,8 +215,8 @@ def ensure_adapter(checkpoint: dict[str, Any], path: Path) -> bool:
 RUN_NAME = re.compile(r"^(?:(fit|validate|test|predict)-|version_)(\d+)$")
 """A run directory: `fit-3`, `test-4`, ... (the command that made it and a number counted over
 the experiment), or Lightning's `version_N` from before medqa named them."""
-SCORE = re.compile(r"-(f1|acc)(\d+(?:\.\d+)?)")
-"""The monitored score in a best checkpoint's name: val/macro_f1 (`best-epoch{epoch}-step{step}-f1{val/macro_f1:.4f}`),
+SCORE = re.compile(r"-(f1_|acc)(\d+(?:\.\d+)?)")
+"""The monitored score in a best checkpoint's name: val/macro_f1 (`best-epoch{epoch}-step{step}-f1_{val/macro_f1:.4f}`),
 or val/acc (`...-acc0.9400`) in runs from before medqa monitored macro-F1."""
 
 
@@ -246,7 +246,7 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
             for path in ckpts.glob("best*.ckpt"):
                 score = SCORE.search(path.stem)
                 if path.is_file() and score:
-                    candidates.append((score.group(1) == "f1", float(score.group(2)), -order, path.stat().st_mtime, path))
+                    candidates.append((score.group(1) == "f1_", float(score.group(2)), -order, path.stat().st_mtime, path))
     return max(candidates)[-1] if candidates else None
 
 

@@ -98,7 +98,7 @@ class MedQACLI(LightningCLI):
                 "checkpoint.monitor": "val/macro_f1",
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "best-epoch{epoch}-step{step}-f1{val/macro_f1:.4f}",
+                "checkpoint.filename": "best-epoch{epoch}-step{step}-f1_{val/macro_f1:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )

@@ -123,9 +123,9 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
 
 def test_best_prefers_a_macro_f1_checkpoint_and_compares_scores_within_one_metric(tmp_path):
     for run, name in (("fit-0", "best-epoch3-step9-acc0.9800.ckpt"),  # an earlier medqa's val/acc name
-                      ("fit-1", "best-epoch1-step4-f10.5100.ckpt"),
-                      ("fit-2", "best-epoch0-step2-f10.2340-v1.ckpt")):
+                      ("fit-1", "best-epoch1-step4-f1_0.5100.ckpt"),
+                      ("fit-2", "best-epoch0-step2-f1_0.2340-v1.ckpt")):
         d = tmp_path / run / "checkpoints"
         d.mkdir(parents=True)
         (d / name).write_bytes(b"x")
-    assert find_checkpoint(tmp_path, "best").name == "best-epoch1-step4-f10.5100.ckpt"
+    assert find_checkpoint(tmp_path, "best").name == "best-epoch1-step4-f1_0.5100.ckpt"
