@@ -250,6 +250,19 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
     return max(candidates)[-1] if candidates else None
 
 
+def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: int | None) -> str | None:
+    """Why a checkpoint's run has nothing left to train under these limits, or None."""
+    step = checkpoint.get("global_step", 0)
+    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        return f"step {step} of --trainer.max_steps {max_steps}"
+    if max_epochs is None and (max_steps is None or max_steps == -1):
+        max_epochs = 1000  # Lightning's default when neither is set
+    if max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs:
+        return f"{epochs} of --trainer.max_epochs {max_epochs} epochs done"
+    return None
+
+
 def base_fingerprint(model: Any, pretrained: str) -> dict[str, Any]:
     """What identifies a PEFT model's base: its name, architecture and a digest of weights no
     LoRA touches (the input embeddings' first rows and the final norm, rounded to bfloat16

@@ -39,6 +39,7 @@ from medqa.checkpoints import (
     adapter_dir,
     ensure_adapter,
     find_checkpoint,
+    finished_run,
     load_checkpoint,
     next_run_name,
     runs,
@@ -284,19 +285,6 @@ class MedQACLI(LightningCLI):
         path = write_json(Path(log_dir) / "metrics.json", {"checkpoint": checkpoint, **metrics},
                           replace=self.trainer.logger is not None)
         print(f"Scores written to {path}")
-
-
-def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: int | None) -> str | None:
-    """Why a checkpoint's run has nothing left to train under these limits, or None."""
-    step = checkpoint.get("global_step", 0)
-    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
-    if max_steps is not None and max_steps > 0 and step >= max_steps:
-        return f"step {step} of --trainer.max_steps {max_steps}"
-    if max_epochs is None and (max_steps is None or max_steps == -1):
-        max_epochs = 1000  # Lightning's default when neither is set
-    if max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs:
-        return f"{epochs} of --trainer.max_epochs {max_epochs} epochs done"
-    return None
 
 
 COMMANDS = {"evaluate": "medqa.evaluate", "compare": "medqa.compare", "cv": "medqa.crossval", "export": "medqa.export",
