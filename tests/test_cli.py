@@ -45,7 +45,7 @@ def test_demo_learns_and_leaves_curves(demo_run):
     assert {"train/loss", "val/acc", "val/macro_f1", "val/loss", "val/f1_maybe", "val/ece"} <= set(curves)
     assert curves["val/acc"][-1][1] >= 0.9
     assert curves["train/loss"][-1][1] < curves["train/loss"][0][1] / 5
-    assert 0 <= curves["val/ece"][-1][1] < curves["val/ece"][0][1]  # better calibrated as it learns
+    assert 0 <= curves["val/ece"][-1][1] < 0.05  # well calibrated once trained (it may be from the first epoch on)
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     images = events.Images("val/confusion_matrix")
