@@ -94,7 +94,7 @@ def gguf_folder(path: Path) -> Path:
         _convert(path, fields, tmp)
         (tmp / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION}))
         if out.exists() and not _is_built(out, digest):
-            shutil.rmtree(out)  # an unfinished folder of an earlier, killed conversion
+            shutil.rmtree(out)  # an older conversion's folder (another _GGUF_VERSION), or one whose record is gone
         tmp.rename(out)
     except OSError:
         if not _is_built(out, digest):

@@ -30,10 +30,6 @@ def fold_result(cv_dir: Path, fold: int) -> Path:
     return cv_dir / f"fold{fold}" / "result.json"
 
 
-def _write_json(path: Path, value: Any) -> None:
-    write_json(path, value, replace=True)  # a fold is either done, with its whole result, or not
-
-
 def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
     """Train on the nine other folds (resuming an unfinished run), score the best checkpoint
     on fold `fold`."""
@@ -108,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             rank_zero_info(f"cv: fold {fold} of {len(FOLDS)}: training on the other nine folds.")
             result = run_fold(argv, cv_dir, fold)
-            _write_json(done, result)
+            write_json(done, result, replace=True)  # a fold is either done, with its whole result, or not
         results.append(result)
 
     summary = summarize(results)
-    _write_json(cv_dir / "summary.json", summary)
+    write_json(cv_dir / "summary.json", summary, replace=True)
     table = format_summary(summary)
     write_result(cv_dir / "summary.md", table + "\n", replace=True)
     print(f"\n10-fold cross-validation on PQA-L ({cv_dir}):\n\n{table}")
