@@ -85,14 +85,14 @@ def test_fit_moves_the_adapter_and_exports_answer_as_the_checkpoint(pqal, tmp_pa
     assert len(lora_b) == 210 and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: every one moved
 
     predicted = cli("predict", "--ckpt_path", str(last), "--data.predict_split", "dev", "--data.eval_batch_size", "8",
-                    "--trainer.limit_predict_batches", "2", logs=tmp_path, pqal=pqal)
+                    logs=tmp_path, pqal=pqal)  # all 50: predict refuses to write a partial answer set
     rows = {r["id"]: r for r in map(json.loads, (Path(predicted.trainer.log_dir) / "predictions.jsonl").open())}
     out = main(["export", "--ckpt_path", str(last), "--pretrained", SMOLLM2, "--out", str(tmp_path / "export"),
                 "--merged", "--merged_dtype", "float32"])
 
     dm = QADataModule(source=pqal, pretrained=SMOLLM2)
     dm.setup("fit")
-    dev = [e for e in dm.examples["dev"] if e.id in rows]  # the 16 questions predict answered
+    dev = dm.examples["dev"][:12]
     batch = collate(dev, dm.pad_id)
     words = [ids[0] for ids in dm.answer_tokens["label_ids"]]
     base = AutoModelForCausalLM.from_pretrained(resolve_pretrained(SMOLLM2), dtype=torch.float32)
