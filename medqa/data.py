@@ -63,6 +63,10 @@ class QADataModule(L.LightningDataModule):
         bucket_batches: Length-aware training batches: the shuffled order is cut into runs
             of this many batches, each sorted by length, and the batches are shuffled again
             (less padding, still random). 0: plain random batches.
+        balance_classes: Weight each training question's loss by its class's rarity in the
+            training split (total / (classes x class count)), so each class weighs the same in
+            all. Macro-F1 rewards every class alike; PQA-L's training split is 55% "yes" and 11%
+            "maybe", and a model trained without it learns to answer "yes".
         drop_eval_overlap: Leave out of `train_source` its questions that are also dev or test
             questions (same id or same question text), saying how many. Without it such a
             source is refused: training on test questions inflates every score.
@@ -88,6 +92,7 @@ class QADataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_seed: int = 0,
         bucket_batches: int = 16,
+        balance_classes: bool = False,
         drop_eval_overlap: bool = False,
     ) -> None:
         super().__init__()
@@ -115,6 +120,7 @@ class QADataModule(L.LightningDataModule):
         if bucket_batches < 0:
             raise DataError(f"--data.bucket_batches must be 0 (off) or more, got {bucket_batches}")
         self.bucket_batches, self.drop_eval_overlap = bucket_batches, drop_eval_overlap
+        self.balance_classes = balance_classes
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
@@ -163,6 +169,10 @@ class QADataModule(L.LightningDataModule):
                     f"  {name}: {len(recs)} records from {origin[name]} ({counts}); "
                     f"{len(recs)} used, {cut} with the passage cut to fit {self.max_length} tokens"
                 )
+        weights = self.class_weights()
+        if weights is not None and stage == "fit":
+            rank_zero_info("  training loss weights (--data.balance_classes): "
+                           + ", ".join(f"{w} {x:.2f}" for w, x in zip(self.prompt.labels, weights)))
 
     def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
         """`train` with no dev or test question in it: refused, or left out when asked to."""
@@ -188,6 +198,16 @@ class QADataModule(L.LightningDataModule):
     def pad_id(self) -> int:
         tok = self.formatter.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def class_weights(self) -> list[float] | None:
+        """Each label's loss weight under `balance_classes` (None without it): total / (classes x
+        count) over the training split; a label it lacks weighs 0 (no example carries it)."""
+        if not self.balance_classes:
+            return None
+        train = self.examples.get("train") or []
+        counts = [sum(e.label == i for e in train) for i in range(len(self.prompt.labels))]
+        present = sum(c > 0 for c in counts)
+        return [len(train) / (present * c) if c else 0.0 for c in counts]
 
     def longest_batch_tokens(self) -> int:
         """Token positions of the largest training batch the data can produce: a full batch of
@@ -215,7 +235,8 @@ class QADataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler or LongestFirst([len(e.input_ids) for e in examples], batch_size, world, rank),
             collate_fn=partial(collate, pad_id=self.pad_id,
-                               longest=self.longest_batch_tokens() if sampler is not None else None),
+                               longest=self.longest_batch_tokens() if sampler is not None else None,
+                               class_weights=self.class_weights() if sampler is not None else None),
             num_workers=self.num_workers,
         )
 
@@ -259,7 +280,7 @@ class QADataModule(L.LightningDataModule):
             dev = hashlib.sha256("\n".join(e.id for e in self.examples["dev"]).encode())
             self._identity = {"task": self.task.name, "source": self.source, "train_source": self.train_source, "fold": self.fold,
                               "target": self.target, "reasoning": self.reasoning, "max_length": self.max_length,
-                              "train_sha256": train.hexdigest(), "dev_sha256": dev.hexdigest()}
+                              "balance_classes": self.balance_classes, "train_sha256": train.hexdigest(), "dev_sha256": dev.hexdigest()}
         return self._identity
 
     def state_dict(self) -> dict[str, Any]:
@@ -308,7 +329,8 @@ class QADataModule(L.LightningDataModule):
     def _check_identity(self, theirs: dict[str, Any]) -> None:
         """Refuse to resume a fit on other data, naming what differs."""
         ours = self.identity()
-        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("task", "fold", "target", "reasoning", "max_length")
+        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("task", "fold", "target", "reasoning", "max_length",
+                                                                          "balance_classes")
                  if k in theirs and theirs[k] != ours[k]]
         digests = [k for k in ("train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
         if not named and not digests:

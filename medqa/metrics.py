@@ -23,15 +23,20 @@ HiddenFn = Callable[[Tensor, Tensor], Tensor]
 """(input_ids, attention_mask) -> last hidden states (batch, time, hidden)."""
 
 
-def answer_loss(hidden: Tensor, head: torch.nn.Module, loss_pos: Tensor, loss_targets: Tensor) -> Tensor:
+def answer_loss(hidden: Tensor, head: torch.nn.Module, loss_pos: Tensor, loss_targets: Tensor,
+                weight: Tensor | None = None) -> Tensor:
     """Mean next-token cross-entropy over the answer tokens, projecting only those positions.
 
     `loss_pos` indexes the flattened (batch * time) positions whose next token is an answer
     token, `loss_targets` holds those tokens; both come from `collate`, so selecting them
-    needs no device-to-host sync (a boolean mask would).
+    needs no device-to-host sync (a boolean mask would). `weight`, one per example, makes it
+    the weighted mean (each answer token weighs what its example does).
     """
     logits = head(hidden.flatten(0, 1)[loss_pos]).float()
-    return F.cross_entropy(logits, loss_targets)
+    if weight is None:
+        return F.cross_entropy(logits, loss_targets)
+    w = weight.to(logits.device)[loss_pos // hidden.size(1)]
+    return (F.cross_entropy(logits, loss_targets, reduction="none") * w).sum() / w.sum()
 
 
 def _rows(hidden: Tensor, pos: Tensor) -> Tensor:

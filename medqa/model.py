@@ -228,7 +228,7 @@ class MedQALoRA(L.LightningModule):
         """(answer loss, last hidden states) of a batch."""
         _, head = decoder_and_head(self.model)
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-        return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"]), hidden
+        return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"], batch.get("weight")), hidden
 
     def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """(answer loss, log-probs of the label words) for a batch, from one forward pass."""

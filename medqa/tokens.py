@@ -135,12 +135,16 @@ class PromptFormat:
         )
 
 
-def collate(examples: Sequence[Example], pad_id: int, longest: int | None = None) -> dict[str, Any]:
+def collate(examples: Sequence[Example], pad_id: int, longest: int | None = None,
+            class_weights: Sequence[float] | None = None) -> dict[str, Any]:
     """Right-pad a batch to its own longest example. A batch of the training order is marked
     `train` (the DataModule counts them as steps take them) and carries `longest`, the token
     positions of the largest training batch the data can produce, which sizes the model's
-    memory plan."""
+    memory plan. With `class_weights` (indexed by label) each example's loss weight travels
+    in `weight`."""
     batch = _padded(examples, pad_id)
+    if class_weights is not None:
+        batch["weight"] = torch.tensor([class_weights[e.label] for e in examples], dtype=torch.float32)
     return {**batch, "train": True, "longest_batch_tokens": longest} if longest is not None else batch
 
 

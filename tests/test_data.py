@@ -340,3 +340,24 @@ def test_a_checkpoint_of_the_other_reasoning_setting_is_refused():
     with pytest.raises(DataError, match=r"trained with --data.reasoning 'free', this run uses 'required'"):
         dm.load_state_dict(saved)
     dm.load_state_dict({k: v for k, v in saved.items() if k != "reasoning"})  # saved before the setting: required
+
+
+def test_balanced_classes_weigh_each_class_alike_in_training_batches_only():
+    from medqa.data import QADataModule
+
+    dm = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=8,
+                      balance_classes=True)
+    dm.setup("fit")
+    weights = dm.class_weights()
+    counts = Counter(e.label for e in dm.examples["train"])
+    assert len(counts) == 3 and len(set(counts.values())) > 1  # the synthetic training split is unbalanced
+    for label, n in counts.items():  # every class carries the same total weight: a third of the examples
+        assert n * weights[label] == pytest.approx(len(dm.examples["train"]) / 3)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["weight"].tolist() == pytest.approx([weights[x] for x in batch["label"].tolist()])
+    assert "weight" not in next(iter(dm.val_dataloader()))  # dev loss stays comparable between runs
+    plain = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512)
+    plain.setup("fit")
+    assert plain.class_weights() is None and "weight" not in next(iter(plain.train_dataloader()))
+    with pytest.raises(DataError, match=r"cannot resume.*balance_classes: checkpoint True, this run False"):
+        plain.load_state_dict(dm.state_dict())

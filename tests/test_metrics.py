@@ -88,3 +88,20 @@ def test_stage_scores_against_hand_computed_values_over_batches_then_afresh():
     scores.add(logp[:1], truth[:1])
     values, matrix = scores.compute()
     assert values["test/acc"] == 1 and matrix.sum() == 1
+
+
+@torch.no_grad()
+def test_weighted_answer_loss_weighs_each_example_as_told(llama, tokenizer):
+    batch = batch_of(tokenizer)
+    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
+    args = (hidden, llama.lm_head, batch["loss_pos"])
+    per_example = []
+    for i in range(len(batch["ids"])):  # each example's own mean over its answer tokens
+        mine = batch["loss_pos"] // hidden.size(1) == i
+        per_example.append((answer_loss(hidden, llama.lm_head, batch["loss_pos"][mine], batch["loss_targets"][mine]),
+                            int(mine.sum())))
+    weight = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0])
+    want = sum(w * loss * n for w, (loss, n) in zip(weight, per_example)) / sum(w * n for w, (_, n) in zip(weight, per_example))
+    torch.testing.assert_close(answer_loss(*args, batch["loss_targets"], weight), want)
+    torch.testing.assert_close(answer_loss(*args, batch["loss_targets"], torch.ones(5)),
+                               answer_loss(*args, batch["loss_targets"]))
