@@ -232,16 +232,50 @@ def next_run_name(root: Path, command: str) -> str:
     return f"{command}-{max(numbers, default=-1) + 1}"
 
 
-def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], bool] | None = None) -> Path | None:
-    """The newest run's `last.ckpt` (which='last'), or the best checkpoint by the score in its
-    name over the runs that `compatible` accepts (which='best'; the newest on ties). Scores
-    compare within one metric: a checkpoint named by val/macro_f1 beats one named by the
-    val/acc of earlier medqa versions."""
+RUN_ENV = "MEDQA_RUN_NAME"
+"""The run a command claimed, for the processes DDP launches from it."""
+
+
+def claim_run(root: Path, command: str) -> tuple[str, bool]:
+    """(a new run's name `COMMAND-N`, whether this process created its directory). The
+    directory is created here, exclusively, so commands started at once in one experiment
+    never share a run: where another command took N first, the next N. A process DDP
+    launched (a rank or node above 0) creates nothing: it takes the name its launcher
+    claimed, or one Lightning will replace with rank 0's (it broadcasts the log dir)."""
+    if any(int(os.environ.get(k) or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return os.environ.get(RUN_ENV) or next_run_name(root, command), False
+    root.mkdir(parents=True, exist_ok=True)
+    n = int(RUN_NAME.match(next_run_name(root, command)).group(2))
+    while True:
+        name = f"{command}-{n}"
+        try:
+            (root / name).mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        if any(d.name != name and RUN_NAME.match(d.name).group(2) == str(n) for d in runs(root)):
+            (root / name).rmdir()  # another command took the number N at the same moment
+            n += 1
+            continue
+        os.environ[RUN_ENV] = name
+        return name, True
+
+
+def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], bool] | None = None,
+                    newest_fit: bool = False) -> Path | None:
+    """The newest run's `last.ckpt` (which='last'; with `newest_fit`, the newest fit run's
+    alone: a resume never continues an earlier run because a later one stopped before its
+    first checkpoint), or the best checkpoint by the score in its name over the runs that
+    `compatible` accepts (which='best'; the newest on ties). Scores compare within one
+    metric: a checkpoint named by val/macro_f1 beats one named by the val/acc of earlier
+    medqa versions."""
     candidates = []
     for order, run in enumerate(runs(run_root)):
         ckpts = run / "checkpoints"
-        if which == "last" and (ckpts / "last.ckpt").is_file():
-            return ckpts / "last.ckpt"
+        if which == "last" and newest_fit and not run.name.startswith("fit-"):
+            continue
+        if which == "last" and ((ckpts / "last.ckpt").is_file() or newest_fit):
+            return ckpts / "last.ckpt" if (ckpts / "last.ckpt").is_file() else None
         if which == "best" and ckpts.is_dir() and (compatible is None or compatible(run)):
             for path in ckpts.glob("best*.ckpt"):
                 score = SCORE.search(path.stem)

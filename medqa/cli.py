@@ -33,17 +33,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa.backends import BackendError, LoraSettings
 from medqa.bases import BaseModelError
-from medqa.checkpoints import (
-    CheckpointError,
-    FinishedRun,
-    adapter_dir,
-    ensure_adapter,
-    find_checkpoint,
-    finished_run,
-    load_checkpoint,
-    next_run_name,
-    runs,
-)
+from medqa.checkpoints import (CheckpointError, FinishedRun, adapter_dir, claim_run, ensure_adapter, find_checkpoint,
+                               finished_run, load_checkpoint, runs)
 from medqa.data import QADataModule
 from medqa.memory import TrainingOutOfMemory
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
@@ -165,8 +156,9 @@ class MedQACLI(LightningCLI):
             self._resolve_ckpt_path(config)
         experiment = self._experiment(config)
         if experiment is not None and experiment[0].version is None:
-            experiment[0].version = next_run_name(experiment[1], self.subcommand)  # logs/NAME/fit-3, test-4, ...
-            NEW_RUNS.append(experiment[1] / experiment[0].version)
+            experiment[0].version, claimed = claim_run(experiment[1], self.subcommand)  # logs/NAME/fit-3, test-4, ...
+            if claimed:
+                NEW_RUNS.append(experiment[1] / experiment[0].version)
         if config.get("ckpt_path") is not None:
             path = Path(config.ckpt_path)
             checkpoint = load_checkpoint(path, config.weights_only)
@@ -211,10 +203,11 @@ class MedQACLI(LightningCLI):
             return (saved.get("task", "pubmedqa") == config.data.task and not lora.differences(saved)
                     and saved.get("reasoning", "required") == config.data.reasoning)
 
-        found = find_checkpoint(root, config.ckpt_path, compatible)
+        found = find_checkpoint(root, config.ckpt_path, compatible, newest_fit=self.subcommand == "fit")
         if found is None:
             if self.subcommand == "fit" and config.ckpt_path == "last":
-                rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run.")
+                rank_zero_info(f"--ckpt_path last: the newest fit run under {root} has no last.ckpt (or there is none); "
+                               "starting a new run. To continue an earlier run, pass its checkpoint as --ckpt_path PATH.")
                 config.ckpt_path = None
                 return
             kind = "last.ckpt" if config.ckpt_path == "last" else "best checkpoint of a run with this command's task and model settings"

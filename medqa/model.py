@@ -13,23 +13,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from medqa.backends import (
-    Backend,
-    LoraSettings,
-    continuations,
-    decoder_and_head,
-    keep_activations,
-    load,
-)
+from medqa.backends import Backend, LoraSettings, continuations, decoder_and_head, keep_activations, load
 from medqa.checkpoints import base_fingerprint, misfits
 from medqa.memory import Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
-from medqa.metrics import (
-    StageScores,
-    answer_loss,
-    confusion_figure,
-    format_confusion,
-    label_log_probs,
-)
+from medqa.metrics import StageScores, answer_loss, confusion_figure, format_confusion, label_log_probs
 from medqa.schedules import WarmupCosine
 
 log = logging.getLogger(__name__)
@@ -137,6 +124,7 @@ class MedQALoRA(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.nonfinite, self.skipped_batches = nonfinite, 0
         self._window = [0, 0]  # this optimizer step's batches: kept, skipped for a non-finite loss
+        self._planned_steps: int | None = None  # this run's schedule length, set with the optimizer
         self.rationale_tokens = rationale_tokens
         # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
         self.strict_loading = False
@@ -342,6 +330,14 @@ class MedQALoRA(L.LightningModule):
                                               confusion_figure(scores.confusion, matrix, self.labels), self.global_step)
         return matrix
 
+    def on_train_start(self) -> None:
+        # A resume under another step limit (a finished run given more epochs) restores a
+        # schedule that ends elsewhere, for a finished run already at learning rate 0.
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, WarmupCosine) and self._planned_steps is not None:
+            if message := scheduler.replan(self._planned_steps):
+                rank_zero_info(message)
+
     def on_fit_start(self) -> None:
         """Record the run's settings in TensorBoard's HPARAMS tab, against its validation
         scores, so runs can be compared side by side."""
@@ -369,6 +365,7 @@ class MedQALoRA(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        self._planned_steps = scheduler.total_steps if isinstance(scheduler, WarmupCosine) else None
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints

@@ -33,3 +33,19 @@ class WarmupCosine(LambdaLR):
             return step / warm
         progress = min(1.0, (step - warm) / max(1.0, self.total_steps - warm))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def replan(self, total_steps: int) -> str | None:
+        """Fit the schedule to `total_steps`, keeping the step it is at, and say what changed
+        (None if nothing). A resumed run whose step limit differs from its checkpoint's needs
+        it: the restored schedule ends at the old length, and past its end it trains on at
+        `min_ratio` of the peak (0 by default)."""
+        if total_steps == self.total_steps:
+            return None
+        old, lr = self.total_steps, self.get_last_lr()[0]
+        self.total_steps = total_steps
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        return (f"The checkpoint's learning-rate schedule ends at step {old} and this run trains to step {total_steps}: "
+                f"warm-up + cosine re-planned over {total_steps} steps; at step {self.last_epoch} the learning rate "
+                f"goes from {lr:.3g} to {self._last_lr[0]:.3g}.")

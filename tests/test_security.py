@@ -137,6 +137,37 @@ def test_resuming_a_finished_run_is_refused_not_silently_continued(trained):
     assert "Traceback" not in done.stderr
 
 
+def lora_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_a_finished_run_given_more_epochs_trains_on_with_its_schedule_replanned(trained, tmp_path):
+    _, last = trained
+    run = shutil.copytree(last.parent.parent, tmp_path / "demo" / "fit-0")
+    before = lora_weights(run / "checkpoints" / "last.ckpt")
+    more = ("--trainer.max_epochs", "4", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
+    done = run_cli("fit", *more, "--ckpt_path", "last", logs=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("The checkpoint's learning-rate schedule ends at step 6 and this run trains to step 12: warm-up + cosine "
+            "re-planned over 12 steps; at step 6 the learning rate goes from 0 to 0.0") in done.stdout + done.stderr
+    after = lora_weights(run / "checkpoints" / "last.ckpt")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # at learning rate 0 none would move
+
+
+def test_a_new_fit_never_continues_an_earlier_runs_schedule(trained, tmp_path):
+    _, last = trained
+    shutil.copytree(last.parent.parent, tmp_path / "demo" / "fit-0")
+    (tmp_path / "demo" / "fit-1").mkdir()  # a run killed before its first checkpoint
+    (tmp_path / "demo" / "fit-1" / "config.yaml").write_text("{}\n")
+    more = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
+    done = run_cli("fit", *more, "--ckpt_path", "last", logs=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the newest fit run under" in done.stdout + done.stderr and "starting a new run" in done.stdout + done.stderr
+    assert torch.load(tmp_path / "demo" / "fit-2" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    assert not (tmp_path / "demo" / "fit-0" / "config.resume1.yaml").exists()
+
+
 def test_another_base_with_the_same_name_and_shape_is_refused(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
