@@ -31,7 +31,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-## A real instruct model, zero-shot against fine-tuned on the real PQA-L (2 CPU cores, about an hour or more).
+## A real instruct model, zero-shot against fine-tuned on the real PQA-L (2 CPU cores, about 55 minutes).
 ## DATA: the folder with ori_pqal.json and test_ground_truth.json; REASONING=free for the paper's reasoning-free setting.
 real: install
 	$(PY) benchmarks/real.py --data $(DATA) --reasoning $(or $(REASONING),required)

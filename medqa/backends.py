@@ -69,7 +69,8 @@ class LoraSettings:
                 "use_rslora": self.use_rslora}
         theirs = {**ours, **{k: saved[k] for k in ours if k in saved}}
         theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
-        same = {"target_modules": lambda a, b: isinstance(a, list) and set(a) == set(b)}  # an order means nothing
+        same = {"target_modules": lambda a, b: (isinstance(a, list) and all(isinstance(m, str) for m in a)
+                                                and set(a) == set(b))}  # an order means nothing; untrusted: names only
         return [f"{k}: checkpoint {theirs[k]!r}, this run {v!r}" for k, v in ours.items()
                 if not same.get(k, lambda a, b: a == b)(theirs[k], v)]
 
@@ -162,8 +163,8 @@ def load_unsloth(
         )
     except (OSError, ValueError) as e:
         raise _hub_error(pretrained, e) from None
-    model = FastLanguageModel.get_peft_model(
-        model,
+    model = _add_lora(model, lambda m: FastLanguageModel.get_peft_model(
+        m,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -173,7 +174,7 @@ def load_unsloth(
         random_state=seed,
         use_rslora=lora.use_rslora,
         max_seq_length=max_length,
-    )
+    ), lora, pretrained)
     # Loading leaves the model in eval mode, and Lightning keeps the modes it finds: without
     # this, training would run with gradient checkpointing off (3x the memory at the 8B shape).
     FastLanguageModel.for_training(model)
@@ -235,9 +236,22 @@ def load_hf(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora.peft_config())
+    model = _add_lora(model, lambda m: get_peft_model(m, lora.peft_config()), lora, pretrained)
     model.train()  # from_pretrained returns eval mode, which Lightning would keep
     return model, load_tokenizer(pretrained, trust_remote_code)
+
+
+def _add_lora(model: Any, add: Any, lora: LoraSettings, pretrained: str) -> Any:
+    """`add(model)`, with peft's error for target modules the base lacks in one line naming
+    the base's own linear layers."""
+    try:
+        return add(model)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError
+        if "target module" not in str(e).lower():
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise BackendError(f"--model.target_modules {lora.target_modules}: {pretrained} has no such linear layers; "
+                           f"its are named {', '.join(names)}") from None
 
 
 def load(

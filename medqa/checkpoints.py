@@ -21,6 +21,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from medqa.backends import LoraSettings
+from medqa.runs import runs
 
 TMP_SUFFIX = ".tmp"
 
@@ -133,7 +134,24 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
                               f"(keys: {', '.join(map(str, list(checkpoint)[:6]))})")
     if not checkpoint["state_dict"] or "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"{path} is a Lightning checkpoint but not medqa's (no LoRA weights or no model settings in it)")
+    for key, kind in STRUCTURE.items():
+        value = checkpoint.get(key, kind())
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: its {key!r} is a {type(value).__name__}, not a {kind.__name__} as medqa "
+                                  "saves it: the file was damaged or edited; resume from another checkpoint")
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint["state_dict"].values()):
+        raise CheckpointError(f"{path}: its 'state_dict' holds values that are not tensors: the file was damaged or edited")
+    for name, state in checkpoint["loops"].items():
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: its loop state {name!r} is a {type(state).__name__}, not a mapping: "
+                                  "the file was damaged or edited")
     return checkpoint
+
+
+STRUCTURE = {"state_dict": dict, "hyper_parameters": dict, "global_step": int, "epoch": int, "loops": dict,
+             "optimizer_states": list, "lr_schedulers": list, "callbacks": dict, "datamodule_hyper_parameters": dict,
+             "QADataModule": dict, "medqa_base": dict}
+"""The type of each part of a checkpoint as Lightning and medqa save it, checked on load."""
 
 
 def adapter_dir(checkpoint: Path) -> Path:
@@ -212,53 +230,9 @@ def ensure_adapter(checkpoint: dict[str, Any], path: Path) -> bool:
     return True
 
 
-RUN_NAME = re.compile(r"^(?:(fit|validate|test|predict)-|version_)(\d+)$")
-"""A run directory: `fit-3`, `test-4`, ... (the command that made it and a number counted over
-the experiment), or Lightning's `version_N` from before medqa named them."""
 SCORE = re.compile(r"-(f1_|acc)(\d+(?:\.\d+)?)")
 """The monitored score in a best checkpoint's name: val/macro_f1 (`best-epoch{epoch}-step{step}-f1_{val/macro_f1:.4f}`),
 or val/acc (`...-acc0.9400`) in runs from before medqa monitored macro-F1."""
-
-
-def runs(root: Path) -> list[Path]:
-    """The experiment's run directories, newest first."""
-    found = [(int(m.group(2)), d) for d in root.glob("*") if d.is_dir() and (m := RUN_NAME.match(d.name))]
-    return [d for _, d in sorted(found, key=lambda x: x[0], reverse=True)]
-
-
-def next_run_name(root: Path, command: str) -> str:
-    """`COMMAND-N`, N one past the experiment's highest run number."""
-    numbers = [int(RUN_NAME.match(d.name).group(2)) for d in runs(root)]
-    return f"{command}-{max(numbers, default=-1) + 1}"
-
-
-RUN_ENV = "MEDQA_RUN_NAME"
-"""The run a command claimed, for the processes DDP launches from it."""
-
-
-def claim_run(root: Path, command: str) -> tuple[str, bool]:
-    """(a new run's name `COMMAND-N`, whether this process created its directory). The
-    directory is created here, exclusively, so commands started at once in one experiment
-    never share a run: where another command took N first, the next N. A process DDP
-    launched (a rank or node above 0) creates nothing: it takes the name its launcher
-    claimed, or one Lightning will replace with rank 0's (it broadcasts the log dir)."""
-    if any(int(os.environ.get(k) or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
-        return os.environ.get(RUN_ENV) or next_run_name(root, command), False
-    root.mkdir(parents=True, exist_ok=True)
-    n = int(RUN_NAME.match(next_run_name(root, command)).group(2))
-    while True:
-        name = f"{command}-{n}"
-        try:
-            (root / name).mkdir()
-        except FileExistsError:
-            n += 1
-            continue
-        if any(d.name != name and RUN_NAME.match(d.name).group(2) == str(n) for d in runs(root)):
-            (root / name).rmdir()  # another command took the number N at the same moment
-            n += 1
-            continue
-        os.environ[RUN_ENV] = name
-        return name, True
 
 
 def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], bool] | None = None,
@@ -286,8 +260,11 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
 
 def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: int | None) -> str | None:
     """Why a checkpoint's run has nothing left to train under these limits, or None."""
-    step = checkpoint.get("global_step", 0)
-    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    step, epochs = checkpoint.get("global_step", 0), checkpoint.get("loops", {})
+    for key in ("fit_loop", "epoch_progress", "current", "processed"):  # checked as it is read: untrusted
+        epochs = epochs.get(key, 0) if isinstance(epochs, dict) else 0
+    if not isinstance(epochs, int):
+        raise CheckpointError(f"the checkpoint's count of finished epochs is a {type(epochs).__name__}, not a number")
     if max_steps is not None and max_steps > 0 and step >= max_steps:
         return f"step {step} of --trainer.max_steps {max_steps}"
     if max_epochs is None and (max_steps is None or max_steps == -1):

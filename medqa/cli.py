@@ -15,7 +15,6 @@ import importlib
 import logging
 import os
 import re
-import shutil
 import sys
 import warnings
 from functools import partial
@@ -33,14 +32,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa.backends import BackendError, LoraSettings
 from medqa.bases import BaseModelError
-from medqa.checkpoints import (CheckpointError, FinishedRun, adapter_dir, claim_run, ensure_adapter, find_checkpoint,
-                               finished_run, load_checkpoint, runs)
+from medqa.checkpoints import (CheckpointError, FinishedRun, adapter_dir, ensure_adapter, find_checkpoint, finished_run,
+                               load_checkpoint)
 from medqa.data import QADataModule
 from medqa.memory import TrainingOutOfMemory
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
-from medqa.predictions import PredictionWriter
+from medqa.predictions import PartialPredictions, PredictionWriter
 from medqa.records import DataError
 from medqa.results import write_json
+from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, resuming, runs
 from medqa.speed import SpeedMonitor
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -72,6 +72,8 @@ class MedQAParser(LightningArgumentParser):
 
 class MedQACLI(LightningCLI):
     """LightningCLI for medqa: see `python -m medqa fit --help`."""
+
+    claims_run = True  # a command that runs claims its run directory (logs/NAME/fit-N) as it starts
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")
@@ -156,7 +158,8 @@ class MedQACLI(LightningCLI):
             self._resolve_ckpt_path(config)
         experiment = self._experiment(config)
         if experiment is not None and experiment[0].version is None:
-            experiment[0].version, claimed = claim_run(experiment[1], self.subcommand)  # logs/NAME/fit-3, test-4, ...
+            # logs/NAME/fit-3, test-4, ...: created here, so commands started at once never share one
+            experiment[0].version, claimed = claim_run(experiment[1], self.subcommand, self.claims_run)
             if claimed:
                 NEW_RUNS.append(experiment[1] / experiment[0].version)
         if config.get("ckpt_path") is not None:
@@ -222,6 +225,7 @@ class MedQACLI(LightningCLI):
         config.ckpt_path = str(found)
         if self.subcommand == "fit":
             args.version = found.parent.parent.name
+            resuming(found.parent.parent)  # a refused resume leaves it as it was
             # Keep the first run's config.yaml; record the resumed run's beside it.
             n = len(list(found.parent.parent.glob("config*.yaml")))
             self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
@@ -284,21 +288,6 @@ COMMANDS = {"evaluate": "medqa.evaluate", "compare": "medqa.compare", "cv": "med
             "ask": "medqa.ask"}
 """Commands beside Lightning's, each a module with its own `main(argv)`."""
 
-NEW_RUNS: list[Path] = []
-"""Run directories this process's commands are writing to for the first time."""
-
-
-def discard_unused_runs() -> None:
-    """After a failed command: remove the run directories it started and left with nothing
-    in them worth keeping (no checkpoint, prediction or score)."""
-    while NEW_RUNS:
-        run = NEW_RUNS.pop()
-        if run.is_dir() and not any((run / k).exists() for k in ("checkpoints", "predictions.json", "metrics.json")):
-            shutil.rmtree(run, ignore_errors=True)
-            if run.parent.is_dir() and not any(run.parent.iterdir()):
-                run.parent.rmdir()  # the experiment folder it made for it
-
-
 def explain(error: BaseException) -> str:
     """An error's message, with what to do where Lightning's own message does not say."""
     message = str(error).strip()
@@ -309,7 +298,7 @@ def explain(error: BaseException) -> str:
 
 
 USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, BaseModelError, SettingsError, FloatingPointError,
-               TrainingOutOfMemory, MisconfigurationException, FileExistsError)
+               TrainingOutOfMemory, MisconfigurationException, FileExistsError, PartialPredictions)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
 
 
@@ -331,6 +320,8 @@ def quiet(command: str) -> None:
 
 
 class _Unrun(MedQACLI):
+    claims_run = False  # built, not run: it claims no run directory
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Built, not run: for commands that use the model and data another way (`ask`)."""
 
@@ -368,6 +359,9 @@ def main(args: list[str] | None = None) -> Any:
     except expected as e:  # medqa's errors say what and where
         discard_unused_runs()
         sys.exit(f"medqa {argv[0] if argv else ''}: error: {explain(e)}")
+    except BaseException:
+        discard_unused_runs()
+        raise
 
 
 def close_process_group(result: Any) -> Any:

@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for flag in ("--data.fold", "--ckpt_path", "--trainer.logger.init_args.save_dir", "--trainer.logger.init_args.name"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise ValueError(f"{flag} is set by cv for each fold; leave it out (use --cv_dir for where runs go)")
+    from medqa.cli import cli_for
+
+    task = cli_for("fit", [*argv, "--data.fold", "0"])[0].datamodule.task  # built, not run: nothing written
+    if task.folds < len(FOLDS):
+        raise ValueError(f"cv runs PubMedQA's {len(FOLDS)} official folds; {task.name} has one fixed dev set and "
+                         "nothing to cross-validate: use fit, then test")
     cv_dir.mkdir(parents=True, exist_ok=True)
 
     results = []

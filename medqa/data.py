@@ -157,6 +157,13 @@ class QADataModule(L.LightningDataModule):
             splits["train"] = self._without_eval_questions(self.task.read(self.train_source, self.train_hub_config),
                                                            splits["dev"] + splits["test"])
             origin["train"] = self.train_source
+        if stage == "fit" and not splits["train"]:  # Lightning would train nothing and exit 0
+            why = (f"every question of {self.train_source} is a dev or test question (--data.drop_eval_overlap left "
+                   "them all out)" if self.train_source is not None else
+                   f"{self.source} has no training split" + (" (a folder needs its ..._train.jsonl)"
+                                                              if self.task.name == "medqa_usmle" else ""))
+            raise DataError(f"nothing to train on: {why}; point --data.source (or --data.train_source) at training "
+                            "questions")
         splits["all"] = records
         folds = f" (fold {self.fold} is dev)" if self.task.folds > 1 else ""
         rank_zero_info(f"Read {len(records)} {self.task.name} records from {self.source}{folds}.")
@@ -280,7 +287,8 @@ class QADataModule(L.LightningDataModule):
             dev = hashlib.sha256("\n".join(e.id for e in self.examples["dev"]).encode())
             self._identity = {"task": self.task.name, "source": self.source, "train_source": self.train_source, "fold": self.fold,
                               "target": self.target, "reasoning": self.reasoning, "max_length": self.max_length,
-                              "balance_classes": self.balance_classes, "train_sha256": train.hexdigest(), "dev_sha256": dev.hexdigest()}
+                              "balance_classes": self.balance_classes, "train_sha256": train.hexdigest(),
+                              "dev_sha256": dev.hexdigest()}
         return self._identity
 
     def state_dict(self) -> dict[str, Any]:
@@ -304,11 +312,14 @@ class QADataModule(L.LightningDataModule):
         position = state.get("train_position")
         fitting = self.stage == "fit"
         if fitting and "identity" in state and "train" in self.examples:
+            if not isinstance(state["identity"], dict):
+                raise DataError(f"the checkpoint's saved data identity is a {type(state['identity']).__name__}, not a "
+                                "mapping: the file was damaged or edited")
             self._check_identity(state["identity"])
         if position is not None and fitting and "train" in self.examples:
             try:
                 self._resumable_sampler().load_state_dict(position)
-            except ValueError as e:
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # a saved position is untrusted
                 raise DataError(f"cannot resume the training order: the checkpoint's training data differs ({e}); "
                                 "resume with the same --data settings") from None
 
@@ -329,9 +340,8 @@ class QADataModule(L.LightningDataModule):
     def _check_identity(self, theirs: dict[str, Any]) -> None:
         """Refuse to resume a fit on other data, naming what differs."""
         ours = self.identity()
-        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in ("task", "fold", "target", "reasoning", "max_length",
-                                                                          "balance_classes")
-                 if k in theirs and theirs[k] != ours[k]]
+        settings = ("task", "fold", "target", "reasoning", "max_length", "balance_classes")
+        named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in settings if k in theirs and theirs[k] != ours[k]]
         digests = [k for k in ("train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
         if not named and not digests:
             return

@@ -11,6 +11,9 @@ the prompt and scores the answer, so the adapter is used with the prompt it was 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ def shape_settings(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
         if kind is list:
             ok = ok and all(isinstance(v, str) for v in value)
         if not ok:
-            raise CheckpointError(f"{path}: saved setting {key}={value!r} is not a {kind.__name__}")
+            raise CheckpointError(f"{path}: saved setting {key}={value!r} is not of type {kind.__name__}")
         settings[key] = value
     return settings
 
@@ -107,26 +110,39 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
     `pretrained`, to `out`."""
     from medqa.backends import load_tokenizer
 
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty; remove it or choose another directory")
+    out = out.resolve() if out.is_symlink() else out  # a link to a folder: write into the folder, keep the link
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty folder; remove it or choose another directory")
     checkpoint = load_checkpoint(ckpt_path, weights_only)
+    shape = shape_settings(checkpoint, ckpt_path)  # every check before the first write: a refusal leaves nothing
     trained_on = checkpoint["hyper_parameters"].get("pretrained")
     if isinstance(trained_on, str) and Path(trained_on.rstrip("/")).name != Path(pretrained.rstrip("/")).name:
         print(f"Note: {ckpt_path} was trained on {trained_on!r}; exporting against --pretrained {pretrained!r}"
               + (" (the merged model checks that the weights fit)" if merged else ""))
     tokenizer = load_tokenizer(pretrained, trust_remote_code)
-
-    save_adapter(checkpoint, out)
-    tokenizer.save_pretrained(out)
     prompt = prompt_settings(checkpoint, tokenizer, pretrained)
-    write_json(out / "medqa_prompt.json", prompt)
+
+    # Written into a folder beside `out`, renamed to `out` once whole: a failure (a merged
+    # model that does not fit, a full disk) leaves no half export.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        save_adapter(checkpoint, staging)
+        tokenizer.save_pretrained(staging)
+        write_json(staging / "medqa_prompt.json", prompt)
+        if merged:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            answers = {"labels": prompt["labels"], "label_ids": prompt["label_token_ids"], "pad_id": pad,
+                       "rationale_suffix": []}
+            settings = {**shape, "pretrained": pretrained, "backend": backend, "trust_remote_code": trust_remote_code,
+                        "answer_tokens": answers}
+            _export_merged(checkpoint, settings, tokenizer, staging / "merged", merged_dtype)
+        os.replace(staging, out)  # onto an empty folder too
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json)")
     if merged:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        answers = {"labels": prompt["labels"], "label_ids": prompt["label_token_ids"], "pad_id": pad, "rationale_suffix": []}
-        settings = {**shape_settings(checkpoint, ckpt_path), "pretrained": pretrained, "backend": backend,
-                    "trust_remote_code": trust_remote_code, "answer_tokens": answers}
-        _export_merged(checkpoint, settings, tokenizer, out / "merged", merged_dtype)
         print(f"Wrote the merged {merged_dtype} model to {out / 'merged'}")
     return out
 

@@ -15,6 +15,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from medqa.results import write_json, write_result
 
 
+class PartialPredictions(RuntimeError):
+    """A predict run that did not answer every question of its split once."""
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes `predictions.json` (`{id: label}`) and `predictions.jsonl` to the run directory.
     Under DDP the processes' answers are gathered and written once, each question once.
@@ -45,7 +49,10 @@ class PredictionWriter(BasePredictionWriter):
         truth = torch.cat([batch["truth"] for batch in predictions]) if predictions else torch.empty(0)
         expected = len(trainer.predict_dataloaders.dataset)
         if len(ids) != expected or len(set(ids)) != len(ids):
-            raise RuntimeError(f"predict produced {len(ids)} answers ({len(set(ids))} distinct) for {expected} questions")
+            raise PartialPredictions(
+                f"predict produced {len(ids)} answers ({len(set(ids))} distinct) for the {expected} questions of the split; "
+                "a prediction file must answer every question once, so none was written. Leave out "
+                "--trainer.limit_predict_batches (or choose a smaller split with --data.predict_split)")
 
         # Batches come longest first; write in the data's order.
         position = {e.id: i for i, e in enumerate(trainer.predict_dataloaders.dataset)}

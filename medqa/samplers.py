@@ -76,6 +76,9 @@ class ResumableSampler(DistributedSampler):
         after the same examples."""
         ours = {"seed": self.seed, "batch_size": self.batch_size, "size": self.size, "bucket_batches": self.bucket_batches}
         differs = [f"{k}: checkpoint {state[k]}, this run {v}" for k, v in ours.items() if state.get(k, v) != v]
+        counts = {k: state.get(k) for k in ("epoch", "batches", "processes") if k in state or k != "processes"}
+        differs += [f"{k} {v!r} is not a count" for k, v in counts.items()
+                    if not isinstance(v, int) or isinstance(v, bool) or v < 0]
         if differs:
             raise ValueError("; ".join(differs))
         self.epoch, self.taken = state["epoch"], state["batches"]

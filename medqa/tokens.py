@@ -109,6 +109,10 @@ class PromptFormat:
 
     def encode(self, record: Record) -> Example:
         """Tokenize one record; when too long, only the task's passage is cut (from its end)."""
+        if self.target == "long_answer" and not record.long_answer.strip():
+            raise DataError(f"record {record.id!r}: --data.target long_answer trains the model to write the record's "
+                            "long answer, and it has none: use --data.target decision, or records with long answers "
+                            "(PubMedQA's have them; MedQA-USMLE's do not)")
         prefix, suffix = self._prompt_parts(record)
         pre, post = self._encode(prefix), self._encode(suffix)
         context = self._encode(self.task.passage(record))

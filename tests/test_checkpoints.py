@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa.checkpoints import AtomicCheckpointIO, BackgroundCheckpointIO, claim_run, find_checkpoint, next_run_name
+from medqa.checkpoints import AtomicCheckpointIO, BackgroundCheckpointIO, find_checkpoint
+from medqa.runs import claim_run, next_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -188,7 +188,7 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
     out16 = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out",
                   str(tmp_path / "export16"), "--merged"])
     assert AutoModelForCausalLM.from_pretrained(out16 / "merged").dtype == torch.bfloat16
-    with pytest.raises(FileExistsError, match="exists and is not empty"):
+    with pytest.raises(FileExistsError, match="exists and is not an empty folder"):
         main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
 
 

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,46 @@ def test_a_kill_during_the_write_leaves_no_file_under_the_real_name(tmp_path):
     assert not target.exists()
     write_result(target, "{}")  # the next run writes it; the stale temporary file is not in the way
     assert target.read_text() == "{}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+STALLED_MEDQA = (  # `python -m medqa ...` whose sync of the file named in $STALL_ON stalls, to be killed there
+    "import os, runpy, sys, time\n"
+    "sync = os.fsync\n"
+    "def stalled(fd):\n"
+    "    if os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith(os.environ['STALL_ON']):\n"
+    "        time.sleep(120)\n"
+    "    return sync(fd)\n"
+    "os.fsync = stalled\n"
+    "sys.argv = ['medqa', *sys.argv[1:]]\n"
+    "runpy.run_module('medqa', run_name='__main__')\n"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    logs = tmp_path_factory.mktemp("logs")
+    fit = subprocess.run([sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir",
+                          str(logs), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+                          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    return logs / "demo" / "fit-0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("command, name", [("predict", "predictions.json"), ("test", "metrics.json")])
+def test_a_kill_while_a_command_writes_its_result_leaves_no_half_file(checkpoint, tmp_path, command, name):
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_MEDQA, command, "--config", DEMO, "--ckpt_path", str(checkpoint),
+                             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "STALL_ON": f".{name}."})
+    run = tmp_path / "demo" / f"{command}-0"
+    deadline = time.time() + 300
+    while not list(run.glob(f".{name}.*.tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(run.glob(f".{name}.*.tmp")), f"{command} never began writing {name}"
+    time.sleep(0.5)  # inside the stalled sync, the whole text in the temporary file
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / name).exists()  # no half-written file under the real name

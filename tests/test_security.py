@@ -324,3 +324,89 @@ def test_fooling_files_are_refused_in_one_line_by_the_commands(tmp_path):
     done = run_cli("fit", "--data.train_source", str(leaky), logs=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "1 of its 1 questions are dev or test questions" in done.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------ a refused command changes nothing
+
+
+def files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line_refusal(done: subprocess.CompletedProcess, command: str, message: str) -> None:
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"medqa {command}: error: ") and message in last, last
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(trained, tmp_path):
+    _, last = trained
+    run = shutil.copytree(last.parent.parent, tmp_path / "demo" / "fit-0")
+    before = files(run)
+    more = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
+    done = run_cli("fit", *more, "--ckpt_path", "last", "--model.lora_alpha", "32", logs=tmp_path)
+    one_line_refusal(done, "fit", "lora_alpha: checkpoint 16, this run 32")
+    assert files(run) == before  # no config.resume1.yaml, no event file
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["fit-0"]
+
+
+def test_a_refused_export_writes_nothing_and_keeps_a_linked_folder_a_link(trained, tmp_path):
+    _, last = trained
+    wrong = with_settings(last, tmp_path / "r.ckpt", lora_r="8")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "medqa", "export", "--ckpt_path", str(wrong), "--pretrained",
+                           "builtin:tiny-llama", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_refusal(done, "export", "saved setting lora_r='8' is not of type int")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.ckpt"]
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    state["QADataModule"]["prompt"]["task"] = "no_such_task"
+    torch.save(state, tmp_path / "t.ckpt")
+    with pytest.raises(CheckpointError, match="the checkpoint's saved task"):
+        main(["export", "--ckpt_path", str(tmp_path / "t.ckpt"), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    main(["export", "--ckpt_path", str(last), "--pretrained", "builtin:tiny-llama", "--out", str(tmp_path / "link")])
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("part, value, message", [
+    ("identity", "abc", "saved data identity is a str, not a mapping"),
+    ("loops", [], "its 'loops' is a list, not a dict"),
+    ("QADataModule", [], "its 'QADataModule' is a list, not a dict"),
+    ("train_position", ["x"], "cannot resume the training order"),
+])
+def test_saved_values_of_the_wrong_type_get_one_line(trained, tmp_path, part, value, message):
+    _, last = trained
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    if part in ("identity", "train_position"):
+        state["QADataModule"][part] = value
+    else:
+        state[part] = value
+    torch.save(state, tmp_path / "bad.ckpt")
+    more = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
+    one_line_refusal(run_cli("fit", *more, "--ckpt_path", str(tmp_path / "bad.ckpt"), logs=tmp_path), "fit", message)
+
+
+def test_best_passes_over_a_run_whose_saved_targets_are_not_names(trained, tmp_path):
+    _, last = trained
+    for name in ("fit-0", "fit-1"):
+        shutil.copytree(last.parent.parent, tmp_path / "demo" / name)
+    hparams = tmp_path / "demo" / "fit-1" / "hparams.yaml"
+    hparams.write_text(hparams.read_text() + "target_modules:\n- [q_proj]\n- [v_proj]\n")
+    done = run_cli("validate", "--ckpt_path", "best", logs=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fit-0/checkpoints/best" in done.stdout + done.stderr
+
+
+def test_more_refusals_in_one_line(trained, tmp_path):
+    _, last = trained
+    one_line_refusal(run_cli("validate", "--ckpt_path", str(last), "--model.target_modules", '["no_such_proj"]', logs=tmp_path),
+                     "validate", "--model.target_modules ['no_such_proj']: builtin:tiny-llama has no such linear layers; "
+                     "its are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    one_line_refusal(run_cli("predict", "--ckpt_path", str(last), "--trainer.limit_predict_batches", "2", logs=tmp_path),
+                     "predict", "none was written. Leave out --trainer.limit_predict_batches")
+    done = subprocess.run([sys.executable, "-m", "medqa", "cv", "--config", DEMO, "--data.task", "medqa_usmle",
+                           "--cv_dir", str(tmp_path / "cv")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_refusal(done, "cv", "medqa_usmle has one fixed dev set and nothing to cross-validate")
+    assert not (tmp_path / "cv").exists()

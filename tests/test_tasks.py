@@ -2,6 +2,8 @@
 split, trained, tested, predicted and scored through the CLI on the tiny model (CPU)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,42 @@ def test_best_is_chosen_among_the_runs_of_the_commands_task(synthetic_run):
     tested = cli("validate", "--ckpt_path", "best", logs=synthetic_run)
     assert Path(tested.config["validate"]["ckpt_path"]).name.startswith("best")
     assert tested.trainer.callback_metrics["val/acc"] >= 0.9
+
+
+def medqa_cli(*args: str, logs: Path) -> subprocess.CompletedProcess:
+    """`python -m medqa ...` on MedQA-USMLE as a user types it (one epoch of at most 2 batches)."""
+    return subprocess.run(
+        [sys.executable, "-m", "medqa", args[0], "--config", DEMO, "--data.task", "medqa_usmle",
+         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
+         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args[1:]],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def refused(done: subprocess.CompletedProcess, message: str) -> bool:
+    last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    return done.returncode == 1 and "Traceback" not in done.stderr and last.startswith("medqa fit: error: ") and message in last
+
+
+def test_a_file_of_ones_own_gets_ids_of_its_own_and_trains_beside_the_official_sets(medqa_folder, tmp_path):
+    rows = [published(*case) for case in CASES]
+    rows = [{**r, "question": r["question"] + " (a new question)"} for r in rows]
+    own = tmp_path / "mycorpus_dev.jsonl"  # named like a dev file, holding new training questions
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_source(str(own))
+    assert [r.id for r in records] == [f"mycorpus_dev-{n}" for n in range(1, len(rows) + 1)]
+    assert [r.id for r in read_source(str(medqa_folder))][8:10] == ["dev-1", "dev-2"]  # the published files keep theirs
+    done = medqa_cli("fit", "--data.source", str(medqa_folder), "--data.train_source", str(own), logs=tmp_path / "logs")
+    assert done.returncode == 0, done.stderr[-3000:]  # not refused as test leakage: no question overlaps
+
+
+def test_commands_that_would_train_nothing_refuse_in_one_line(medqa_folder, tmp_path):
+    test_file = str(medqa_folder / "phrases_no_exclude_test.jsonl")
+    done = medqa_cli("fit", "--data.source", test_file, logs=tmp_path)
+    assert refused(done, "nothing to train on: " + test_file + " has no training split"), done.stderr[-2000:]
+    done = medqa_cli("fit", "--data.source", str(medqa_folder), "--data.train_source", test_file,
+                     "--data.drop_eval_overlap", "true", logs=tmp_path)
+    assert refused(done, "nothing to train on: every question of " + test_file + " is a dev or test question")
+    done = medqa_cli("fit", "--data.source", str(medqa_folder), "--data.target", "long_answer", logs=tmp_path)
+    assert refused(done, "record 'train-1': --data.target long_answer trains the model to write the record's long "
+                         "answer, and it has none"), done.stderr[-2000:]
+    assert not (tmp_path / "demo").exists()  # refused before anything was written

@@ -4,7 +4,10 @@ letters. Read from the published JSON Lines (`data_clean/questions/US/4_options/
 `phrases_no_exclude_{train,dev,test}.jsonl`, one object a line with `question`, `options`
 {A..D: text}, `answer_idx` and `answer`), the hub copy, or the synthetic demo set.
 
-A question's id is its split and line: `test-17` is the 17th line of the test file.
+A question's id is its split and line in the published files (`test-17` is the 17th line
+of `phrases_no_exclude_test.jsonl` or `test.jsonl`), and its file's name and line in any
+other file (`mycorpus_dev-17`), so a file of one's own never shares ids with the official
+sets.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def read_file(path: Path) -> list[Record]:
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: expected a .jsonl file of MedQA-USMLE questions (one JSON object a line)")
     split = split_of(path)
-    records = [make_record(raw, f"{split or path.stem}-{n}", split, where)
+    published = split is not None and path.stem.lower() in (split, f"phrases_no_exclude_{split}")
+    records = [make_record(raw, f"{split if published else path.stem}-{n}", split, where)
                for n, raw, where in json_lines(read_text(path), path)]
     if not records:
         raise DataError(f"{path}: holds no questions")

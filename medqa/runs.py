@@ -1,0 +1,89 @@
+"""An experiment's run directories (`logs/NAME/fit-3`, `test-4`, ...): naming them, claiming
+a new one so commands started at once never share it, and leaving nothing behind where a
+command failed before it wrote anything worth keeping."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+RUN_NAME = re.compile(r"^(?:(fit|validate|test|predict)-|version_)(\d+)$")
+"""A run directory: `fit-3`, `test-4`, ... (the command that made it and a number counted over
+the experiment), or Lightning's `version_N` from before medqa named them."""
+
+
+def runs(root: Path) -> list[Path]:
+    """The experiment's run directories, newest first."""
+    found = [(int(m.group(2)), d) for d in root.glob("*") if d.is_dir() and (m := RUN_NAME.match(d.name))]
+    return [d for _, d in sorted(found, key=lambda x: x[0], reverse=True)]
+
+
+def next_run_name(root: Path, command: str) -> str:
+    """`COMMAND-N`, N one past the experiment's highest run number."""
+    numbers = [int(RUN_NAME.match(d.name).group(2)) for d in runs(root)]
+    return f"{command}-{max(numbers, default=-1) + 1}"
+
+
+RUN_ENV = "MEDQA_RUN_NAME"
+"""The run a command claimed, for the processes DDP launches from it."""
+
+
+def claim_run(root: Path, command: str, create: bool = True) -> tuple[str, bool]:
+    """(a new run's name `COMMAND-N`, whether this process created its directory). The
+    directory is created here, exclusively, so commands started at once in one experiment
+    never share a run: where another command took N first, the next N. A process DDP
+    launched (a rank or node above 0) creates nothing: it takes the name its launcher
+    claimed, or one Lightning will replace with rank 0's (it broadcasts the log dir).
+    `create=False` (a command built but not run): the name alone."""
+    if any(int(os.environ.get(k) or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return os.environ.get(RUN_ENV) or next_run_name(root, command), False
+    if not create:
+        return next_run_name(root, command), False
+    root.mkdir(parents=True, exist_ok=True)
+    n = int(RUN_NAME.match(next_run_name(root, command)).group(2))
+    while True:
+        name = f"{command}-{n}"
+        try:
+            (root / name).mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        if any(d.name != name and RUN_NAME.match(d.name).group(2) == str(n) for d in runs(root)):
+            (root / name).rmdir()  # another command took the number N at the same moment
+            n += 1
+            continue
+        os.environ[RUN_ENV] = name
+        return name, True
+
+
+NEW_RUNS: list[Path] = []
+"""Run directories this process's commands are writing to for the first time."""
+RESUMED_RUNS: list[tuple[Path, dict[Path, int]]] = []
+"""Runs a `fit` continues, each with its files' modification times as the resume found them."""
+
+
+def resuming(run: Path) -> None:
+    """Note the files of a run a `fit` is about to continue, so that a refused resume can
+    leave it as it was (`discard_unused_runs`)."""
+    RESUMED_RUNS.append((run, {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}))
+
+
+def discard_unused_runs() -> None:
+    """After a failed command: remove the run directories it started and left with nothing
+    in them worth keeping (no checkpoint, prediction or score), and from a run it resumed but
+    saved no checkpoint in, the files it added (its config.resumeN.yaml, an event file)."""
+    while NEW_RUNS:
+        run = NEW_RUNS.pop()
+        if run.is_dir() and not any((run / k).exists() for k in ("checkpoints", "predictions.json", "metrics.json")):
+            shutil.rmtree(run, ignore_errors=True)
+            if run.parent.is_dir() and not any(run.parent.iterdir()):
+                run.parent.rmdir()  # the experiment folder it made for it
+    while RESUMED_RUNS:
+        run, before = RESUMED_RUNS.pop()
+        now = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+        if any(before.get(p) != t for p, t in now.items() if "checkpoints" in p.relative_to(run).parts):
+            continue  # it trained: what it wrote belongs to the run now
+        for path in now.keys() - before.keys():
+            path.unlink(missing_ok=True)
