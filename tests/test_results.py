@@ -90,3 +90,15 @@ def test_a_kill_while_a_command_writes_its_result_leaves_no_half_file(checkpoint
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / name).exists()  # no half-written file under the real name
+
+
+def test_without_a_logger_test_never_writes_over_the_users_metrics_file(checkpoint, tmp_path):
+    mine = tmp_path / "metrics.json"
+    mine.write_text('{"mine": true}\n')
+    done = subprocess.run([sys.executable, "-m", "medqa", "test", "--config", DEMO, "--ckpt_path", str(checkpoint),
+                           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                           "--trainer.limit_test_batches", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].endswith("metrics.json exists; remove it or choose another place")
+    assert mine.read_text() == '{"mine": true}\n'
