@@ -246,10 +246,13 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
     candidates = []
     for order, run in enumerate(runs(run_root)):
         ckpts = run / "checkpoints"
-        if which == "last" and newest_fit and not run.name.startswith("fit-"):
-            continue
-        if which == "last" and ((ckpts / "last.ckpt").is_file() or newest_fit):
-            return ckpts / "last.ckpt" if (ckpts / "last.ckpt").is_file() else None
+        if which == "last":
+            if newest_fit and not run.name.startswith("fit-"):
+                continue
+            if (ckpts / "last.ckpt").is_file():
+                return ckpts / "last.ckpt"
+            if newest_fit:
+                return None  # the newest fit run has none: never an earlier run's
         if which == "best" and ckpts.is_dir() and (compatible is None or compatible(run)):
             for path in ckpts.glob("best*.ckpt"):
                 score = SCORE.search(path.stem)

@@ -121,6 +121,7 @@ class QADataModule(L.LightningDataModule):
             raise DataError(f"--data.bucket_batches must be 0 (off) or more, got {bucket_batches}")
         self.bucket_batches, self.drop_eval_overlap = bucket_batches, drop_eval_overlap
         self.balance_classes = balance_classes
+        self._class_weights: list[float] | None = None
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
@@ -176,10 +177,13 @@ class QADataModule(L.LightningDataModule):
                     f"  {name}: {len(recs)} records from {origin[name]} ({counts}); "
                     f"{len(recs)} used, {cut} with the passage cut to fit {self.max_length} tokens"
                 )
-        weights = self.class_weights()
-        if weights is not None and stage == "fit":
-            rank_zero_info("  training loss weights (--data.balance_classes): "
-                           + ", ".join(f"{w} {x:.2f}" for w, x in zip(self.prompt.labels, weights)))
+        if self.balance_classes:
+            counts = list(self.task.label_counts(splits["train"]).values())
+            present = sum(c > 0 for c in counts)
+            self._class_weights = [len(splits["train"]) / (present * c) if c else 0.0 for c in counts]
+            if stage == "fit":
+                rank_zero_info("  training loss weights (--data.balance_classes): "
+                               + ", ".join(f"{w} {x:.2f}" for w, x in zip(self.prompt.labels, self._class_weights)))
 
     def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
         """`train` with no dev or test question in it: refused, or left out when asked to."""
@@ -207,14 +211,10 @@ class QADataModule(L.LightningDataModule):
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def class_weights(self) -> list[float] | None:
-        """Each label's loss weight under `balance_classes` (None without it): total / (classes x
-        count) over the training split; a label it lacks weighs 0 (no example carries it)."""
-        if not self.balance_classes:
-            return None
-        train = self.examples.get("train") or []
-        counts = [sum(e.label == i for e in train) for i in range(len(self.prompt.labels))]
-        present = sum(c > 0 for c in counts)
-        return [len(train) / (present * c) if c else 0.0 for c in counts]
+        """Each label's loss weight under `balance_classes` (None without it), set by `setup`:
+        total / (classes x count) over the training split; a label it lacks weighs 0 (no
+        example carries it)."""
+        return self._class_weights
 
     def longest_batch_tokens(self) -> int:
         """Token positions of the largest training batch the data can produce: a full batch of

@@ -20,10 +20,13 @@ def runs(root: Path) -> list[Path]:
     return [d for _, d in sorted(found, key=lambda x: x[0], reverse=True)]
 
 
+def _number(run: Path) -> int:
+    return int(RUN_NAME.match(run.name).group(2))
+
+
 def next_run_name(root: Path, command: str) -> str:
     """`COMMAND-N`, N one past the experiment's highest run number."""
-    numbers = [int(RUN_NAME.match(d.name).group(2)) for d in runs(root)]
-    return f"{command}-{max(numbers, default=-1) + 1}"
+    return f"{command}-{max(map(_number, runs(root)), default=-1) + 1}"
 
 
 RUN_ENV = "MEDQA_RUN_NAME"
@@ -42,7 +45,7 @@ def claim_run(root: Path, command: str, create: bool = True) -> tuple[str, bool]
     if not create:
         return next_run_name(root, command), False
     root.mkdir(parents=True, exist_ok=True)
-    n = int(RUN_NAME.match(next_run_name(root, command)).group(2))
+    n = max(map(_number, runs(root)), default=-1) + 1
     while True:
         name = f"{command}-{n}"
         try:
@@ -50,7 +53,7 @@ def claim_run(root: Path, command: str, create: bool = True) -> tuple[str, bool]
         except FileExistsError:
             n += 1
             continue
-        if any(d.name != name and RUN_NAME.match(d.name).group(2) == str(n) for d in runs(root)):
+        if any(d.name != name and _number(d) == n for d in runs(root)):
             (root / name).rmdir()  # another command took the number N at the same moment
             n += 1
             continue
