@@ -93,24 +93,34 @@ def bench_trainer(precision: str, max_steps: int, callback):
 
 def step_timer(warmup: int, steps: int):
     """A Lightning callback timing `steps` training steps after `warmup`, the GPU
-    synchronised at both ends only."""
+    synchronised at both ends only. Steps are counted over the whole fit: Lightning's
+    `batch_idx` starts again at every epoch, so a run longer than an epoch would never reach
+    its last step by `batch_idx`."""
     import lightning as L
 
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     class StepTimer(L.Callback):
-        tokens, start, seconds = 0, 0.0, 0.0
+        def __init__(self):
+            self.tokens, self.start, self.seconds, self.seen, self.timed = 0, 0.0, 0.0, 0, 0
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == warmup:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            if self.seen == warmup:
+                sync()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
                 self.start = time.perf_counter()
-            if batch_idx >= warmup:
+            if warmup <= self.seen < warmup + steps:
                 self.tokens += batch["num_tokens"]  # a host int: no sync
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if batch_idx == warmup + steps - 1:
-                torch.cuda.synchronize()
+            self.seen += 1
+            if self.seen == warmup + steps:
+                sync()
                 self.seconds = time.perf_counter() - self.start
+                self.timed = steps
 
     return StepTimer()
 
@@ -136,6 +146,8 @@ def run_medqa(args) -> dict:
                       memory_limit_gib=args.medqa_memory_limit_gib, answer_tokens=dm.answer_tokens, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
     trainer = bench_trainer(args.precision, n, timer)
     trainer.fit(model, datamodule=dm)
+    if timer.timed != args.steps:
+        raise SystemExit(f"the medqa path ran {timer.seen} of {n} steps: nothing timed")
     result = {"tokens": timer.tokens, "seconds": timer.seconds, "steps": args.steps,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 

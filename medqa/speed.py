@@ -286,6 +286,12 @@ def summarize(rows: list[list[float]], warmup_steps: int) -> dict[str, Any]:
     }
 
 
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                   "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+"""The host calls that start work on the GPU, as torch's profiler names them (a CUDA graph's
+replay counts once)."""
+
+
 def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens: list[int], rank: int,
                    stage: str = "") -> str:
     """Where the profiled steps' (or scoring batches') time went: kernel time a step (NCCL
@@ -296,13 +302,17 @@ def profile_report(profiler: torch.profiler.profile, wall_seconds: float, tokens
     on_gpu = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]  # kernels, each once
     kernels = sum(e.self_device_time_total for e in on_gpu) / 1e6  # seconds
     nccl = sum(e.self_device_time_total for e in on_gpu if "nccl" in e.key.lower()) / 1e6
+    launches = sum(e.count for e in averages if e.device_type == DeviceType.CPU and e.key in KERNEL_LAUNCHES)
     steps = max(len(tokens), 1)
     unit = "scoring batch" if stage else "step"
+    compute = kernels - nccl
     lines = [
         f"process {rank}: {len(tokens)} profiled {unit}{'es' if stage else 's'}, {sum(tokens):,} non-padding tokens, "
         f"{wall_seconds / steps:.4f} s a {unit} (with the profiler's own cost)",
-        f"GPU kernels {kernels / steps:.4f} s a {unit}: compute {(kernels - nccl) / steps:.4f} s, NCCL {nccl / steps:.4f} s "
-        f"(NCCL overlaps compute); wall minus compute {(wall_seconds - kernels + nccl) / steps:.4f} s a {unit}",
+        f"GPU kernels {kernels / steps:.4f} s a {unit}: compute {compute / steps:.4f} s, NCCL {nccl / steps:.4f} s "
+        f"(NCCL overlaps compute); wall minus compute {(wall_seconds - compute) / steps:.4f} s a {unit}",
+        f"{launches / steps:,.0f} kernel launches a {unit}; GPU idle (no compute kernel running) "
+        f"{max(0.0, 1 - compute / wall_seconds) if wall_seconds > 0 else 0.0:.0%} of the wall time",
         "",
         "Kernels and calls by time on the GPU:",
         averages.table(sort_by="self_device_time_total", row_limit=30),

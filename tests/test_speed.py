@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -115,6 +116,7 @@ def test_profiled_batches_are_reported_and_left_out_of_the_step_figures(tmp_path
     report = (run / "profile-rank0.txt").read_text()
     assert report.startswith(f"process 0: 3 profiled steps, {sum(counts[2:5]):,} non-padding tokens")
     assert "aten::linear" in report or "aten::addmm" in report  # the step's own calls were recorded
+    assert "\n0 kernel launches a step; GPU idle (no compute kernel running) 100% of the wall time\n" in report  # a CPU
     assert (run / "trace-rank0.json.gz").stat().st_size > 0
     assert monitor.profiler is None  # stopped after its batches
 
@@ -146,3 +148,22 @@ def test_scoring_batches_are_profiled_after_the_first(tmp_path):
     trainer.test(Tiny(), dataloaders=loader, verbose=False)
     report = (run / "profile-scoring-rank0.txt").read_text()
     assert report.startswith(f"process 0: {len(counts) - 1} profiled scoring batches, {sum(counts[1:]):,} non-padding")
+
+
+def test_the_throughput_benchmark_times_steps_across_an_epoch_end():
+    """benchmarks/throughput.py's timer counts steps over the fit: 4 warm-up + 8 timed steps of a
+    5-batch epoch end in the third epoch (batch_idx 1), and every timed batch's tokens count."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        from throughput import bench_trainer, step_timer
+    finally:
+        sys.path.pop(0)
+    counts = [10, 11, 12, 13, 14]
+    loader = torch.utils.data.DataLoader(Batches(counts), batch_size=None)
+    timer = step_timer(warmup=4, steps=8)
+    trainer = L.Trainer(accelerator="cpu", max_steps=12, logger=False, callbacks=[timer], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(Tiny(), train_dataloaders=loader)
+    assert timer.timed == 8 and timer.seen == 12 and timer.seconds > 0
+    assert timer.tokens == sum((counts * 3)[4:12])
+    assert callable(bench_trainer)  # the GPU trainer the benchmark builds around the timer
