@@ -58,6 +58,11 @@ def main() -> None:
         texts = []
         for r in read_file(args.corpus):
             texts += [r.question, *r.contexts, r.long_answer, " ".join(r.context_labels)]
+        # Llama 3 reads each label word, alone on the answer line, as one token; a tokenizer
+        # trained on abstracts alone splits them there (yes -> y + es), and scoring then runs
+        # one more forward pass a multi-token label: 3x the scoring time on an H200. Both cases:
+        # lower case for the plain prompt, capitalised under a chat template.
+        texts += ["yes", "no", "maybe", "Yes", "No", "Maybe"] * 2000
     tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
     config = LlamaConfig(
         vocab_size=max(128256, len(tokenizer)), max_position_embeddings=131072, rope_theta=500000.0,
