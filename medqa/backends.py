@@ -92,14 +92,15 @@ def _hub_error(pretrained: str, e: Exception) -> BackendError:
         return BackendError(f"--model.pretrained {pretrained}: no such folder")
     if local.exists() or pretrained.startswith((".", "/", "~")):
         return BackendError(f"could not load the model from {pretrained}: {type(e).__name__}: {e}")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    return BackendError(
-        f"could not load {pretrained!r} from the Hugging Face hub"
-        f"{' (HF_HUB_OFFLINE=1 is set and it is not in the local cache)' if offline else ''}: "
-        f"{type(e).__name__}: {e}\n"
-        "Without network access, download the model once (huggingface-cli download ...) and pass its "
-        "local directory as --model.pretrained, or set HF_HUB_OFFLINE=1 to use the local cache."
-    )
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return BackendError(
+            f"{pretrained!r} is not in the local Hugging Face cache, and the hub is off (offline, or HF_HUB_OFFLINE=1). "
+            f"Download it where there is network (huggingface-cli download {pretrained}) and pass its folder as "
+            "--model.pretrained; to try medqa on this machine: python -m medqa fit --config configs/demo.yaml")
+    return BackendError(f"could not load {pretrained!r} from the Hugging Face hub: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
 
 
 def load_tokenizer(pretrained: str, trust_remote_code: bool = False) -> Any:

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from medqa.hub import offline_unless_reachable
 from medqa.tiny import TINY_LLAMA, cache_dir, tiny_llama
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -51,6 +52,8 @@ def resolve(pretrained: str) -> str:
         if not path.is_file():
             raise BaseModelError(f"--model.pretrained {pretrained}: no such GGUF file")
         return str(gguf_folder(path))
+    if not Path(pretrained).expanduser().exists():  # a hub id
+        offline_unless_reachable()
     return pretrained
 
 

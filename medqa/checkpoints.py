@@ -237,9 +237,10 @@ or val/acc (`...-acc0.9400`) in runs from before medqa monitored macro-F1."""
 
 def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], bool] | None = None,
                     newest_fit: bool = False) -> Path | None:
-    """The newest run's `last.ckpt` (which='last'; with `newest_fit`, the newest fit run's
-    alone: a resume never continues an earlier run because a later one stopped before its
-    first checkpoint), or the best checkpoint by the score in its name over the runs that
+    """The `last.ckpt` of the newest run that `compatible` does not refuse (which='last';
+    with `newest_fit`, that fit run's alone: a resume never continues an earlier run because
+    a later one stopped before its first checkpoint; a run that recorded no settings is not
+    refused), or the best checkpoint by the score in its name over the runs that
     `compatible` accepts (which='best'; the newest on ties). Scores compare within one
     metric: a checkpoint named by val/macro_f1 beats one named by the val/acc of earlier
     medqa versions."""
@@ -247,7 +248,8 @@ def find_checkpoint(run_root: Path, which: str, compatible: Callable[[Path], boo
     for order, run in enumerate(runs(run_root)):
         ckpts = run / "checkpoints"
         if which == "last":
-            if newest_fit and not run.name.startswith("fit-"):
+            other = compatible is not None and (run / "hparams.yaml").is_file() and not compatible(run)
+            if other or (newest_fit and not run.name.startswith("fit-")):
                 continue
             if (ckpts / "last.ckpt").is_file():
                 return ckpts / "last.ckpt"

@@ -10,16 +10,12 @@ merged) and `ask` (one question).
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import logging
 import os
-import re
 import sys
-import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 from unittest import mock
 
 import torch
@@ -30,12 +26,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from medqa import hints
 from medqa.backends import BackendError, LoraSettings
 from medqa.bases import BaseModelError
 from medqa.checkpoints import (CheckpointError, FinishedRun, adapter_dir, ensure_adapter, find_checkpoint, finished_run,
                                load_checkpoint)
 from medqa.data import QADataModule
 from medqa.memory import TrainingOutOfMemory
+from medqa.messages import MedQAParser, explain, quiet
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PartialPredictions, PredictionWriter
 from medqa.records import DataError
@@ -50,30 +48,15 @@ TRAINER_DEFAULTS = {
 }
 
 
-class MedQAParser(LightningArgumentParser):
-    """Lightning's parser, with short errors: the message, a "did you mean" for a mistyped
-    option, and where the help is (not the 120 lines of usage)."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
-        hints = []
-        for typo in re.findall(r"(--[\w.\-]+)", message.split("\n")[0]):
-            close = difflib.get_close_matches(typo, options, n=3, cutoff=0.75)
-            if close and typo not in options:
-                hints.append(f"{typo}: did you mean {' or '.join(close)}?")
-        prog = parser.prog.replace("__main__.py", "python -m medqa").replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {message.strip()}\n" + "".join(f"  {h}\n" for h in hints)
-                         + f"  (all options: {prog} --help)\n")
-        self.exit(2)
-
-
 class MedQACLI(LightningCLI):
     """LightningCLI for medqa: see `python -m medqa fit --help`."""
 
     claims_run = True  # a command that runs claims its run directory (logs/NAME/fit-N) as it starts
+
+    def __init__(self, *args: Any, print_next: bool = True, **kwargs: Any) -> None:
+        self._argv = kwargs.get("args")
+        self.print_next = print_next  # what to run next, after fit; cv prints its own, once
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")
@@ -157,7 +140,7 @@ class MedQACLI(LightningCLI):
         if config.get("ckpt_path") in ("last", "best"):
             self._resolve_ckpt_path(config)
         experiment = self._experiment(config)
-        if experiment is not None and experiment[0].version is None:
+        if experiment is not None and experiment[0].version is None and not config.trainer.get("fast_dev_run"):
             # logs/NAME/fit-3, test-4, ...: created here, so commands started at once never share one
             experiment[0].version, claimed = claim_run(experiment[1], self.subcommand, self.claims_run)
             if claimed:
@@ -213,15 +196,17 @@ class MedQACLI(LightningCLI):
                                "starting a new run. To continue an earlier run, pass its checkpoint as --ckpt_path PATH.")
                 config.ckpt_path = None
                 return
-            kind = "last.ckpt" if config.ckpt_path == "last" else "best checkpoint of a run with this command's task and model settings"
+            kind = ("last.ckpt" if config.ckpt_path == "last" else "best checkpoint") + \
+                " of a run with this command's task and model settings"
             raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no {kind} under {root}/*/checkpoints; "
                                   "train one with `fit`, or pass --ckpt_path PATH")
-        which = "the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/macro_f1 of the compatible runs"
-        rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found} ({which})")
+        which = ("the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/macro_f1") + \
+            f" among runs of {model.pretrained} on {config.data.task}, this LoRA shape"
+        rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found} (run {found.parent.parent.name}: {which})")
         newest = runs(root)[0]
         if config.ckpt_path == "last" and newest != found.parent.parent:
-            rank_zero_info(f"Note: that is an earlier run's checkpoint ({found.parent.parent.name}); the newest run, "
-                           f"{newest.name}, has none. Pass --ckpt_path PATH to choose another.")
+            rank_zero_info(f"Note: {found.parent.parent.name} is not the newest run under {root} ({newest.name} is another "
+                           "task, base or LoRA shape, or has no checkpoint). Pass --ckpt_path PATH to choose another.")
         config.ckpt_path = str(found)
         if self.subcommand == "fit":
             args.version = found.parent.parent.name
@@ -230,16 +215,48 @@ class MedQACLI(LightningCLI):
             n = len(list(found.parent.parent.glob("config*.yaml")))
             self.save_config_kwargs["config_filename"] = f"config.resume{n}.yaml"
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Lightning's own switches turn medqa's callbacks off with them: no checkpoints with
+        `enable_checkpointing false`, no learning-rate curve and no config.yaml without a logger."""
+        notes = []
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            notes.append("--trainer.enable_checkpointing false: no checkpoint will be kept")
+        if config.get("logger") in (False, None) and not config.get("fast_dev_run"):
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            self.save_config_callback = None
+            notes.append("--trainer.logger false: no TensorBoard curves, learning-rate curve or config.yaml")
+        for note in notes:
+            rank_zero_info(f"Note: {note}.")
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:  # Lightning's answer to Ctrl-C
+            if subcommand == "fit" and self.trainer.interrupted and self.trainer.is_global_zero:
+                last = self.trainer.checkpoint_callbacks[1:2]
+                saved = last[0].best_model_path if last else ""
+                print(f"\nStopped. Continue from {saved} with:\n  {hints.interrupted(self.argv)}" if saved else
+                      "\nStopped before the first checkpoint: nothing to continue from.", file=sys.stderr)
+            raise
+
+    @property
+    def argv(self) -> list[str]:
+        """This command's arguments after the subcommand, as given."""
+        return list(self._argv[1:]) if self._argv is not None else sys.argv[2:]
+
     def after_fit(self) -> None:
         """Where the run went and what to do next; then the test split, if asked."""
         trainer = self.trainer
         log_dir = trainer.log_dir  # collective: every process asks
-        best, last = trainer.checkpoint_callbacks[:2]
+        callbacks = trainer.checkpoint_callbacks
+        best, last = (callbacks + [None, None])[:2]
         which = self.config.fit.get("test_after_fit")
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.print_next:
             self._print_next(log_dir, best, last, tested=which is not None)
         if which is not None:
-            path = (best if which == "best" else last).best_model_path
+            path = getattr(best if which == "best" else last, "best_model_path", "")
             if not path:
                 raise SettingsError(f"--test_after_fit {which}: the run saved no {which} checkpoint"
                                     + (" (it never validated: check --trainer.limit_val_batches and "
@@ -248,20 +265,27 @@ class MedQACLI(LightningCLI):
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path, weights_only=True)
             self._write_metrics(path)
 
-    def _print_next(self, log_dir: str | None, best: ModelCheckpoint, last: ModelCheckpoint, tested: bool) -> None:
-        lines = [f"Run directory: {log_dir}"]
-        if best.best_model_path:
+    def _print_next(self, log_dir: str | None, best: ModelCheckpoint | None, last: ModelCheckpoint | None,
+                    tested: bool) -> None:
+        if self.trainer.fast_dev_run:
+            print("--trainer.fast_dev_run: the setup works (one batch of each stage ran); no run directory or "
+                  "checkpoint was kept.")
+            return
+        where = log_dir or self.trainer.default_root_dir
+        lines = [f"Run directory: {where}"]
+        if best is not None and best.best_model_path:
             lines.append(f"Best checkpoint: {best.best_model_path} ({best.monitor} {float(best.best_model_score):.4f})")
-        if last.best_model_path:
+        if last is not None and last.best_model_path:
             lines.append(f"Last checkpoint: {last.best_model_path} (step {self.trainer.global_step})")
-        config = " ".join(f"--config {c}" for c in (self.config.fit.get("config") or [])) or "..."
-        if self.config.fit.data.task != "pubmedqa":  # a task given on the command line
-            config += f" --data.task {self.config.fit.data.task}"
-        commands = [] if tested else [f"python -m medqa test {config} --ckpt_path best"]
-        commands += [f"python -m medqa predict {config} --ckpt_path best",
-                     f"python -m medqa export --ckpt_path {best.best_model_path or '...'} "
-                     f"--pretrained {self.model.pretrained} --out adapter"]
-        lines += [f"Curves: tensorboard --logdir {Path(log_dir).parent}", "Next: " + "\n      ".join(commands)]
+        if best is None:
+            lines.append("No checkpoint was kept (--trainer.enable_checkpointing false).")
+            print("\n".join(lines))
+            return
+        logged = self.trainer.logger is not None
+        if logged and log_dir is not None:
+            lines.append(f"Curves: {hints.tool('tensorboard')} --logdir {hints.quote(str(Path(log_dir).parent))}")
+        commands = hints.after_fit(self.argv, best.best_model_path, where, self.model.pretrained, tested, by_name=logged)
+        lines.append("Next: " + "\n      ".join(commands))
         print("\n".join(lines))
 
     def after_validate(self) -> None:
@@ -287,36 +311,11 @@ class MedQACLI(LightningCLI):
 COMMANDS = {"evaluate": "medqa.evaluate", "compare": "medqa.compare", "cv": "medqa.crossval", "export": "medqa.export",
             "ask": "medqa.ask"}
 """Commands beside Lightning's, each a module with its own `main(argv)`."""
-
-def explain(error: BaseException) -> str:
-    """An error's message, with what to do where Lightning's own message does not say."""
-    message = str(error).strip()
-    if isinstance(error, MisconfigurationException) and "gpu" in message.lower() and not torch.cuda.is_available():
-        message += (" This configuration asks for a GPU (trainer.accelerator: gpu) and none is visible here. "
-                    "To try medqa on this machine: python -m medqa fit --config configs/demo.yaml (CPU, minutes).")
-    return message
-
+MedQAParser.commands = ("fit", "validate", "test", "predict", *COMMANDS)
 
 USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, BaseModelError, SettingsError, FloatingPointError,
                TrainingOutOfMemory, MisconfigurationException, FileExistsError, PartialPredictions)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
-
-
-class _DropTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
-
-
-def quiet(command: str) -> None:
-    """Filter noise users cannot act on; real warnings stay."""
-    from lightning_utilities.core import rank_zero
-
-    info = rank_zero.log  # the logger rank_zero_info writes to (Lightning sets which)
-    if not any(isinstance(f, _DropTips) for f in info.filters):
-        info.addFilter(_DropTips())
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
-    if command != "fit":  # test / predict from a training checkpoint never write checkpoints
-        warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 class _Unrun(MedQACLI):
@@ -329,12 +328,16 @@ class _Unrun(MedQACLI):
 def cli_for(subcommand: str, args: list[str]) -> tuple[MedQACLI, str | None]:
     """The model, data and trainer `subcommand` would use, built but not run, and the
     checkpoint it resolved (`--ckpt_path last|best` included), or None."""
-    cli = _Unrun(MedQALoRA, QADataModule, args=[subcommand, *args], trainer_defaults=TRAINER_DEFAULTS,
-                 parser_class=MedQAParser)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the command line is `args`, not this process's
+        cli = _Unrun(MedQALoRA, QADataModule, args=[subcommand, *args], trainer_defaults=TRAINER_DEFAULTS,
+                     parser_class=MedQAParser)
     return cli, cli.config[subcommand].get("ckpt_path")
 
 
-def main(args: list[str] | None = None) -> Any:
+def main(args: list[str] | None = None, print_next: bool = True) -> Any:
+    """Run a medqa command: `args` from Python (errors propagate), else this process's
+    command line (errors a user can act on end in one line). `print_next`: after `fit`, print
+    the commands to run next."""
     argv = sys.argv[1:] if args is None else list(args)
     quiet(argv[0] if argv else "")
     if argv[:1] in (["-h"], ["--help"]):
@@ -347,7 +350,7 @@ def main(args: list[str] | None = None) -> Any:
     else:
         run = partial(MedQACLI, MedQALoRA, QADataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
                       save_config_kwargs={"config_filename": "config.yaml"}, parser_class=MedQAParser,
-                      parser_kwargs={"prog": "python -m medqa"})
+                      parser_kwargs={"prog": "python -m medqa"}, print_next=print_next)
         expected = USER_ERRORS
     if args is not None:  # from Python: errors propagate; the caller's own argv is not the command's
         with mock.patch.object(sys, "argv", sys.argv[:1]):

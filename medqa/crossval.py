@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from medqa import hints
 from medqa.results import write_json, write_result
 
 FOLDS = range(10)
@@ -39,7 +40,7 @@ def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
     where = ["--data.fold", str(fold), "--trainer.logger.init_args.save_dir", str(cv_dir),
              "--trainer.logger.init_args.name", f"fold{fold}"]
     try:  # main() runs the fold's arguments alone, whatever this process's argv is
-        cli = main(["fit", *fit_args, *where, "--ckpt_path", "last"])
+        cli = main(["fit", *fit_args, *where, "--ckpt_path", "last"], print_next=False)
     except FinishedRun:  # trained to the end, stopped before its result was written
         cli = None
     best = find_checkpoint(cv_dir / f"fold{fold}", "best")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{flag} is set by cv for each fold; leave it out (use --cv_dir for where runs go)")
     from medqa.cli import cli_for
 
-    task = cli_for("fit", [*argv, "--data.fold", "0"])[0].datamodule.task  # built, not run: nothing written
+    data = cli_for("fit", [*argv, "--data.fold", "0"])[0].datamodule  # built, not run: nothing written
+    task = data.task
     if task.folds < len(FOLDS):
         raise ValueError(f"cv runs PubMedQA's {len(FOLDS)} official folds; {task.name} has one fixed dev set and "
                          "nothing to cross-validate: use fit, then test")
@@ -117,5 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(cv_dir / "summary.json", summary, replace=True)
     table = format_summary(summary)
     write_result(cv_dir / "summary.md", table + "\n", replace=True)
-    print(f"\n10-fold cross-validation on PQA-L ({cv_dir}):\n\n{table}")
+    options = hints.run_options(argv)
+    print(f"\n10-fold cross-validation of {data.source} ({cv_dir}):\n\n{table}\n\n"
+          "Next, train with the chosen settings (dev: fold 0) and score the test split:\n"
+          f"  {hints.medqa('fit', options)}\n  {hints.medqa('test', options, '--ckpt_path', 'best')}")
     return summary

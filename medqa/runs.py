@@ -44,7 +44,9 @@ def claim_run(root: Path, command: str, create: bool = True) -> tuple[str, bool]
         return os.environ.get(RUN_ENV) or next_run_name(root, command), False
     if not create:
         return next_run_name(root, command), False
+    missing = [d for d in (root, *root.parents) if not d.exists()]
     root.mkdir(parents=True, exist_ok=True)
+    MADE_DIRS.extend(missing)  # deepest first
     n = max(map(_number, runs(root)), default=-1) + 1
     while True:
         name = f"{command}-{n}"
@@ -63,6 +65,8 @@ def claim_run(root: Path, command: str, create: bool = True) -> tuple[str, bool]
 
 NEW_RUNS: list[Path] = []
 """Run directories this process's commands are writing to for the first time."""
+MADE_DIRS: list[Path] = []
+"""Folders above those runs that this process created for them (`logs/`, `logs/NAME`), deepest first."""
 RESUMED_RUNS: list[tuple[Path, dict[Path, int]]] = []
 """Runs a `fit` continues, each with its files' modification times as the resume found them."""
 
@@ -81,8 +85,10 @@ def discard_unused_runs() -> None:
         run = NEW_RUNS.pop()
         if run.is_dir() and not any((run / k).exists() for k in ("checkpoints", "predictions.json", "metrics.json")):
             shutil.rmtree(run, ignore_errors=True)
-            if run.parent.is_dir() and not any(run.parent.iterdir()):
-                run.parent.rmdir()  # the experiment folder it made for it
+    while MADE_DIRS:  # the experiment folder (and logs/) made for them, where nothing else is there now
+        folder = MADE_DIRS.pop(0)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     while RESUMED_RUNS:
         run, before = RESUMED_RUNS.pop()
         now = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}

@@ -100,7 +100,8 @@ def test_fit_can_score_the_test_split_in_the_same_process(tmp_path, capsys):
     last = run / "checkpoints" / "last.ckpt"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["checkpoint"] == str(last)
-    assert "Next: python -m medqa predict" in capsys.readouterr().out  # the test is done: not suggested
+    out = capsys.readouterr().out
+    assert " -m medqa predict " in out and " -m medqa test " not in out  # the test is done: not suggested
     tested = cli("test", "--ckpt_path", str(last), logs=tmp_path / "two")
     for key in ("test/acc", "test/macro_f1", "test/loss", "test/ece"):
         assert metrics[key] == pytest.approx(float(tested.trainer.callback_metrics[key]), abs=1e-6), key

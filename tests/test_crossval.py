@@ -48,6 +48,9 @@ def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
     assert summary["dev_acc_mean"] == statistics.fmean(f["dev_acc"] for f in folds)
     assert summary["dev_macro_f1_std"] == statistics.stdev(f["dev_macro_f1"] for f in folds)
     assert (cv_dir / "summary.md").read_text().strip() == format_summary(summary)
+    assert "10-fold cross-validation of synthetic" in log and "PQA-L" not in log  # the data it ran on
+    assert log.count("Next") == 1 and "Run directory" not in log  # one hint at the end, not one a fold
+    assert " -m medqa fit --config " in log and " -m medqa test --config " in log and "--cv_dir" not in log.split("Next")[1]
 
 
 def test_summary_mean_and_std():

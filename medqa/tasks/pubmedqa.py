@@ -164,6 +164,9 @@ def read_hub(dataset_id: str, config: str) -> list[Record]:
     """Read a PubMedQA configuration from the Hugging Face hub (or its local cache)."""
     import datasets
 
+    from medqa.hub import offline_unless_reachable
+
+    offline_unless_reachable()
     try:
         ds = datasets.load_dataset(dataset_id, config, split="train")
     except Exception as e:  # datasets raises many types for "not reachable / not cached"

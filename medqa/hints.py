@@ -1,0 +1,87 @@
+"""The commands medqa prints for the user to paste next: with the interpreter that ran this
+one (a virtual environment the shell never activated included) and every option that chose
+the run, so they work as printed. No torch."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+RUN_OPTIONS = ("--config", "--model.", "--data.", "--trainer.logger", "--trainer.accelerator", "--trainer.devices",
+               "--trainer.precision", "--threads", "--seed_everything")
+"""The options of a `fit` that decide which run a later `test` or `predict` finds and how it
+scores: the config files, the base, task and data, the experiment, the hardware, threads."""
+
+
+def _here(path: Path) -> str:
+    """`path` as the user would type it: relative to the current directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def in_activated_env() -> bool:
+    """Whether a bare `python` in the user's shell is this interpreter's environment: no
+    virtual environment, or the one the shell activated."""
+    if sys.prefix == sys.base_prefix:
+        return True
+    active = os.environ.get("VIRTUAL_ENV")
+    return active is not None and Path(active).resolve() == Path(sys.prefix).resolve()
+
+
+def python() -> str:
+    """How to call this interpreter from the user's shell: `python`, or `.venv/bin/python`
+    where its environment was never activated."""
+    return "python" if in_activated_env() else _here(Path(sys.executable).parent / Path(sys.executable).name)
+
+
+def tool(name: str) -> str:
+    """A console script installed beside this interpreter (`tensorboard`), as the user can run it."""
+    if in_activated_env():
+        return name
+    return _here(Path(sys.executable).parent / name)
+
+
+def run_options(argv: list[str]) -> list[str]:
+    """The `RUN_OPTIONS` of a command line, each with its value, in their order."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        has_value = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if arg.startswith(RUN_OPTIONS):
+            kept += [arg, argv[i + 1]] if has_value else [arg]
+        i += 2 if has_value else 1
+    return kept
+
+
+def medqa(subcommand: str, options: list[str], *extra: str) -> str:
+    """A `python -m medqa` line, quoted for a POSIX shell."""
+    return " ".join([python(), "-m", "medqa", subcommand, *map(shlex.quote, [*options, *extra])])
+
+
+def after_fit(argv: list[str], best: str | None, run_dir: str, pretrained: str, tested: bool,
+              by_name: bool = True) -> list[str]:
+    """The commands to run after a `fit` with this command line: test and predict the best
+    checkpoint of the same experiment, task and base (`--ckpt_path best`; its path where
+    not `by_name`: without a logger there is no experiment to look in), and export it
+    beside its run."""
+    options = run_options(argv)
+    ckpt = "best" if by_name or not best else best
+    commands = [] if tested else [medqa("test", options, "--ckpt_path", ckpt)]
+    commands.append(medqa("predict", options, "--ckpt_path", ckpt))
+    if best:
+        commands.append(medqa("export", [], "--ckpt_path", best, "--pretrained", pretrained,
+                              "--out", str(Path(run_dir) / "adapter")))
+    return commands
+
+
+def interrupted(argv: list[str]) -> str:
+    """What to run to continue a fit stopped with Ctrl-C."""
+    return medqa("fit", run_options(argv), "--ckpt_path", "last")
+
+
+def quote(text: str) -> str:
+    return shlex.quote(text)

@@ -1,0 +1,80 @@
+"""What a user reads when a command goes wrong: short parser errors with a "did you mean",
+one-line explanations, and Lightning's noise filtered out."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import sys
+import warnings
+from typing import NoReturn
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+
+class MedQAParser(LightningArgumentParser):
+    """Lightning's parser, with short errors in medqa's own form (`medqa fit: error: ...`,
+    exit status 2): the message, a "did you mean" for a mistyped option or command, and where
+    the help is (not the 120 lines of usage)."""
+
+    commands: tuple[str, ...] = ()  # every medqa command, for a mistyped one (set by medqa.cli)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for typo in re.findall(r"(--[\w.\-]+)", message.split("\n")[0]):
+            close = difflib.get_close_matches(typo, options, n=3, cutoff=0.75)
+            if close and typo not in options:
+                hints.append(f"{typo}: did you mean {' or '.join(close)}?")
+        if (command := re.search(r"invalid choice: '([^']*)'", message)) and self.commands:
+            message = f"no command {command.group(1)!r}; the commands are {', '.join(self.commands)}"
+            close = difflib.get_close_matches(command.group(1), self.commands, n=1, cutoff=0.6)
+            hints += [f"did you mean {' or '.join(close)}?"] if close else []
+        prog = parser.prog.replace("__main__.py", "python -m medqa").replace(" [options]", "")
+        sys.stderr.write(f"{prog.replace('python -m ', '')}: error: {short(message)}\n" + "".join(f"  {h}\n" for h in hints)
+                         + f"  (all options: {prog} --help)\n")
+        self.exit(2)
+
+
+def short(message: str) -> str:
+    """jsonargparse's type errors in one line: the option, the value given and the types it
+    takes (its own message nests every union member tried, 10 lines for a mistyped number)."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    given = re.search(r"Given value: (.*?)(?:\. Got value:|$)", message, re.MULTILINE)
+    expected = list(dict.fromkeys(re.findall(r"Expected an? <class '(\w+)'>", message)))
+    if keys and given:
+        where = keys[0] + "".join(f" -> {k}" for k in keys[1:])
+        return f"--{where}: {given.group(1)!r} is not {' or '.join(expected) or 'a value this option takes'}"
+    return message.strip().split("\n")[0]
+
+
+def explain(error: BaseException) -> str:
+    """An error's message, with what to do where Lightning's own message does not say."""
+    message = str(error).strip()
+    if isinstance(error, MisconfigurationException) and "gpu" in message.lower() and not torch.cuda.is_available():
+        message += (" This configuration asks for a GPU (trainer.accelerator: gpu) and none is visible here. "
+                    "To try medqa on this machine: python -m medqa fit --config configs/demo.yaml (CPU, minutes).")
+    return message
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet(command: str) -> None:
+    """Filter noise users cannot act on; real warnings stay."""
+    from lightning_utilities.core import rank_zero
+
+    info = rank_zero.log  # the logger rank_zero_info writes to (Lightning sets which)
+    if not any(isinstance(f, _DropTips) for f in info.filters):
+        info.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
+    if command != "fit":  # test / predict from a training checkpoint never write checkpoints
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
