@@ -3,16 +3,19 @@ one question, scored the way `predict` scores the test set.
 
 The abstract is given with `--context` (once per section), or the whole question as one
 JSON record on standard input (`--record -`): `{"question": ..., "contexts": [...]}` or the
-hub's schema (`context: {contexts: [...], labels: [...]}`). PubMedQA only (`--data.task
-pubmedqa`, the default). Prints the decision and the label probabilities; `--rationale_tokens N` adds a generated explanation. Model settings come from
-the config and flags, as for `predict`; without `--ckpt_path` the base model answers
-(zero-shot).
+hub's schema (`context: {contexts: [...], labels: [...]}`). Many questions at once, with
+one model load: `--questions FILE.jsonl`, one such record a line (an optional "id" each),
+answered with one JSON line each. PubMedQA only (`--data.task pubmedqa`, the default).
+Prints the decision and the label probabilities; `--rationale_tokens N` adds an explanation
+of that decision, generated after it. Model settings come from the config and flags, as for
+`predict`; without `--ckpt_path` the base model answers (zero-shot).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,11 +38,36 @@ def read_record(source: str) -> tuple[str, list[str], list[str] | None]:
     return raw.get("question"), [contexts] if isinstance(contexts, str) else contexts, labels
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def read_questions(path: Path) -> list[tuple[str, str, list[str], list[str] | None]]:
+    """(id, question, contexts, section labels) of each line of a JSONL file: a record as for
+    `--record`, with an optional "id" (default: its line number)."""
+    from medqa.records import DataError, json_lines, read_text
+
+    out = []
+    for n, raw, where in json_lines(read_text(path), path):
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected a JSON object with 'question' and 'contexts', got a {type(raw).__name__}")
+        context = raw.get("context", {})
+        contexts = raw.get("contexts", context.get("contexts") if isinstance(context, dict) else context)
+        contexts = [contexts] if isinstance(contexts, str) else contexts
+        labels = raw.get("labels", context.get("labels") if isinstance(context, dict) else None)
+        if not isinstance(raw.get("question"), str) or not raw["question"].strip():
+            raise DataError(f"{where}: field 'question' must be a non-empty string")
+        if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
+            raise DataError(f"{where}: field 'contexts' must be a non-empty list of strings (the abstract's sections)")
+        out.append((str(raw.get("id", n)), raw["question"], contexts, labels))
+    if not out:
+        raise DataError(f"{path}: no questions in it (one JSON object a line)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m medqa ask", description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--question")
     parser.add_argument("--context", action="append", default=[], help="a section of the abstract (repeat for more)")
     parser.add_argument("--record", help="a JSON record instead: a file, or - for standard input")
+    parser.add_argument("--questions", type=Path,
+                        help="many questions, one JSON record a line (an optional \"id\" each); one JSON line out each")
     parser.add_argument("--ckpt_path", help="a checkpoint, or last / best as for predict; none: the base model")
     parser.add_argument("--rationale_tokens", type=int, default=0, help="also generate an explanation this long")
     parser.add_argument("-h", "--help", action="store_true")
@@ -53,48 +81,79 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nAll other options are predict's: python -m medqa predict --help")
         return {}
 
-    from medqa.checkpoints import load_checkpoint
-    from medqa.cli import cli_for
-    from medqa.data import checkpoint_prompt
     from medqa.records import DataError
-    from medqa.tokens import collate
-    from medqa.tasks.pubmedqa import make_record
 
-    if args.record is not None:
-        question, contexts, labels = read_record(args.record)
+    if args.questions is not None:
+        asked = read_questions(args.questions)
     else:
-        question, contexts, labels = args.question, args.context, None
-    if not question or not contexts:
-        raise DataError("ask needs a question and its abstract: --question TEXT --context TEXT [--context ...], "
-                        "or --record FILE|- with a JSON record")
-    record = make_record("question", question, contexts, labels, "", "yes", "the question asked",
-                         ("question", "context", "labels", "long_answer", "final_decision"))
+        if args.record is not None:
+            question, contexts, labels = read_record(args.record)
+        else:
+            question, contexts, labels = args.question, args.context, None
+        if not question or not contexts:
+            raise DataError("ask needs a question and its abstract: --question TEXT --context TEXT [--context ...], "
+                            "--record FILE|- with a JSON record, or --questions FILE.jsonl")
+        asked = [("question", question, contexts, labels)]
+    answers = Asker(rest, args.ckpt_path, args.rationale_tokens).answer(asked)
+    if args.questions is None:
+        answers[0].pop("id")
+        print(json.dumps(answers[0], indent=1))
+        return answers[0]
+    for answer in answers:
+        print(json.dumps(answer))
+    return answers
 
-    cli, ckpt_path = cli_for("predict", [*rest, *(["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])])
-    model, data = cli.model, cli.datamodule
-    if data.task.name != "pubmedqa":
-        raise DataError(f"ask asks PubMedQA questions (a question and its abstract); --data.task {data.task.name} "
-                        "is scored with predict on a file of its records")
-    if data.target != "decision":
-        raise DataError("ask scores the decision from the abstract alone: use --data.target decision "
-                        "(long_answer is PubMedQA's reasoning-free setting, which needs the gold long answer)")
-    fmt = data.formatter
-    model.configure_model()
-    model.rationale_tokens = args.rationale_tokens
-    if ckpt_path is not None:
-        checkpoint = load_checkpoint(Path(ckpt_path), cli.config.predict.weights_only)
-        data.check_prompt(checkpoint_prompt(checkpoint))
-        model.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
-        model.load_state_dict(checkpoint["state_dict"], strict=False)
-    device = next(model.model.parameters()).device
-    model.to(device).eval()
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([fmt.encode(record)], data.pad_id).items()}
-    with torch.no_grad():
-        out = model.predict_step(batch, 0)
-    probs = out["probs"][0].tolist()
-    answer = {"decision": model.labels[max(range(len(probs)), key=probs.__getitem__)],
-              **{f"p_{w}": round(p, 6) for w, p in zip(model.labels, probs)}, "checkpoint": ckpt_path}
-    if "rationale_ids" in out:
-        answer["rationale"] = data.decode(out["rationale_ids"][0])
-    print(json.dumps(answer, indent=1))
-    return answer
+
+class Asker:
+    """The model and data `predict` would use, loaded once, answering records in batches."""
+
+    def __init__(self, options: list[str], ckpt_path: str | None, rationale_tokens: int) -> None:
+        from medqa.checkpoints import load_checkpoint
+        from medqa.cli import cli_for
+        from medqa.data import checkpoint_prompt
+        from medqa.records import DataError
+
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # answers only: no loading bars or Lightning's notes
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        cli, self.ckpt_path = cli_for("predict", [*options, *(["--ckpt_path", ckpt_path] if ckpt_path else [])])
+        self.model, self.data = cli.model, cli.datamodule
+        if self.data.task.name != "pubmedqa":
+            raise DataError(f"ask asks PubMedQA questions (a question and its abstract); --data.task {self.data.task.name} "
+                            "is scored with predict on a file of its records")
+        if self.data.target != "decision":
+            raise DataError("ask scores the decision from the abstract alone: use --data.target decision "
+                            "(long_answer is PubMedQA's reasoning-free setting, which needs the gold long answer)")
+        self.model.configure_model()
+        self.model.rationale_tokens = rationale_tokens
+        if self.ckpt_path is not None:
+            checkpoint = load_checkpoint(Path(self.ckpt_path), cli.config.predict.weights_only)
+            self.data.check_prompt(checkpoint_prompt(checkpoint))
+            self.model.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
+            self.model.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.device = next(self.model.model.parameters()).device
+        self.model.to(self.device).eval()
+
+    def answer(self, asked: list[tuple[str, str, list[str], list[str] | None]]) -> list[dict[str, Any]]:
+        from medqa.tasks.pubmedqa import make_record
+        from medqa.tokens import collate
+
+        fields = ("question", "context", "labels", "long_answer", "final_decision")
+        examples = [self.data.formatter.encode(make_record(i, q, c, labels, "", "yes", "the question asked", fields))
+                    for i, q, c, labels in asked]
+        answers, size = [], self.data.eval_batch_size
+        for start in range(0, len(examples), size):
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v
+                     for k, v in collate(examples[start : start + size], self.data.pad_id).items()}
+            with torch.no_grad():
+                out = self.model.predict_step(batch, 0)
+            for row, probs in enumerate(out["probs"].tolist()):
+                answer = {"id": asked[start + row][0],
+                          "decision": self.model.labels[max(range(len(probs)), key=probs.__getitem__)],
+                          **{f"p_{w}": round(p, 6) for w, p in zip(self.model.labels, probs)}, "checkpoint": self.ckpt_path}
+                if "rationale_ids" in out:
+                    answer["rationale"] = self.data.decode(out["rationale_ids"][row])
+                answers.append(answer)
+        return answers

@@ -76,5 +76,8 @@ def quiet(command: str) -> None:
     if not any(isinstance(f, _DropTips) for f in info.filters):
         info.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
+    # bitsandbytes, imported by peft on a CPU with AVX-512 BF16, asks for a package medqa does not use
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
     if command != "fit":  # test / predict from a training checkpoint never write checkpoints
         warnings.filterwarnings("ignore", message="The dirpath has changed from")

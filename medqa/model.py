@@ -138,7 +138,7 @@ class MedQALoRA(L.LightningModule):
         self.pad_id: int = answer_tokens["pad_id"]
         # On the model's device once: a copy for each batch would wait for the GPU.
         self.register_buffer("label_first_ids", torch.tensor([ids[0] for ids in self.label_ids]), persistent=False)
-        self.rationale_suffix: list[int] = list(answer_tokens["rationale_suffix"])
+        self.rationale_suffix: list[list[int]] = [list(ids) for ids in answer_tokens["rationale_suffix"]]  # a label
         n = len(self.labels)
         self.val_scores, self.test_scores = StageScores("val", n), StageScores("test", n)
         self.plan: Plan | None = None  # the `auto` plan in use, once fit has chosen one
@@ -352,8 +352,8 @@ class MedQALoRA(L.LightningModule):
         probs = logp.softmax(-1).float().cpu()
         out = {"ids": batch["ids"], "probs": probs, "truth": batch["label"].cpu()}
         if self.rationale_tokens > 0:  # after each scored decision, a request to explain it
-            prompts = [batch["input_ids"][i, : int(batch["answer_pos"][i])].tolist() + self.label_ids[d] + self.rationale_suffix
-                       for i, d in enumerate(probs.argmax(-1).tolist())]
+            prompts = [batch["input_ids"][i, : int(batch["answer_pos"][i])].tolist() + self.label_ids[d]
+                       + self.rationale_suffix[d] for i, d in enumerate(probs.argmax(-1).tolist())]
             out["rationale_ids"] = continuations(self.model, prompts, self.rationale_tokens, self.pad_id,
                                                  self.resolved_backend == "unsloth")
         return out

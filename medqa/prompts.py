@@ -20,8 +20,10 @@ CONTEXT_PLACEHOLDER = "\x00MEDQA_CONTEXT\x00"
 """Stands in for the passage (PubMedQA's abstract) while a prompt is rendered, so the
 tokenizer can cut the passage alone when an example is too long (the question and answer are never cut)."""
 
-RATIONALE_REQUEST = "Explain your answer in one or two sentences."
-"""Asked after the scored decision when `predict` generates a rationale."""
+RATIONALE_REQUEST = "Explain in one or two sentences why the answer is {label}."
+"""Asked after the scored decision when `predict` generates a rationale. It names the
+decision, so the explanation argues for the answer given: asked only to "explain your
+answer", a model may argue for another (the demo's said "maybe" beside a "no")."""
 
 DECISION_LEAD = "Answer:"
 """Precedes the decision word when the long answer comes first (target `long_answer`)."""
@@ -86,6 +88,11 @@ def label_surface(word: str, target: Target, chat: bool) -> str:
     return word[:1].upper() + word[1:] if chat and target == "decision" else f" {word}"
 
 
-def plain_rationale_request() -> str:
+def rationale_request(label: str) -> str:
+    """The follow-up request after the decision `label`."""
+    return RATIONALE_REQUEST.format(label=f'"{label}"')
+
+
+def plain_rationale_request(label: str) -> str:
     """The follow-up request after the decision, for tokenizers without a chat template."""
-    return f"\n{RATIONALE_REQUEST}\nExplanation:"
+    return f"\n{rationale_request(label)}\nExplanation:"

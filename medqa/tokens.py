@@ -92,13 +92,14 @@ class PromptFormat:
         prefix, _, suffix = text.partition(prompts.CONTEXT_PLACEHOLDER)  # no passage: all of it is prefix
         return prefix, suffix
 
-    def rationale_suffix_ids(self) -> list[int]:
-        """Tokens that follow the decision word to ask for a rationale: the end of the
-        assistant's turn, a user turn with the request, and the assistant's turn opening."""
+    def rationale_suffix_ids(self) -> list[list[int]]:
+        """For each label, the tokens that follow it as the decision to ask why: the end of
+        the assistant's turn, a user turn with the request naming the label, and the
+        assistant's turn opening."""
         if not self.chat:
-            return self._encode(prompts.plain_rationale_request())
-        return self._encode(self._after_answer([{"role": "user", "content": prompts.RATIONALE_REQUEST}],
-                                               generation_prompt=True))
+            return [self._encode(prompts.plain_rationale_request(w)) for w in self.settings.labels]
+        return [self._encode(self._after_answer([{"role": "user", "content": prompts.rationale_request(w)}],
+                                                generation_prompt=True)) for w in self.settings.labels]
 
     def label_token_ids(self) -> list[list[int]]:
         """Token ids of each label word as written at the scoring position (tokenized once:

@@ -139,3 +139,35 @@ def test_predict_keeps_an_existing_predictions_file_and_says_so_in_one_line(tmp_
                  str(out), logs=tmp_path)
     assert "predictions.json exists" in one_line_error(done, "predict")
     assert (out / "predictions.json").read_text() == "mine"
+
+
+def test_ask_answers_a_file_of_questions_in_one_process_as_each_alone(tmp_path):
+    records = [{"id": "a", "question": "Does the drug lower blood pressure?", "contexts": ["BACKGROUND: x", "RESULTS: y"]},
+               {"question": "Is aspirin useful after a stroke?", "context": {"contexts": ["METHODS: z"], "labels": ["M"]}},
+               {"id": "c", "question": "Do statins cut mortality?", "contexts": ["RESULTS: fewer deaths in the statin arm"]}]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    many = medqa("ask", "--config", DEMO, "--questions", str(questions))
+    assert many.returncode == 0, many.stderr[-3000:]
+    rows = [json.loads(line) for line in many.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["a", "2", "c"]  # its own id, else its line number
+    assert "warn" not in many.stderr.lower() and "Does the drug" not in many.stderr  # quiet: answers only
+    alone = medqa("ask", "--config", DEMO, "--record", "-", stdin=json.dumps(records[2]))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    single = json.loads(alone.stdout)
+    assert single["decision"] == rows[2]["decision"]
+    assert all(abs(single[k] - rows[2][k]) < 1e-5 for k in ("p_yes", "p_no", "p_maybe"))  # batched as alone
+
+    questions.write_text(json.dumps(records[0]) + "\n" + json.dumps({"id": "x", "question": "Why?"}) + "\n")
+    message = one_line_error(medqa("ask", "--config", DEMO, "--questions", str(questions)), "ask")
+    assert message == f"{questions}: line 2: field 'contexts' must be a non-empty list of strings (the abstract's sections)"
+
+
+def test_the_rationale_request_names_the_decision_it_explains(tokenizer):
+    from medqa.tokens import PromptFormat
+
+    fmt = PromptFormat(tokenizer, "decision", 512)
+    suffixes = fmt.rationale_suffix_ids()
+    assert len(suffixes) == len(fmt.settings.labels) == 3
+    for word, ids in zip(fmt.settings.labels, suffixes):  # asked why its own decision holds, not another
+        assert f'why the answer is "{word}"' in tokenizer.decode(ids)

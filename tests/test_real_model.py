@@ -124,3 +124,5 @@ def test_a_real_model_explains_its_answer_in_words(pqal, capsys):
     words = [w for w in text.split() if w.strip(".,;:()").isalpha()]
     assert len(words) >= 3 and text.rstrip()[-1] in ".!?", text  # a sentence, ended by the model itself
     assert answer["decision"] in ("yes", "no", "maybe")
+    first = text.strip().split()[0].strip(".,;:!").lower()
+    assert first not in {"yes", "no", "maybe"} - {answer["decision"]}, text  # asked why its own decision holds
