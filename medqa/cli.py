@@ -39,7 +39,7 @@ from medqa.predictions import PartialPredictions, PredictionWriter
 from medqa.records import DataError
 from medqa.results import write_json
 from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, resuming, runs
-from medqa.speed import SpeedMonitor
+from medqa.speed import SpeedMonitor, busy_note
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 TRAINER_DEFAULTS = {
@@ -130,6 +130,8 @@ class MedQACLI(LightningCLI):
             if config.threads < 1:
                 raise SettingsError(f"--threads must be 1 or more, got {config.threads}")
             torch.set_num_threads(config.threads)
+            if (note := busy_note(config.threads, os.getloadavg()[0], len(os.sched_getaffinity(0)))) is not None:
+                rank_zero_info(f"Note: {note}")
         accumulate = config.trainer.get("accumulate_grad_batches")
         if accumulate is not None and accumulate < 1:
             raise SettingsError(f"--trainer.accumulate_grad_batches must be 1 or more, got {accumulate}")
@@ -300,6 +302,9 @@ class MedQACLI(LightningCLI):
         log_dir = self.trainer.log_dir  # collective: every process asks
         if not self.trainer.is_global_zero or log_dir is None:
             return
+        if checkpoint is None:
+            print("Scored the base model as loaded, without a trained adapter (zero-shot): pass --ckpt_path best "
+                  "(or a checkpoint) to score a trained run.")
         metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
         # The run directory's own file (a resumed fit scores again); without a logger the
         # folder is the user's, and a file there is kept.

@@ -91,8 +91,8 @@ def truth_from_source(task: Task, source: str, hub_config: str | None) -> dict[s
 
 
 def format_scores(scores: Mapping[str, float], n: int, labels: Sequence[str]) -> str:
-    lines = [f"{n} questions", f"accuracy  {scores['accuracy']:.4f}", f"macro-F1  {scores['macro_f1']:.4f}"]
-    lines += [f"F1 {label:<6}{scores[f'f1_{label}']:.4f}" for label in labels]
+    lines = [f"{n} questions", f"accuracy  {scores['accuracy']:.6f}", f"macro-F1  {scores['macro_f1']:.6f}"]
+    lines += [f"F1 {label:<6}{scores[f'f1_{label}']:.6f}" for label in labels]
     return "\n".join(lines)
 
 

@@ -110,3 +110,12 @@ def test_compare_a_clear_gain_has_an_interval_above_zero_and_files_must_answer_t
     paths["truth"].write_text(json.dumps(truth))
     with pytest.raises(EvaluationError, match="answers are for questions not in the test set"):
         compare_main([str(paths["base"]), str(paths["tuned"]), "--truth", str(paths["truth"])])
+
+
+def test_the_printed_scores_have_the_official_scripts_six_decimals(tmp_path, capsys):
+    truth, predictions = tmp_path / "truth.json", tmp_path / "p.json"
+    truth.write_text(json.dumps({"1": "yes", "2": "no", "3": "maybe"}))
+    predictions.write_text(json.dumps({"1": "yes", "2": "yes", "3": "maybe"}))
+    main([str(predictions), "--truth", str(truth)])
+    out = capsys.readouterr().out
+    assert "accuracy  0.666667" in out and "macro-F1  0.555556" in out  # evaluation.py prints Python floats' 6 places

@@ -159,3 +159,10 @@ def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path):
     assert "Retrying" not in done.stderr and "cannot be reached" in done.stderr
     assert "'someone/not-cached-model' is not in the local Hugging Face cache" in done.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_test_without_a_checkpoint_says_it_scored_the_untrained_base(tmp_path):
+    done = run(["test", "--config", DEMO, "--trainer.limit_test_batches", "1", "--trainer.logger.init_args.save_dir",
+                str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Scored the base model as loaded, without a trained adapter (zero-shot)" in done.stdout

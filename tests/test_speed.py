@@ -167,3 +167,13 @@ def test_the_throughput_benchmark_times_steps_across_an_epoch_end():
     assert timer.timed == 8 and timer.seen == 12 and timer.seconds > 0
     assert timer.tokens == sum((counts * 3)[4:12])
     assert callable(bench_trainer)  # the GPU trainer the benchmark builds around the timer
+
+
+def test_a_busy_machine_gets_advice_on_threads_and_a_free_one_none():
+    from medqa.speed import busy_note
+
+    assert busy_note(threads=2, load=0.3, cores=2) is None
+    assert busy_note(threads=1, load=6.0, cores=2) is None  # one thread: nothing to trade
+    note = busy_note(threads=2, load=4.5, cores=2)
+    assert "load 4.5 on 2 cores" in note and "--threads 1 is faster here" in note and "last digits" in note
+    assert "--threads 4 is faster" in busy_note(threads=8, load=3.6, cores=8)
