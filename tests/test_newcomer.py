@@ -171,3 +171,20 @@ def test_the_rationale_request_names_the_decision_it_explains(tokenizer):
     assert len(suffixes) == len(fmt.settings.labels) == 3
     for word, ids in zip(fmt.settings.labels, suffixes):  # asked why its own decision holds, not another
         assert f'why the answer is "{word}"' in tokenizer.decode(ids)
+
+
+def test_the_install_takes_the_cpu_build_of_torch_without_a_gpu_and_cuda_with_one(tmp_path):
+    def torch_line(path: str, *extra: str) -> str:
+        plan = subprocess.run(["make", "-n", "-B", ".venv/.installed", *extra], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PATH": path}, check=True).stdout
+        return next(line for line in plan.splitlines() if "pip install" in line and "torch==" in line)
+
+    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists())
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch_line(plain_path)  # no GPU: the CPU build
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    with_gpu = f"{fake}{os.pathsep}{plain_path}"
+    assert "download.pytorch.org" not in torch_line(with_gpu)  # a GPU answers: PyPI's CUDA build
+    assert "download.pytorch.org/whl/cpu" in torch_line(with_gpu, "TORCH_BUILD=cpu")  # the documented switch
