@@ -38,7 +38,7 @@ from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PartialPredictions, PredictionWriter
 from medqa.records import DataError
 from medqa.results import write_json
-from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, resuming, runs
+from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, drop_empty_event_files, resuming, runs
 from medqa.speed import SpeedMonitor, busy_note
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -295,6 +295,11 @@ class MedQACLI(LightningCLI):
 
     def after_test(self) -> None:
         self._write_metrics(self.config.test.get("ckpt_path"))
+
+    def after_predict(self) -> None:
+        log_dir = self.trainer.log_dir  # collective: every process asks
+        if self.trainer.is_global_zero and self.trainer.logger is not None and log_dir is not None:
+            drop_empty_event_files(Path(log_dir))
 
     def _write_metrics(self, checkpoint: str | None) -> None:
         """The stage's scores, and the checkpoint they come from, as `metrics.json` in its

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from medqa import prompts
+from medqa import hints, prompts
+from medqa.card import model_card
 from medqa.records import DataError
 from medqa.results import write_json
 from medqa.tasks import Task, get_task
@@ -108,7 +109,7 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
            weights_only: bool = True, backend: str = "auto", trust_remote_code: bool = False) -> Path:
     """Write the adapter (and optionally the merged model) of `ckpt_path`, trained on the base
     `pretrained`, to `out`."""
-    from medqa.backends import load_tokenizer
+    from medqa.backends import load_tokenizer, resolve_pretrained
 
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: write into the folder, keep the link
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -130,6 +131,11 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
         save_adapter(checkpoint, staging)
         tokenizer.save_pretrained(staging)
         write_json(staging / "medqa_prompt.json", prompt)
+        run_config = ckpt_path.resolve().parent.parent / "config.yaml"
+        if run_config.is_file():
+            shutil.copyfile(run_config, staging / "medqa_config.yaml")
+        card = model_card(checkpoint, ckpt_path, pretrained, resolve_pretrained(pretrained), out.resolve(), prompt)
+        (staging / "README.md").write_text(card)
         if merged:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             answers = {"labels": prompt["labels"], "label_ids": prompt["label_token_ids"], "pad_id": pad,
@@ -141,9 +147,12 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json)")
+    print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json, a model card "
+          "README.md with a transformers + peft snippet)")
     if merged:
         print(f"Wrote the merged {merged_dtype} model to {out / 'merged'}")
+    print(f"Share it on the Hugging Face Hub: {hints.tool('hf')} auth login, then "
+          f"{hints.tool('hf')} upload YOUR_NAME/REPO {hints.quote(str(out))} .")
     return out
 
 
@@ -179,12 +188,14 @@ def main(argv: list[str] | None = None) -> Path:
                         help="backend for --merged (auto: unsloth with CUDA, else transformers + peft)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="let the base model's own Python code run (only for a model you trust)")
-    parser.add_argument("--out", type=Path, required=True, help="directory to write (must not exist or be empty)")
+    parser.add_argument("--out", type=Path, help="directory to write (must not exist or be empty); default: "
+                                                 "adapter-<checkpoint name> in the checkpoint's run directory")
     parser.add_argument("--merged", action="store_true", help="also write the merged 16-bit model to OUT/merged")
     parser.add_argument("--merged_dtype", default="bfloat16",
                         help="dtype of the merged model with the hf backend (bfloat16, float16, float32)")
     parser.add_argument("--weights_only", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="load the checkpoint without unpickling code (default true)")
     args = parser.parse_args(argv)
-    return export(args.ckpt_path, args.out, args.pretrained, args.merged, args.merged_dtype, args.weights_only,
+    out = args.out or args.ckpt_path.resolve().parent.parent / f"adapter-{args.ckpt_path.stem}"
+    return export(args.ckpt_path, out, args.pretrained, args.merged, args.merged_dtype, args.weights_only,
                   args.backend, args.trust_remote_code)

@@ -72,9 +72,8 @@ def after_fit(argv: list[str], best: str | None, run_dir: str, pretrained: str, 
     ckpt = "best" if by_name or not best else best
     commands = [] if tested else [medqa("test", options, "--ckpt_path", ckpt)]
     commands.append(medqa("predict", options, "--ckpt_path", ckpt))
-    if best:
-        commands.append(medqa("export", [], "--ckpt_path", best, "--pretrained", pretrained,
-                              "--out", str(Path(run_dir) / "adapter")))
+    if best:  # written beside its run (adapter-<checkpoint>), never into the current directory
+        commands.append(medqa("export", [], "--ckpt_path", best, "--pretrained", pretrained))
     return commands
 
 

@@ -96,3 +96,17 @@ def discard_unused_runs() -> None:
             continue  # it trained: what it wrote belongs to the run now
         for path in now.keys() - before.keys():
             path.unlink(missing_ok=True)
+
+
+def drop_empty_event_files(run: Path) -> None:
+    """Remove the TensorBoard event files of `run` that hold nothing but their header: a
+    `predict` logs no curves, and TensorBoard would list its empty file as a run."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in run.glob("events.out.tfevents.*"):
+        try:
+            kinds = {event.WhichOneof("what") for event in EventFileLoader(str(path)).Load()}
+        except Exception:  # a damaged file is the user's to look at: kept
+            continue
+        if kinds <= {"file_version"}:
+            path.unlink()

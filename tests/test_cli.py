@@ -76,6 +76,8 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
 
     predicted = cli("predict", "--ckpt_path", str(best), logs=tmp_path)
     out = Path(predicted.trainer.log_dir)
+    assert not list(out.glob("events.out.tfevents.*"))  # no curves: no empty run for TensorBoard to list
+    assert list(Path(tested.trainer.log_dir).glob("events.out.tfevents.*"))  # test's scores are kept
     answers = json.loads((out / "predictions.json").read_text())
     test_set = official_split(synthetic_records())["test"]
     assert list(answers) == [r.id for r in test_set]
@@ -191,6 +193,32 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out16 / "merged").dtype == torch.bfloat16
     with pytest.raises(FileExistsError, match="exists and is not an empty folder"):
         main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
+
+
+def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path, capsys):
+    """The card's transformers + peft snippet, run as written, gives `ask`'s probabilities;
+    the card names the base, data and the test scores measured with that checkpoint."""
+    import re
+
+    logs, run = demo_run
+    best = next((run / "checkpoints").glob("best*.ckpt"))
+    cli("test", "--ckpt_path", str(best), logs=logs)  # a score for the card to find
+    out = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama"])
+    assert out == run / f"adapter-{best.stem}"  # the default: beside its run
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: builtin:tiny-llama\nlibrary_name: peft\n")
+    assert "| data | `synthetic`, task `pubmedqa`, dev fold 0" in card and (out / "medqa_config.yaml").is_file()
+    assert re.search(r"\| test/macro_f1 \| \d\.\d{4} \| `test-\d+` \|", card)
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # as a user would paste it
+    question, sections = "Is the new drug safe for children?", [("", "Adverse events were rare in both arms.")]
+    theirs = namespace["ask"](question, sections)
+    ours = main(["ask", "--config", DEMO, "--ckpt_path", str(best), "--question", question,
+                 "--context", "Adverse events were rare in both arms."])
+    capsys.readouterr()
+    assert ours["decision"] == max(theirs, key=theirs.get)
+    assert all(abs(theirs[w] - ours[f"p_{w}"]) < 1e-5 for w in ("yes", "no", "maybe")), (theirs, ours)
 
 
 def test_export_knows_a_base_saved_in_4bit_from_its_config(tmp_path):

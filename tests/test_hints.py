@@ -60,7 +60,10 @@ def test_the_printed_next_steps_work_pasted_into_a_shell_that_activated_nothing(
     exported = subprocess.run(export, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600,
                               env=fresh_shell_env())
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert (tmp_path / "ref" / "fit-0" / "adapter" / "adapter_config.json").is_file()  # beside its run, not in the repo
+    best = Path(shlex.split(export)[shlex.split(export).index("--ckpt_path") + 1])
+    adapter = tmp_path / "ref" / "fit-0" / f"adapter-{best.stem}"
+    assert (adapter / "adapter_config.json").is_file()  # beside its run, not in the repo
+    assert f"upload YOUR_NAME/REPO {adapter} ." in exported.stdout
 
 
 def test_fast_dev_run_ends_cleanly_and_keeps_nothing(tmp_path):

@@ -1,0 +1,116 @@
+"""The model card `export` writes beside the adapter (`README.md`, the Hugging Face Hub's
+format): the base, the data and split, the scores the run measured, the command that trained
+it, and how to use it: a transformers + peft snippet that scores a question as medqa does,
+the line that shares the folder on the Hub, and a vLLM line to serve it. No torch.
+
+Everything in it comes from the checkpoint and its run directory, which may be hostile: it
+is read as text and written as text (the front matter through `yaml.safe_dump`), never run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SNIPPET = '''import json
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ADAPTER = {adapter!r}  # this folder, or its Hub id once uploaded
+BASE = {base!r}
+spec = json.load(open(f"{{ADAPTER}}/medqa_prompt.json"))  # the prompt the adapter was trained with
+tokenizer = AutoTokenizer.from_pretrained(ADAPTER)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype="auto"), ADAPTER).eval()
+
+
+def ask(question: str, sections: list[tuple[str, str]]) -> dict[str, float]:
+    """The label probabilities for a question and its abstract's (name, text) sections."""
+    abstract = "\\n".join(f"{{name}}: {{text}}" if name else text for name, text in sections)
+    user = f"Abstract:\\n{{abstract}}\\n\\nQuestion: {{question}}\\n{{spec['instruction']}}"
+    messages = [{{"role": "system", "content": spec["system_prompt"]}}, {{"role": "user", "content": user}}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    scores = []  # each label word's log-probability after the prompt, all its tokens
+    for word in spec["label_token_ids"]:
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([ids + word])).logits[0].float().log_softmax(-1)
+        scores.append(sum(logp[len(ids) - 1 + j, token] for j, token in enumerate(word)))
+    return dict(zip(spec["labels"], torch.stack(scores).softmax(-1).tolist()))
+
+
+print(ask("Does aspirin lower the risk of colorectal cancer?",
+          [("RESULTS", "Regular users had a 25% lower incidence than non-users over 20 years.")]))
+'''
+"""For a PubMedQA adapter on a chat-template base, answering from the abstract (`decision`,
+reasoning `required`): the prompt and scoring of `medqa.tokens` and `medqa.metrics`, one
+pass a label for clarity (medqa scores one-token labels in a single pass)."""
+
+
+def _scores(run: Path, ckpt: Path) -> list[str]:
+    """The scores measured with `ckpt`: each `metrics.json` of its experiment that names it."""
+    lines = []
+    for path in sorted(run.parent.glob("*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(metrics, dict) or str(metrics.get("checkpoint")) not in (str(ckpt), str(ckpt.resolve())):
+            continue
+        for key, value in sorted(metrics.items()):
+            if isinstance(value, (int, float)) and key.split("/")[-1] in ("acc", "macro_f1", "ece"):
+                lines.append(f"| {key} | {value:.4f} | `{path.parent.name}` |")
+    return lines
+
+
+def model_card(checkpoint: dict[str, Any], ckpt: Path, base: str, snippet_base: str, out: Path,
+               prompt: dict[str, Any]) -> str:
+    """The card's text for the adapter of `ckpt`, exported to `out` against `base`."""
+    model = checkpoint.get("hyper_parameters", {})
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    data = data if isinstance(data, dict) else {}
+    text = lambda value: str(value).replace("\n", " ")[:200]  # noqa: E731  (untrusted: one short line)
+    task, source = text(data.get("task", "pubmedqa")), text(data.get("source", "?"))
+    run = ckpt.resolve().parent.parent
+    front = {"base_model": base, "library_name": "peft", "tags": ["medqa", "lora", task],
+             "pipeline_tag": "text-generation"}
+    if task == "pubmedqa":
+        front["datasets"] = ["qiaojin/PubMedQA"]
+    scores = _scores(run, ckpt)
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {task} LoRA adapter for {text(base)}", "",
+        f"A LoRA adapter (r {text(model.get('lora_r'))}, alpha {text(model.get('lora_alpha'))}) trained with "
+        f"medqa to answer {task} questions, scored as medqa scores them: one forward pass, "
+        "the probabilities of the label words at the answer position.", "",
+        "| | |", "|---|---|",
+        f"| base | `{text(base)}` ({'4-bit' if model.get('load_in_4bit') else '16/32-bit'} while training) |",
+        f"| data | `{source}`, task `{task}`, dev fold {text(data.get('fold', 0))}, target `{text(data.get('target'))}`, "
+        f"reasoning `{text(data.get('reasoning', 'required'))}` |",
+        f"| checkpoint | `{ckpt.name}`, step {text(checkpoint.get('global_step'))}, run `{run.name}` |",
+        f"| labels | {', '.join(map(text, prompt['labels']))} |", "",
+        "## Scores", "",
+    ]
+    if scores:
+        lines += ["| metric | value | measured by |", "|---|---|---|", *scores]
+    else:
+        lines.append("No test or validation scores of this checkpoint were found in its experiment; "
+                     f"measure them with `python -m medqa test --ckpt_path {ckpt}`.")
+    lines += ["", "## How it was trained", ""]
+    if (run / "config.yaml").is_file():
+        lines += ["The run's full settings are in `medqa_config.yaml`:", "", "```bash",
+                  "python -m medqa fit --config medqa_config.yaml", "```"]
+    lines += ["", "## Use it", "",
+              "With transformers and peft, as medqa scores it (`medqa_prompt.json` holds the prompt it was trained "
+              "with):", "", "```python", SNIPPET.format(adapter=str(out), base=snippet_base).strip(), "```", "",
+              "Share it on the Hugging Face Hub (after `hf auth login`):", "", "```bash",
+              f"hf upload YOUR_NAME/{task}-lora {out} .", "```", "",
+              "Serve it with vLLM (not tested by medqa; ask for the label words' log-probabilities of the first "
+              "generated token, `max_tokens 1` and `logprobs 20`, to score as above):", "", "```bash",
+              f"vllm serve {base} --enable-lora --max-lora-rank {text(model.get('lora_r'))} "
+              f"--lora-modules {task}={out}", "```", ""]
+    return "\n".join(lines)
