@@ -10,7 +10,7 @@ EXTRAS ?= dev
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-DATA ?= ../shared/data/pubmedqa
+DATA ?= $(or $(MEDQA_PUBMEDQA),../shared/data/pubmedqa)
 
 .PHONY: demo test real install gpu-kit
 

@@ -9,7 +9,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_PUBMEDQA = ROOT.parent / "shared" / "data" / "pubmedqa"
+# The real PQA-L files: $MEDQA_PUBMEDQA (a folder holding ori_pqal.json and test_ground_truth.json),
+# else the project machines' ../shared copy beside the repository.
+SHARED_PUBMEDQA = Path(os.environ.get("MEDQA_PUBMEDQA") or ROOT.parent / "shared" / "data" / "pubmedqa")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,9 +23,10 @@ def medqa_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pubmedqa_dir() -> Path:
-    """The real PQA-L files in ../shared: skipped in a user's clone, required in CI."""
+    """The real PQA-L files: skipped in a user's clone, required in CI."""
     if not (SHARED_PUBMEDQA / "ori_pqal.json").is_file():
-        _required(f"real PubMedQA files not found at {SHARED_PUBMEDQA} (they live beside the repo, in ../shared)")
+        _required(f"real PubMedQA files not found at {SHARED_PUBMEDQA}: set MEDQA_PUBMEDQA to a folder holding "
+                  "ori_pqal.json and test_ground_truth.json (the PubMedQA repository's data/ folder)")
     return SHARED_PUBMEDQA
 
 

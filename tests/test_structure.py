@@ -63,3 +63,13 @@ def test_no_module_is_a_god_module():
     """One concern a file: none grows past 400 lines."""
     sizes = {path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
     assert not {name: n for name, n in sizes.items() if n > 400}
+
+
+def test_the_readme_names_nothing_a_new_user_cannot_have():
+    """No project-machine paths, kits or card serial numbers: those live in benchmarks/README.md."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for pattern in (r"\.\./shared", r"gpu-kit", r"\.gpukit", r"\$PQAL", r"/tmp/", r"GPU-[0-9a-f]{8}"):
+        assert not re.search(pattern, readme), pattern
+    assert "benchmarks/README.md" in readme
