@@ -8,6 +8,7 @@ frozen base) is the LightningModule's business, in `model.py`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -312,7 +313,12 @@ def misfits(checkpoint: dict[str, Any], lora: LoraSettings, answers: dict[str, A
     saved_base = checkpoint.get("medqa_base", {})
     differs += [f"base model {k}: checkpoint {saved_base[k]!r}, this run {base[k]!r}"
                 for k in base if k in saved_base and saved_base[k] != base[k]]
-    saved = checkpoint["state_dict"]
+    return differs + weight_misfits(checkpoint["state_dict"], trainable)
+
+
+def weight_misfits(saved: dict[str, torch.Tensor], trainable: dict[str, torch.Size]) -> list[str]:
+    """What keeps saved LoRA weights from loading into a model's trainable weights."""
+    differs = []
     if set(saved) != set(trainable):
         only_ckpt, only_model = sorted(set(saved) - set(trainable)), sorted(set(trainable) - set(saved))
         differs.append(f"{len(only_ckpt)} weights only in the checkpoint (e.g. {only_ckpt[:2]}), "
@@ -323,3 +329,44 @@ def misfits(checkpoint: dict[str, Any], lora: LoraSettings, answers: dict[str, A
         if shapes:
             differs.append(f"{len(shapes)} weights differ in shape (e.g. {shapes[0]})")
     return differs
+
+
+def starting_weights(path: Path, lora: LoraSettings, base: dict[str, Any],
+                     trainable: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The LoRA weights a new run starts from (`--model.init_adapter`): a medqa checkpoint
+    (its LoRA weights alone: no optimizer, schedule or step) or a PEFT adapter folder
+    (`export`'s). Refused, naming what differs, unless they were trained on this base
+    (its fingerprint, or a PEFT folder's base name) with this LoRA shape."""
+    where = f"--model.init_adapter {path}"
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+            weights = load_file(str(path / ADAPTER_FILE))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{where}: not a PEFT adapter folder (adapter_config.json and {ADAPTER_FILE}): "
+                                  f"{type(e).__name__}: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{where}: adapter_config.json is not an object")
+        hparams = {"lora_r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
+                   "target_modules": config.get("target_modules"), "use_rslora": config.get("use_rslora", False),
+                   "lora_dropout": lora.dropout}  # dropout does not shape the weights
+        named = str(config.get("base_model_name_or_path") or "")
+        differs = lora.differences(hparams)
+        if Path(named.rstrip("/")).name != base["name"]:
+            differs.append(f"base model: adapter {named!r}, this run {base['name']!r}")
+        # PEFT's names lack medqa's "model." and the adapter's name
+        weights = {"model." + k.replace(".lora_A.weight", ".lora_A.default.weight")
+                   .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in weights.items()}
+    else:
+        checkpoint = load_checkpoint(path, weights_only=True)
+        weights = checkpoint["state_dict"]
+        saved_base = checkpoint.get("medqa_base", {})
+        differs = lora.differences(checkpoint.get("hyper_parameters", {}))
+        differs += [f"base model {k}: checkpoint {saved_base[k]!r}, this run {base[k]!r}"
+                    for k in base if k in saved_base and saved_base[k] != base[k]]
+    differs += weight_misfits(weights, trainable)
+    if differs:
+        raise CheckpointError(f"{where} does not fit this run's model: " + "; ".join(differs))
+    return weights

@@ -163,3 +163,17 @@ def format_confusion(matrix: Tensor, labels: Sequence[str]) -> str:
     for w, row in zip(labels, matrix.tolist()):
         lines.append(w.ljust(14) + "".join(str(int(v)).rjust(width) for v in row))
     return "\n".join(lines)
+
+
+def write_hparams(logger: Any, settings: dict[str, Any], metric_tags: list[str]) -> None:
+    """Write `settings` to TensorBoard's HPARAMS tab, tied to the scalars `metric_tags`.
+
+    Lightning's `log_hyperparams(params, metrics)` would also log each metric's starting
+    value as a point of its curve; this writes the HPARAMS summaries alone.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(plain, dict.fromkeys(metric_tags, 0.0)):
+        writer.add_summary(summary)

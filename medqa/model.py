@@ -4,6 +4,7 @@ over the task's label words, and checkpoints that hold only what was trained."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -14,9 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from medqa.backends import Backend, LoraSettings, continuations, decoder_and_head, keep_activations, load
-from medqa.checkpoints import base_fingerprint, misfits
+from medqa.checkpoints import base_fingerprint, misfits, starting_weights
 from medqa.memory import Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
-from medqa.metrics import StageScores, answer_loss, confusion_figure, format_confusion, label_log_probs
+from medqa.metrics import StageScores, answer_loss, confusion_figure, format_confusion, label_log_probs, write_hparams
 from medqa.schedules import WarmupCosine
 
 log = logging.getLogger(__name__)
@@ -28,20 +29,6 @@ class SettingsError(ValueError):
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint whose adapter does not fit the model built for this run."""
-
-
-def _write_hparams(logger: Any, settings: dict[str, Any], metric_tags: list[str]) -> None:
-    """Write `settings` to TensorBoard's HPARAMS tab, tied to the scalars `metric_tags`.
-
-    Lightning's `log_hyperparams(params, metrics)` would also log each metric's starting
-    value as a point of its curve; this writes the HPARAMS summaries alone.
-    """
-    from torch.utils.tensorboard.summary import hparams
-
-    plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
-    writer = logger.experiment._get_file_writer()
-    for summary in hparams(plain, dict.fromkeys(metric_tags, 0.0)):
-        writer.add_summary(summary)
 
 
 class MedQALoRA(L.LightningModule):
@@ -71,6 +58,9 @@ class MedQALoRA(L.LightningModule):
             naming the step and the questions in the batch; `skip` leaves the batch out of its
             step (a step of no other batch changes nothing) and counts it (`train/skipped_batches`).
         lora_seed: Seed for the LoRA initialisation.
+        init_adapter: Start `fit` from this trained adapter (a medqa checkpoint or a PEFT
+            folder) instead of a fresh one: a new run, with a fresh optimizer and schedule
+            (the PubMedQA paper's PQA-A, then PQA-L). Its base and LoRA shape must be this run's.
         rationale_tokens: `predict` only: after the scored decision, generate up to this many
             tokens of explanation (greedy), written to predictions.jsonl. 0 (the default)
             generates nothing. Set by `predict --generate_rationale true`.
@@ -99,6 +89,7 @@ class MedQALoRA(L.LightningModule):
         trust_remote_code: bool = False,
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
+        init_adapter: str | None = None,
         rationale_tokens: int = 0,
         answer_tokens: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -125,7 +116,7 @@ class MedQALoRA(L.LightningModule):
         self.nonfinite, self.skipped_batches = nonfinite, 0
         self._window = [0, 0]  # this optimizer step's batches: kept, skipped for a non-finite loss
         self._planned_steps: int | None = None  # this run's schedule length, set with the optimizer
-        self.rationale_tokens = rationale_tokens
+        self.rationale_tokens, self.init_adapter = rationale_tokens, init_adapter
         # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
@@ -339,13 +330,21 @@ class MedQALoRA(L.LightningModule):
                 rank_zero_info(message)
 
     def on_fit_start(self) -> None:
-        """Record the run's settings in TensorBoard's HPARAMS tab, against its validation
-        scores, so runs can be compared side by side."""
+        """Start from `init_adapter` (a new run only: a resume restores its own weights); record
+        the run's settings in TensorBoard's HPARAMS tab against its validation scores."""
+        if self.init_adapter and self.trainer.ckpt_path is None:
+            trainable = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
+            weights = starting_weights(Path(self.init_adapter), self.lora, base_fingerprint(self.model, self.pretrained),
+                                       {name: p.shape for name, p in trainable.items()})
+            with torch.no_grad():
+                for name, p in trainable.items():
+                    p.copy_(weights[name])
+            rank_zero_info(f"Started from the adapter in {self.init_adapter}: a new run, fresh optimizer and schedule.")
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             dm = self.trainer.datamodule
             settings = {f"model/{k}": v for k, v in self.hparams.items()}
             settings.update({f"data/{k}": v for k, v in (dm.hparams.items() if dm is not None else [])})
-            _write_hparams(self.logger, settings, ["val/acc", "val/macro_f1", "val/ece", "val/loss"])
+            write_hparams(self.logger, settings, ["val/acc", "val/macro_f1", "val/ece", "val/loss"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         _, logp = self._forward(batch)

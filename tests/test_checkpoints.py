@@ -133,3 +133,37 @@ def test_best_prefers_a_macro_f1_checkpoint_and_compares_scores_within_one_metri
         d.mkdir(parents=True)
         (d / name).write_bytes(b"x")
     assert find_checkpoint(tmp_path, "best").name == "best-epoch1-step4-f1_0.5100.ckpt"
+
+
+def _fit(logs: Path, name: str, *extra: str):
+    from medqa.cli import main
+
+    return main(["fit", "--config", DEMO, "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name, *extra])
+
+
+def test_phase_two_starts_from_phase_ones_adapter_with_a_fresh_optimizer_and_schedule(tmp_path):
+    """The PubMedQA paper's recipe on small files: phase 1 trains, phase 2 starts from its
+    adapter (checkpoint or exported PEFT folder) as a new run: step 0, a fresh optimizer."""
+    from medqa.cli import main
+    from medqa.checkpoints import CheckpointError
+
+    one = _fit(tmp_path, "phase1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4")
+    last = Path(one.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    phase1 = torch.load(last, weights_only=True)["state_dict"]
+    assert any(v.abs().sum() > 0 for k, v in phase1.items() if "lora_B" in k)  # it trained
+    folder = main(["export", "--ckpt_path", str(last), "--pretrained", "builtin:tiny-llama", "--out", str(tmp_path / "peft")])
+    frozen = ("--trainer.max_steps", "1", "--model.optimizer.init_args.lr", "0")  # one step that moves nothing
+    for start in (last, folder):
+        two = _fit(tmp_path, "phase2", *frozen, "--model.init_adapter", str(start))
+        state = torch.load(Path(two.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+        assert state["global_step"] == 1  # a new run, not phase 1's step 4
+        assert state["optimizer_states"][0]["state"][0]["step"] == 1  # its own optimizer
+        assert state["state_dict"].keys() == phase1.keys()
+        assert all(torch.equal(state["state_dict"][k], phase1[k]) for k in phase1)  # phase 1's weights
+    fresh = torch.load(Path(_fit(tmp_path, "fresh", *frozen).trainer.log_dir) / "checkpoints" / "last.ckpt",
+                       weights_only=True)["state_dict"]
+    assert all(v.abs().sum() == 0 for k, v in fresh.items() if "lora_B" in k)  # without it: a fresh adapter
+    with pytest.raises(CheckpointError, match=r"--model.init_adapter .* does not fit this run's model: lora_r: "
+                                              r"checkpoint 8, this run 4"):
+        _fit(tmp_path, "other", *frozen, "--model.init_adapter", str(last), "--model.lora_r", "4")
