@@ -169,7 +169,7 @@ class QADataModule(L.LightningDataModule):
         folds = f" (fold {self.fold} is dev)" if self.task.folds > 1 else ""
         rank_zero_info(f"Read {len(records)} {self.task.name} records from {self.source}{folds}.")
         for name, recs in splits.items():
-            self.examples[name] = [fmt.encode(r) for r in recs]
+            self.examples[name] = list(fmt.encode_many(recs))
             cut = sum(e.truncated for e in self.examples[name])
             counts = ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())
             if name != "all":

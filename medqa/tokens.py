@@ -3,7 +3,7 @@ task's passage is cut to fit), the label words' token ids, and per-batch padding
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,14 +110,30 @@ class PromptFormat:
 
     def encode(self, record: Record) -> Example:
         """Tokenize one record; when too long, only the task's passage is cut (from its end)."""
+        return self._assemble(record, *(self._encode(text) for text in self._texts(record)))
+
+    def encode_many(self, records: Sequence[Record], chunk: int = 2048) -> Iterator[Example]:
+        """`encode` of each record, the same examples, with the tokenizer called on a chunk of
+        texts at a time (a fast tokenizer works through a list in Rust, several times quicker
+        than one call a text)."""
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
+            columns = zip(*(self._texts(r) for r in part))  # prefixes, passages, suffixes, answer heads
+            ids = [self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] for texts in columns]
+            yield from (self._assemble(r, *pieces) for r, pieces in zip(part, zip(*ids)))
+
+    def _texts(self, record: Record) -> tuple[str, str, str, str]:
+        """The record's prompt before its passage, the passage, the prompt after it, and what
+        the answer writes before the decision word."""
         if self.target == "long_answer" and not record.long_answer.strip():
             raise DataError(f"record {record.id!r}: --data.target long_answer trains the model to write the record's "
                             "long answer, and it has none: use --data.target decision, or records with long answers "
                             "(PubMedQA's have them; MedQA-USMLE's do not)")
         prefix, suffix = self._prompt_parts(record)
-        pre, post = self._encode(prefix), self._encode(suffix)
-        context = self._encode(self.task.passage(record))
-        head = self._encode(prompts.answer_head(record.long_answer, self.target, self.chat))
+        return prefix, self.task.passage(record), suffix, prompts.answer_head(record.long_answer, self.target, self.chat)
+
+    def _assemble(self, record: Record, pre: list[int], context: list[int], post: list[int],
+                  head: list[int]) -> Example:
         word = self.label_token_ids()[record.label]
         fixed = len(pre) + len(post) + len(head) + len(word) + len(self._end)
         budget = self.max_length - fixed

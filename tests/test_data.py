@@ -361,3 +361,32 @@ def test_balanced_classes_weigh_each_class_alike_in_training_batches_only():
     assert plain.class_weights() is None and "weight" not in next(iter(plain.train_dataloader()))
     with pytest.raises(DataError, match=r"cannot resume.*balance_classes: checkpoint True, this run False"):
         plain.load_state_dict(dm.state_dict())
+
+
+@pytest.mark.parametrize("task, target, reasoning, max_length", [
+    ("pubmedqa", "decision", "required", 512), ("pubmedqa", "decision", "required", 150),  # 150: passages cut
+    ("pubmedqa", "long_answer", "required", 512), ("pubmedqa", "decision", "free", 512),
+    ("medqa_usmle", "decision", "required", 512)])
+def test_batched_tokenization_gives_exactly_the_one_by_one_examples(tokenizer, task, target, reasoning, max_length):
+    from medqa.tasks import get_task
+
+    fmt = PromptFormat(tokenizer, target, max_length, get_task(task), reasoning=reasoning)
+    records = get_task(task).read("synthetic", None)[:300]
+    many = list(fmt.encode_many(records, chunk=64))  # several chunks, the last one short
+    assert many == [fmt.encode(r) for r in records]
+    assert max_length > 200 or any(e.truncated for e in many)
+
+
+def test_batched_tokenization_of_the_real_pqal_file(tokenizer, pubmedqa_dir):
+    from medqa.tasks import get_task
+
+    records = get_task("pubmedqa").read(str(pubmedqa_dir / "ori_pqal.json"), None)
+    fmt = PromptFormat(tokenizer, "decision", 1024)
+    assert list(fmt.encode_many(records)) == [fmt.encode(r) for r in records]
+
+
+def test_batched_tokenization_refuses_the_same_record_as_one_by_one(tokenizer):
+    records = synthetic_records(5)
+    records[3] = Record(**{**records[3].__dict__, "question": "word " * 400})
+    with pytest.raises(DataError, match=rf"record {records[3].id!r}: the prompt without its passage"):
+        list(PromptFormat(tokenizer, "decision", 256).encode_many(records))
