@@ -23,19 +23,25 @@ from typing import Any
 import torch
 
 
-def read_record(source: str) -> tuple[str, list[str], list[str] | None]:
-    """(question, contexts, section labels) from a JSON record in a file or on stdin ('-')."""
-    from medqa.records import DataError, parse_json, read_text
+def _question(raw: Any, where: str) -> tuple[str, list[str], list[str] | None]:
+    """(question, contexts, section labels) of one JSON record, in `--record`'s shapes."""
+    from medqa.records import DataError
 
-    where = "standard input" if source == "-" else source
-    text = sys.stdin.read() if source == "-" else read_text(Path(source))  # names the file if unreadable
-    raw = parse_json(text, where)
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object with 'question' and 'contexts', got a {type(raw).__name__}")
     context = raw.get("context", {})
     contexts = raw.get("contexts", context.get("contexts") if isinstance(context, dict) else context)
     labels = raw.get("labels", context.get("labels") if isinstance(context, dict) else None)
     return raw.get("question"), [contexts] if isinstance(contexts, str) else contexts, labels
+
+
+def read_record(source: str) -> tuple[str, list[str], list[str] | None]:
+    """(question, contexts, section labels) from a JSON record in a file or on stdin ('-')."""
+    from medqa.records import parse_json, read_text
+
+    where = "standard input" if source == "-" else source
+    text = sys.stdin.read() if source == "-" else read_text(Path(source))  # names the file if unreadable
+    return _question(parse_json(text, where), where)
 
 
 def read_questions(path: Path) -> list[tuple[str, str, list[str], list[str] | None]]:
@@ -45,17 +51,12 @@ def read_questions(path: Path) -> list[tuple[str, str, list[str], list[str] | No
 
     out = []
     for n, raw, where in json_lines(read_text(path), path):
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected a JSON object with 'question' and 'contexts', got a {type(raw).__name__}")
-        context = raw.get("context", {})
-        contexts = raw.get("contexts", context.get("contexts") if isinstance(context, dict) else context)
-        contexts = [contexts] if isinstance(contexts, str) else contexts
-        labels = raw.get("labels", context.get("labels") if isinstance(context, dict) else None)
-        if not isinstance(raw.get("question"), str) or not raw["question"].strip():
+        question, contexts, labels = _question(raw, where)
+        if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: field 'question' must be a non-empty string")
         if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
             raise DataError(f"{where}: field 'contexts' must be a non-empty list of strings (the abstract's sections)")
-        out.append((str(raw.get("id", n)), raw["question"], contexts, labels))
+        out.append((str(raw.get("id", n)), question, contexts, labels))
     if not out:
         raise DataError(f"{path}: no questions in it (one JSON object a line)")
     return out
