@@ -17,6 +17,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]
             raise DataError("ask needs a question and its abstract: --question TEXT --context TEXT [--context ...], "
                             "--record FILE|- with a JSON record, or --questions FILE.jsonl")
         asked = [("question", question, contexts, labels)]
-    answers = Asker(rest, args.ckpt_path, args.rationale_tokens).answer(asked)
+    with answers_only():
+        answers = Asker(rest, args.ckpt_path, args.rationale_tokens).answer(asked)
     if args.questions is None:
         answers[0].pop("id")
         print(json.dumps(answers[0], indent=1))
@@ -103,6 +106,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]
     for answer in answers:
         print(json.dumps(answer))
     return answers
+
+
+@contextmanager
+def answers_only() -> Iterator[None]:
+    """No loading bars and no Lightning notes while `ask` works (warnings and errors stay);
+    as they were afterwards, for a caller in the same process."""
+    from transformers.utils import logging as transformers_logging
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels, bars = [lg.level for lg in loggers], transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 class Asker:
@@ -114,11 +137,6 @@ class Asker:
         from medqa.data import checkpoint_prompt
         from medqa.records import DataError
 
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # answers only: no loading bars or Lightning's notes
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         cli, self.ckpt_path = cli_for("predict", [*options, *(["--ckpt_path", ckpt_path] if ckpt_path else [])])
         self.model, self.data = cli.model, cli.datamodule
         if self.data.task.name != "pubmedqa":

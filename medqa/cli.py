@@ -179,17 +179,19 @@ class MedQACLI(LightningCLI):
         lora = LoraSettings.from_hparams(model)
 
         def compatible(run: Path) -> bool:
-            """Whether the run trained the LoRA this command builds, on its task and reasoning
-            setting (the run's hparams.yaml; runs from before medqa had a second task trained
-            PubMedQA, and before `reasoning`, the official setting)."""
+            """Whether the run trained this command's task on its base (the run's hparams.yaml;
+            runs from before medqa had a second task trained PubMedQA) and, for `best`, the LoRA
+            this command builds with its reasoning setting (before `reasoning`: the official).
+            `last` passes over other tasks and bases only: a changed LoRA or setting of the same
+            run is refused by the checkpoint's own checks, naming the difference."""
             try:
                 saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
             except (OSError, yaml.YAMLError):
                 return False
             if not isinstance(saved, dict) or saved.get("pretrained") != model.pretrained:
                 return False
-            return (saved.get("task", "pubmedqa") == config.data.task and not lora.differences(saved)
-                    and saved.get("reasoning", "required") == config.data.reasoning)
+            return saved.get("task", "pubmedqa") == config.data.task and (config.ckpt_path == "last" or (
+                not lora.differences(saved) and saved.get("reasoning", "required") == config.data.reasoning))
 
         found = find_checkpoint(root, config.ckpt_path, compatible, newest_fit=self.subcommand == "fit")
         if found is None:
@@ -203,12 +205,13 @@ class MedQACLI(LightningCLI):
             raise CheckpointError(f"--ckpt_path {config.ckpt_path}: no {kind} under {root}/*/checkpoints; "
                                   "train one with `fit`, or pass --ckpt_path PATH")
         which = ("the newest run's last.ckpt" if config.ckpt_path == "last" else "the best val/macro_f1") + \
-            f" among runs of {model.pretrained} on {config.data.task}, this LoRA shape"
+            f" among runs of {model.pretrained} on {config.data.task}" + ("" if config.ckpt_path == "last" else
+                                                                          " with this LoRA shape")
         rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found} (run {found.parent.parent.name}: {which})")
         newest = runs(root)[0]
         if config.ckpt_path == "last" and newest != found.parent.parent:
             rank_zero_info(f"Note: {found.parent.parent.name} is not the newest run under {root} ({newest.name} is another "
-                           "task, base or LoRA shape, or has no checkpoint). Pass --ckpt_path PATH to choose another.")
+                           "task or base, or has no checkpoint). Pass --ckpt_path PATH to choose another.")
         config.ckpt_path = str(found)
         if self.subcommand == "fit":
             args.version = found.parent.parent.name

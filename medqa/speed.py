@@ -357,9 +357,8 @@ def busy_note(threads: int, load: float, cores: int) -> str | None:
     average `load` on `cores` cores), or None on a machine with room. A thread that waits
     for a core stalls every other at each kernel's end: at load 4.5 on 2 cores the demo took
     10x longer with 2 threads."""
-    free = cores - load
-    if threads <= 1 or free >= threads - 0.5:
+    if threads <= 1 or load < cores + 1:  # no more than about one job beyond the cores: no collapse yet
         return None
     return (f"This machine is busy: load {load:.1f} on {cores} cores, so {threads} threads will wait for each other and "
-            f"can run many times slower. --threads {max(1, int(free)) if free >= 1 else 1} is faster here; CPU results "
-            f"depend on the thread count, so its scores differ from --threads {threads}'s in the last digits.")
+            f"can run many times slower. --threads 1 is faster here; CPU results depend on the thread count, so its "
+            f"scores differ from --threads {threads}'s in the last digits.")

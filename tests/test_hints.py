@@ -133,7 +133,7 @@ def test_ckpt_path_last_stays_within_the_commands_task(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     said = done.stdout + done.stderr
     assert f"--ckpt_path last -> {tmp_path / 'demo' / 'fit-0' / 'checkpoints' / 'last.ckpt'} (run fit-0" in said
-    assert "Note: fit-0 is not the newest run" in said and "(fit-1 is another task, base or LoRA shape" in said
+    assert "Note: fit-0 is not the newest run" in said and "(fit-1 is another task or base" in said
 
 
 def test_a_mistyped_command_gets_a_suggestion_in_medqas_own_form():

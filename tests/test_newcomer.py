@@ -188,3 +188,14 @@ def test_the_install_takes_the_cpu_build_of_torch_without_a_gpu_and_cuda_with_on
     with_gpu = f"{fake}{os.pathsep}{plain_path}"
     assert "download.pytorch.org" not in torch_line(with_gpu)  # a GPU answers: PyPI's CUDA build
     assert "download.pytorch.org/whl/cpu" in torch_line(with_gpu, "TORCH_BUILD=cpu")  # the documented switch
+
+
+def test_ask_from_python_leaves_the_callers_logging_as_it_was(capsys):
+    import logging
+
+    from medqa.cli import main
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    before = lightning_log.level
+    answer = main(["ask", "--config", DEMO, "--question", "Is it safe?", "--context", "RESULTS: no harm was seen."])
+    assert answer["decision"] in ("yes", "no", "maybe") and lightning_log.level == before

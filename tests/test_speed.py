@@ -173,7 +173,8 @@ def test_a_busy_machine_gets_advice_on_threads_and_a_free_one_none():
     from medqa.speed import busy_note
 
     assert busy_note(threads=2, load=0.3, cores=2) is None
+    assert busy_note(threads=2, load=1.9, cores=2) is None  # busy, but not past the cores
     assert busy_note(threads=1, load=6.0, cores=2) is None  # one thread: nothing to trade
     note = busy_note(threads=2, load=4.5, cores=2)
     assert "load 4.5 on 2 cores" in note and "--threads 1 is faster here" in note and "last digits" in note
-    assert "--threads 4 is faster" in busy_note(threads=8, load=3.6, cores=8)
+    assert busy_note(threads=8, load=3.6, cores=8) is None and "load 9.0 on 8 cores" in busy_note(8, 9.0, 8)
