@@ -106,16 +106,22 @@ def test_ctrl_c_says_how_to_continue_and_that_command_resumes(tmp_path):
     args = ["fit", "--config", DEMO, "--trainer.max_epochs", "50", "--trainer.val_check_interval", "3",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    # Ctrl-C as in a terminal: a shell that started these tests in the background made its
+    # children ignore SIGINT, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "medqa", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=fresh_shell_env())
-    last = tmp_path / "demo" / "fit-0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
-        time.sleep(0.2)
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            stderr=subprocess.PIPE, text=True, env=fresh_shell_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        last = tmp_path / "demo" / "fit-0" / "checkpoints" / "last.ckpt"
+        deadline = time.time() + 300
+        while not last.exists():
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never left training after a failure
     assert proc.returncode != 0
     hint = err.split(f"Continue from {last} with:\n", 1)[1].splitlines()[0].strip()
     assert hint.endswith("--ckpt_path last") and "max_epochs" not in hint
