@@ -160,8 +160,8 @@ class Asker:
         from medqa.tokens import collate
 
         fields = ("question", "context", "labels", "long_answer", "final_decision")
-        examples = [self.data.formatter.encode(make_record(i, q, c, labels, "", "yes", "the question asked", fields))
-                    for i, q, c, labels in asked]
+        examples = list(self.data.formatter.encode_many(
+            [make_record(i, q, c, labels, "", "yes", "the question asked", fields) for i, q, c, labels in asked]))
         answers, size = [], self.data.eval_batch_size
         for start in range(0, len(examples), size):
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v

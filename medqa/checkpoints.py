@@ -359,14 +359,10 @@ def starting_weights(path: Path, lora: LoraSettings, base: dict[str, Any],
         # PEFT's names lack medqa's "model." and the adapter's name
         weights = {"model." + k.replace(".lora_A.weight", ".lora_A.default.weight")
                    .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in weights.items()}
-    else:
+        differs += weight_misfits(weights, trainable)
+    else:  # a resume's checks, the answer tokens apart: an adapter may start another task
         checkpoint = load_checkpoint(path, weights_only=True)
-        weights = checkpoint["state_dict"]
-        saved_base = checkpoint.get("medqa_base", {})
-        differs = lora.differences(checkpoint.get("hyper_parameters", {}))
-        differs += [f"base model {k}: checkpoint {saved_base[k]!r}, this run {base[k]!r}"
-                    for k in base if k in saved_base and saved_base[k] != base[k]]
-    differs += weight_misfits(weights, trainable)
+        weights, differs = checkpoint["state_dict"], misfits(checkpoint, lora, {}, base, trainable)
     if differs:
         raise CheckpointError(f"{where} does not fit this run's model: " + "; ".join(differs))
     return weights

@@ -35,7 +35,7 @@ def in_activated_env() -> bool:
 def python() -> str:
     """How to call this interpreter from the user's shell: `python`, or `.venv/bin/python`
     where its environment was never activated."""
-    return "python" if in_activated_env() else _here(Path(sys.executable).parent / Path(sys.executable).name)
+    return "python" if in_activated_env() else _here(Path(sys.executable))
 
 
 def tool(name: str) -> str:

@@ -63,21 +63,30 @@ def explain(error: BaseException) -> str:
     return message
 
 
-class _DropTips(logging.Filter):
+class _Drop(logging.Filter):
+    """Drops the records whose message holds `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return self.text not in record.getMessage()
+
+
+def _drop(logger: logging.Logger, text: str) -> None:
+    """Filter `text` out of `logger`, once however often a process runs commands (cv, tests)."""
+    if not any(isinstance(f, _Drop) and f.text == text for f in logger.filters):
+        logger.addFilter(_Drop(text))
 
 
 def quiet(command: str) -> None:
     """Filter noise users cannot act on; real warnings stay."""
     from lightning_utilities.core import rank_zero
 
-    info = rank_zero.log  # the logger rank_zero_info writes to (Lightning sets which)
-    if not any(isinstance(f, _DropTips) for f in info.filters):
-        info.addFilter(_DropTips())
+    _drop(rank_zero.log, "💡 Tip")  # the logger rank_zero_info writes to (Lightning sets which)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch 2.13
     # bitsandbytes, imported by peft on a CPU with AVX-512 BF16, asks for a package medqa does not use
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage())
+    _drop(logging.getLogger("bitsandbytes.backends.cpu.ops"), "kernels-community")
     if command != "fit":  # test / predict from a training checkpoint never write checkpoints
         warnings.filterwarnings("ignore", message="The dirpath has changed from")

@@ -24,9 +24,13 @@ def _number(run: Path) -> int:
     return int(RUN_NAME.match(run.name).group(2))
 
 
+def _next_number(root: Path) -> int:
+    return max(map(_number, runs(root)), default=-1) + 1
+
+
 def next_run_name(root: Path, command: str) -> str:
     """`COMMAND-N`, N one past the experiment's highest run number."""
-    return f"{command}-{max(map(_number, runs(root)), default=-1) + 1}"
+    return f"{command}-{_next_number(root)}"
 
 
 RUN_ENV = "MEDQA_RUN_NAME"
@@ -47,7 +51,7 @@ def claim_run(root: Path, command: str, create: bool = True) -> tuple[str, bool]
     missing = [d for d in (root, *root.parents) if not d.exists()]
     root.mkdir(parents=True, exist_ok=True)
     MADE_DIRS.extend(missing)  # deepest first
-    n = max(map(_number, runs(root)), default=-1) + 1
+    n = _next_number(root)
     while True:
         name = f"{command}-{n}"
         try:
