@@ -125,6 +125,7 @@ class QADataModule(L.LightningDataModule):
         self.format: PromptFormat | None = None
         self.examples: dict[str, list[Example]] = {}
         self.train_sampler: ResumableSampler | None = None
+        self._position: dict[str, Any] | None = None  # a resumed run's place in the order
         self._identity: dict[str, Any] | None = None
         self.stage: str | None = None  # the stage of the last setup: a resume is checked for fit only
 
@@ -219,8 +220,12 @@ class QADataModule(L.LightningDataModule):
     def longest_batch_tokens(self) -> int:
         """Token positions of the largest training batch the data can produce: a full batch of
         its longest examples, padded. 0 before `setup("fit")`."""
+        return self.micro_batch_tokens(self.batch_size)
+
+    def micro_batch_tokens(self, batch_size: int) -> int:
+        """`longest_batch_tokens` for batches of `batch_size` questions."""
         train = self.examples.get("train") or []
-        longest = sorted((len(e.input_ids) for e in train), reverse=True)[: self.batch_size]
+        longest = sorted((len(e.input_ids) for e in train), reverse=True)[:batch_size]
         return len(longest) * (longest[0] if longest else 0)
 
     def decode(self, ids: list[int]) -> str:
@@ -254,6 +259,13 @@ class QADataModule(L.LightningDataModule):
             world, rank = self._processes()
             self.train_sampler = ResumableSampler(len(train), self.shuffle_seed, [len(e.input_ids) for e in train],
                                                   self.batch_size, self.bucket_batches, world, rank)
+            position, self._position = self._position, None
+            try:
+                if position is not None:
+                    self.train_sampler.load_state_dict(position)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # a saved position is untrusted
+                raise DataError(f"cannot resume the training order: the checkpoint's training data differs ({e}); "
+                                "resume with the same --data settings") from None
         return self.train_sampler
 
     def train_dataloader(self) -> DataLoader:
@@ -317,11 +329,9 @@ class QADataModule(L.LightningDataModule):
                                 "mapping: the file was damaged or edited")
             self._check_identity(state["identity"])
         if position is not None and fitting and "train" in self.examples:
-            try:
-                self._resumable_sampler().load_state_dict(position)
-            except (ValueError, TypeError, KeyError, AttributeError) as e:  # a saved position is untrusted
-                raise DataError(f"cannot resume the training order: the checkpoint's training data differs ({e}); "
-                                "resume with the same --data settings") from None
+            # Taken up when the training loader is made: a resume trains on the micro-batch its
+            # checkpoint did (`medqa.memory.MicroBatch`, restored after the data).
+            self.train_sampler, self._position = None, position
 
     def check_prompt(self, saved: Any) -> None:
         """Refuse a checkpoint trained under other prompt settings than this run's, naming

@@ -23,10 +23,13 @@ have to change plan at the same backward, so there the error ends the run).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from medqa.backends import decoder_and_head
 
@@ -152,3 +155,85 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, li
     # In use after loading, LoRA gradients and AdamW's two moments, one recomputed layer, the inputs.
     base = torch.cuda.memory_allocated(device) + 3 * lora + per_layer + inputs
     return choose(layers, per_layer, base, free + torch.cuda.memory_reserved(device), limit_bytes)
+
+
+def micro_batches(batch_size: int, accumulate: int) -> list[tuple[int, int]]:
+    """(questions a micro-batch, micro-batches a step) with the configured questions an
+    optimizer step, the largest micro-batch first: 8 x 4 gives 32 x 1, 16 x 2 and 8 x 4."""
+    return [(batch_size * k, accumulate // k) for k in range(accumulate, 0, -1) if accumulate % k == 0]
+
+
+def grow(batch_size: int, accumulate: int, plan: Callable[[int], Plan]) -> tuple[int, int, Plan]:
+    """The largest micro-batch of `micro_batches` whose `plan` keeps every layer's activations,
+    with its accumulation and plan; the configured pair where none does. A larger micro-batch
+    launches the same kernels for more questions: on one H200 (8B, NF4, PQA-L) 16 x 1 trained
+    1.16x the tokens/s of 8 x 2, both without recomputation, while 16 x 1 with recomputation
+    is slower than 8 x 2 without it."""
+    for micro, steps in micro_batches(batch_size, accumulate):
+        chosen = plan(micro)
+        if chosen.kept >= chosen.layers or steps == accumulate:
+            return micro, steps, chosen
+    raise AssertionError("micro_batches always ends with the configured pair")
+
+
+class MicroBatch(L.Callback):
+    """`fit` with `--model.gradient_checkpointing auto` (and `--model.grow_micro_batch true`):
+    before the first batch, train on the largest micro-batch (`grow`) with the configured
+    questions an optimizer step, by raising `data.batch_size` and lowering the trainer's
+    `accumulate_grad_batches` together. Every process takes the smallest choice of all.
+    A resume keeps the micro-batch its checkpoint trained with (its state), so the resumed
+    order is the same; without a GPU nothing is measured and nothing changes."""
+
+    def __init__(self) -> None:
+        self.trainer: L.Trainer | None = None
+        self.configured: tuple[int, int] | None = None
+        self.chosen: tuple[int, int] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if stage != "fit" or dm is None or not hasattr(dm, "micro_batch_tokens"):
+            return
+        self.trainer, self.configured = trainer, (dm.batch_size, trainer.accumulate_grad_batches)
+        if trainer.ckpt_path is not None:
+            return  # a resume: `load_state_dict` puts back what the checkpoint trained with
+        micro = self.choose(trainer, pl_module)
+        micro = int(trainer.strategy.reduce(torch.tensor(micro, device=pl_module.device), reduce_op="min"))
+        self._apply(trainer, micro)
+
+    def choose(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """This process's micro-batch: `grow` on its card's free memory; the configured one
+        without a GPU."""
+        if not torch.cuda.is_available():
+            return self.configured[0]
+        with trainer.strategy.tensor_init_context():  # as Lightning calls it; it loads once
+            pl_module.configure_model()
+        model, backend, dtype, limit = pl_module.model, pl_module.resolved_backend, pl_module.dtype_name, pl_module._limit_bytes
+        tokens = trainer.datamodule.micro_batch_tokens
+        return grow(*self.configured, lambda m: plan_for(model, backend, dtype, tokens(m), limit))[0]
+
+    def _apply(self, trainer: L.Trainer, micro: int) -> None:
+        batch, accumulate = self.configured
+        if micro == batch:
+            return
+        trainer.datamodule.batch_size = micro
+        trainer.accumulate_grad_batches = batch * accumulate // micro
+        self.chosen = (micro, trainer.accumulate_grad_batches)
+        rank_zero_info(f"Micro-batch auto: {micro} questions x {self.chosen[1]} accumulated "
+                       f"(configured {batch} x {accumulate}, the same {batch * accumulate} an optimizer step): "
+                       "the largest that keeps every layer's activations.")
+
+    @property
+    def state_key(self) -> str:
+        return "MicroBatch"  # one key whatever chose it
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"configured": self.configured, "chosen": self.chosen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Train on the checkpoint's micro-batch where the configured pair is the same (another
+        configuration is left to the sampler's check, which names what changed)."""
+        if self.configured is None or state.get("chosen") is None:
+            return
+        configured, chosen = tuple(state["configured"]), state["chosen"]
+        if configured == self.configured and isinstance(chosen[0], int) and chosen[0] > 0:
+            self._apply(self.trainer, int(chosen[0]))

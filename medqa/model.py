@@ -16,7 +16,7 @@ from torch import Tensor
 
 from medqa.backends import Backend, LoraSettings, continuations, decoder_and_head, keep_activations, load
 from medqa.checkpoints import base_fingerprint, misfits, starting_weights
-from medqa.memory import Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
+from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
 from medqa.metrics import StageScores, answer_loss, confusion_figure, format_confusion, label_log_probs, write_hparams
 from medqa.schedules import WarmupCosine
 
@@ -50,6 +50,9 @@ class MedQALoRA(L.LightningModule):
             that backend) to fit long sequences. `auto`: in `fit`, keep as many layers'
             activations as the card's free memory allows for the longest training batch,
             recompute the rest, and step down on an out-of-memory error (`medqa.memory`).
+        grow_micro_batch: With `auto`, train on the largest micro-batch that keeps every
+            layer's activations, accumulating fewer, so each optimizer step has the configured
+            `data.batch_size` x `trainer.accumulate_grad_batches` questions (8 x 2 can become 16 x 1).
         memory_limit_gib: Hold this process to this much GPU memory (a shared card, or a
             smaller card's plan tried on a larger one): `auto` plans within it and the
             allocator refuses more. None: the whole card. No effect without a GPU.
@@ -86,6 +89,7 @@ class MedQALoRA(L.LightningModule):
         use_rslora: bool = False,
         gradient_checkpointing: bool | Literal["auto"] = "auto",
         memory_limit_gib: float | None = None,
+        grow_micro_batch: bool = True,
         trust_remote_code: bool = False,
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
@@ -111,7 +115,7 @@ class MedQALoRA(L.LightningModule):
         self.max_length = max_length
         self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
-        self.memory_limit_gib, self._limit_bytes = memory_limit_gib, None
+        self.memory_limit_gib, self._limit_bytes, self.grow_micro_batch = memory_limit_gib, None, grow_micro_batch
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.nonfinite, self.skipped_batches = nonfinite, 0
         self._window = [0, 0]  # this optimizer step's batches: kept, skipped for a non-finite loss
@@ -151,6 +155,9 @@ class MedQALoRA(L.LightningModule):
             f"({'4-bit' if self.load_in_4bit else '16/32-bit'}); LoRA r={self.lora.r}: "
             f"{trainable:,} trainable of {total:,} parameters."
         )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
 
     def _use_plan(self, plan: Plan) -> None:
         keep_activations(self.model, plan.kept_layers())

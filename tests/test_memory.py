@@ -1,11 +1,14 @@
 """`--model.gradient_checkpointing auto`: the plan for a card, and the step down after an
 out-of-memory error in training (simulated on the CPU by a layer that raises it)."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
 
-from medqa.memory import GiB, MARGIN_BYTES, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback
+from medqa.memory import (GiB, MARGIN_BYTES, MicroBatch, TrainingOutOfMemory, activation_bytes_per_token, choose, fallback,
+                          grow, micro_batches)
 from medqa.model import MedQALoRA, SettingsError
 
 def answers(task: str = "pubmedqa") -> dict:
@@ -104,17 +107,18 @@ class OutOfMemoryWhileKept(L.Callback):
             layer.register_forward_hook(after)
 
 
-def fit(tmp_path, checkpointing, callbacks=(), accumulate=1):
+def fit(tmp_path, checkpointing, callbacks=(), accumulate=1, grow=True, steps=3, ckpt_path=None, bucket_batches=16):
     from medqa.data import QADataModule
 
     torch.manual_seed(0)
     module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32", lora_r=4, answer_tokens=answers(),
-                       gradient_checkpointing=checkpointing)
-    data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                       gradient_checkpointing=checkpointing, grow_micro_batch=grow)
+    data = QADataModule(source="synthetic", pretrained="builtin:tiny-llama", max_length=512, batch_size=4,
+                        bucket_batches=bucket_batches)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=list(callbacks), accumulate_grad_batches=accumulate)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer
 
 
@@ -174,3 +178,73 @@ def test_kept_layers_run_once_and_recomputed_layers_twice(medqa_cache, tokenizer
     batch = collate([fmt.encode(r) for r in synthetic_records(2, seed=1)], tokenizer.pad_token_id)
     module._loss(batch)[0].backward()
     assert calls[1] == 1 and all(c == 2 for i, c in enumerate(calls) if i != 1)
+
+
+def test_micro_batches_keep_the_questions_of_an_optimizer_step():
+    assert micro_batches(8, 4) == [(32, 1), (16, 2), (8, 4)]
+    assert micro_batches(8, 3) == [(24, 1), (8, 3)]
+    assert micro_batches(4, 1) == [(4, 1)]
+
+
+@pytest.mark.parametrize("card_gib, accumulate, expected", [(139, 4, 32), (139, 2, 16), (80, 4, 16), (24, 2, 8)])
+def test_grow_takes_the_largest_micro_batch_that_keeps_every_layer(card_gib, accumulate, expected):
+    """The 8B shape on PQA-L (longest example 730 tokens), 8 GiB in use after loading: on an
+    H200 8 x 4 becomes 32 x 1, on an 80 GiB card 16 x 2; on a 24 GiB card not even 8 keeps
+    every layer, so the configured 8 stays with its partial plan."""
+    per_token = activation_bytes_per_token(SimpleNamespace(hidden_size=4096, intermediate_size=14336))
+
+    def plan(micro):
+        return choose(32, per_token * micro * 730, 8 * GiB, card_gib * GiB)
+
+    micro, steps, chosen = grow(8, accumulate, plan)
+    assert (micro, steps) == (expected, 8 * accumulate // expected)
+    assert chosen == plan(micro)
+    assert chosen.kept == chosen.layers if expected > 8 else 0 < chosen.kept < chosen.layers
+
+
+class Grown(MicroBatch):
+    """The choice a card with room for `micro` questions makes (no GPU here to measure)."""
+
+    def __init__(self, micro: int) -> None:
+        super().__init__()
+        self.micro = micro
+
+    def choose(self, trainer, pl_module) -> int:
+        return self.micro
+
+
+def lora_weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k}
+
+
+def test_a_grown_micro_batch_trains_the_same_steps_and_resumes_on_it(medqa_cache, tmp_path, caplog):
+    """4 x 2 grown to 8 x 1 takes the same 8 questions an optimizer step (unbucketed order) to
+    the same weights; a resume from its checkpoint keeps 8 x 1, on a machine that would not
+    grow it, and ends where the uninterrupted run does."""
+    configured, trainer = fit(tmp_path, "auto", accumulate=2, grow=False, bucket_batches=0)
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (4, 2)
+    grown, trainer = fit(tmp_path, "auto", [Grown(8)], accumulate=2, grow=False, bucket_batches=0)
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches, trainer.global_step) == (8, 1, 3)
+    assert "Micro-batch auto: 8 questions x 1 accumulated (configured 4 x 2, the same 8 an optimizer step)" in caplog.text
+    ours, theirs = lora_weights(grown), lora_weights(configured)
+    assert ours.keys() == theirs.keys() and ours
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+    class SaveAtStep2(L.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step == 2 and not (tmp_path / "step2.ckpt").exists():
+                trainer.save_checkpoint(tmp_path / "step2.ckpt")
+
+    fit(tmp_path, "auto", [Grown(8), SaveAtStep2()], accumulate=2, grow=False, bucket_batches=0)
+    resumed, trainer = fit(tmp_path, "auto", accumulate=2, ckpt_path=tmp_path / "step2.ckpt", bucket_batches=0)  # MicroBatch: no GPU
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches, trainer.global_step) == (8, 1, 3)
+    ours = lora_weights(resumed)
+    assert all(torch.allclose(ours[k], lora_weights(grown)[k], atol=1e-6) for k in ours)
+
+
+def test_without_a_gpu_the_micro_batch_stays_as_configured(medqa_cache, tmp_path):
+    module, trainer = fit(tmp_path, "auto", accumulate=2)
+    assert any(isinstance(c, MicroBatch) for c in trainer.callbacks)
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (4, 2)
+    _, trainer = fit(tmp_path, True, accumulate=2)
+    assert not any(isinstance(c, MicroBatch) for c in trainer.callbacks)  # only `auto` grows it
