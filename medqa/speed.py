@@ -24,10 +24,12 @@ class SpeedMonitor(L.Callback):
     """Times every training batch of every process and says, at the end of `fit`, where the
     time went; logs `speed/tokens_per_s` (this process's step rate) to TensorBoard.
 
-    The GPU is synchronised at the end of each batch (one host sync a step), so a step's time
-    is its real GPU time, and the time from one batch's end to the next one's start is time
-    the GPU spent waiting for the host: checkpoint writes, validation, the data loader,
-    epoch ends. Under DDP the processes meet in every backward pass, so their step times
+    Each batch's start and end are marked on the GPU's timeline (CUDA events, read once the
+    GPU has passed them: no host sync a step, which would stop the host from queueing the next
+    step's kernels while the GPU runs this one), so a step's time is its GPU time, and the time
+    from one batch's end to the next one's start is time the GPU spent waiting for the host:
+    checkpoint writes, validation, the data loader, epoch ends. Without a GPU the marks are
+    the host's clock. Under DDP the processes meet in every backward pass, so their step times
     agree; the figures take the slowest process and sum the tokens of all of them.
     `test` and `predict` say how long loading the model and scoring took (`speed.json` too).
 
@@ -67,10 +69,12 @@ class SpeedMonitor(L.Callback):
                            + ": Python, the imports, the settings and the data.")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
         self.fit_start = time.perf_counter()
+        self.origin = self._mark(pl_module)  # the GPU's timeline at fit_start
         self.loading_seconds = self.fit_start - self.setup_start
-        self.starts: list[float] = []
-        self.ends: list[float] = []
+        self.starts: list[float | torch.cuda.Event] = []
+        self.ends: list[float | torch.cuda.Event] = []
         self.tokens: list[int] = []
         self.summary = {}
         if torch.cuda.is_available():
@@ -86,20 +90,43 @@ class SpeedMonitor(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.profile_steps and len(self.starts) == self.warmup_steps:
             self._start_profiler(pl_module)
-        self.starts.append(time.perf_counter())
+        self.starts.append(self._mark(pl_module))
         self.tokens.append(int(batch["num_tokens"]))  # counted on the host by collate: no sync
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._sync(pl_module)
-        self.ends.append(time.perf_counter())
-        seconds = self.ends[-1] - self.starts[-1]
-        pl_module.log("speed/tokens_per_s", self.tokens[-1] / max(seconds, 1e-9), batch_size=1)
+        self.ends.append(self._mark(pl_module))
+        # The newest step the GPU has finished: this one's rate would wait for the GPU.
+        i = len(self.ends) - (2 if isinstance(self.ends[-1], torch.cuda.Event) else 1)
+        if i >= 0 and self._passed(self.ends[i]):
+            pl_module.log("speed/tokens_per_s", self.tokens[i] / max(self._step_seconds(i), 1e-9), batch_size=1)
         if self.profiler is not None and len(self.ends) == self.warmup_steps + self.profile_steps:
+            self._sync(pl_module)
             profiled = range(self.warmup_steps, len(self.ends))
-            self._write_profile(trainer, sum(self.ends[i] - self.starts[i] for i in profiled),
+            self._write_profile(trainer, sum(map(self._step_seconds, profiled)),
                                 [self.tokens[i] for i in profiled], self.warmup_steps)
+
+    @staticmethod
+    def _mark(pl_module: L.LightningModule) -> float | torch.cuda.Event:
+        if pl_module.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def _passed(mark: float | torch.cuda.Event) -> bool:
+        return not isinstance(mark, torch.cuda.Event) or mark.query()
+
+    def _at(self, mark: float | torch.cuda.Event) -> float:
+        """A mark on the host's clock (`time.perf_counter`); a GPU mark must have passed."""
+        if isinstance(mark, torch.cuda.Event):
+            return self.fit_start + self.origin.elapsed_time(mark) / 1000
+        return mark
+
+    def _step_seconds(self, i: int) -> float:
+        return self._at(self.ends[i]) - self._at(self.starts[i])
 
     def _start_profiler(self, pl_module: L.LightningModule) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -122,6 +149,7 @@ class SpeedMonitor(L.Callback):
                        f"see {folder}/{name}*.txt.")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
         ours = self._process_figures(time.perf_counter())
         everyone = _gather(trainer, ours)
         self.summary = summarize(everyone, self.skipped_steps)
@@ -216,7 +244,8 @@ class SpeedMonitor(L.Callback):
     def _process_figures(self, now: float) -> list[float]:
         """This process's figures, as one flat list of floats (gathered over processes)."""
         done = len(self.ends)  # a batch that raised has a start and no end
-        starts, ends, tokens, w = self.starts[:done], self.ends, self.tokens[:done], min(self.skipped_steps, len(self.ends))
+        starts, ends = [self._at(m) for m in self.starts[:done]], [self._at(m) for m in self.ends]
+        tokens, w = self.tokens[:done], min(self.skipped_steps, done)
         timed = range(w, done)
         in_steps = sum(ends[i] - starts[i] for i in timed)
         wall = (ends[-1] - starts[w]) if done > w else 0.0
