@@ -36,6 +36,24 @@ ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
                 "original_max_position_embeddings": 8192}
 
 
+def benchmark_tokenizer(corpus: Path | None, vocab_size: int = 32000):
+    """The benchmarks' tokenizer: trained in-process on `corpus` (ori_pqal.json) and the label words."""
+    from medqa.tasks.pubmedqa import read_file
+    from medqa.tiny import train_tokenizer
+
+    texts = None
+    if corpus:
+        texts = []
+        for r in read_file(corpus):
+            texts += [r.question, *r.contexts, r.long_answer, " ".join(r.context_labels)]
+        # Llama 3 reads each label word, alone on the answer line, as one token; a tokenizer
+        # trained on abstracts alone splits them there (yes -> y + es), and scoring then runs
+        # one more forward pass a multi-token label: 3x the scoring time on an H200. Both cases:
+        # lower case for the plain prompt, capitalised under a chat template.
+        texts += ["yes", "no", "maybe", "Yes", "No", "Maybe"] * 2000
+    return train_tokenizer(texts, vocab_size=vocab_size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -49,21 +67,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medqa.tasks.pubmedqa import read_file
-    from medqa.tiny import train_tokenizer
-
     t0 = time.perf_counter()
-    texts = None
-    if args.corpus:
-        texts = []
-        for r in read_file(args.corpus):
-            texts += [r.question, *r.contexts, r.long_answer, " ".join(r.context_labels)]
-        # Llama 3 reads each label word, alone on the answer line, as one token; a tokenizer
-        # trained on abstracts alone splits them there (yes -> y + es), and scoring then runs
-        # one more forward pass a multi-token label: 3x the scoring time on an H200. Both cases:
-        # lower case for the plain prompt, capitalised under a chat template.
-        texts += ["yes", "no", "maybe", "Yes", "No", "Maybe"] * 2000
-    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
+    tokenizer = benchmark_tokenizer(args.corpus, args.vocab_size)
     config = LlamaConfig(
         vocab_size=max(128256, len(tokenizer)), max_position_embeddings=131072, rope_theta=500000.0,
         rope_scaling=ROPE_SCALING, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,

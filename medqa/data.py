@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import hashlib
-from array import array
-from functools import partial
+from collections.abc import Callable, Iterable
+from functools import cache, partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from medqa import prompts
+from medqa.cache import ExampleCache, TokenizedSplit, examples_sha256, source_digest, tokenizer_digest
 from medqa.prompts import Reasoning, Target
 from medqa.records import DataError
 from medqa.samplers import LongestFirst, ResumableSampler
 from medqa.tasks import Record, get_task
+from medqa.tasks.task import held_out_questions
 from medqa.tokens import Example, PromptFormat, collate
 
 
@@ -70,6 +74,10 @@ class QADataModule(L.LightningDataModule):
         drop_eval_overlap: Leave out of `train_source` its questions that are also dev or test
             questions (same id or same question text), saying how many. Without it such a
             source is refused: training on test questions inflates every score.
+        cache_dir: Where tokenized examples are kept (`medqa.cache`): built once for the
+            sources' bytes, task, tokenizer, prompt, target, reasoning and max_length, then
+            memory-mapped by later runs, resumes, evaluations and every DDP process. Default:
+            `$MEDQA_CACHE/examples`, else `~/.cache/medqa/examples`.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class QADataModule(L.LightningDataModule):
         bucket_batches: int = 16,
         balance_classes: bool = False,
         drop_eval_overlap: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.task = get_task(task)
@@ -123,7 +132,10 @@ class QADataModule(L.LightningDataModule):
         self.balance_classes = balance_classes
         self._class_weights: list[float] | None = None
         self.format: PromptFormat | None = None
-        self.examples: dict[str, list[Example]] = {}
+        self.cache_dir = cache_dir
+        self.cache: ExampleCache | None = None
+        self.built_cache = False  # whether this process's setup tokenized the examples (else: mapped them)
+        self.examples: dict[str, TokenizedSplit] = {}
         self.train_sampler: ResumableSampler | None = None
         self._position: dict[str, Any] | None = None  # a resumed run's place in the order
         self._identity: dict[str, Any] | None = None
@@ -152,59 +164,78 @@ class QADataModule(L.LightningDataModule):
         fmt = self.formatter  # the tokenizer first: a missing one fails before any file is read
         if self.examples:
             return
-        records = self.task.read(self.source, self.hub_config)
-        splits: dict[str, list[Record]] = dict(self.task.split(records, self.fold))
-        origin = {name: self.source for name in splits}
-        if self.train_source is not None:
-            splits["train"] = self._without_eval_questions(self.task.read(self.train_source, self.train_hub_config),
-                                                           splits["dev"] + splits["test"])
-            origin["train"] = self.train_source
-        if stage == "fit" and not splits["train"]:  # Lightning would train nothing and exit 0
+        from medqa.tiny import cache_dir as medqa_cache
+
+        read = cache(self.task.read)  # records read for a key's digest are kept for the build
+        self.cache = ExampleCache(Path(self.cache_dir).expanduser() if self.cache_dir else medqa_cache() / "examples",
+                                  self._cache_key(read))
+        limits = {"max_length": self.max_length, "vocab": len(fmt.tokenizer), "labels": len(self.prompt.labels)}
+        self.examples, counts, self.built_cache = self.cache.get(lambda: self._tokenize(read), limits)
+        folds = f" (fold {self.fold} is dev)" if self.task.folds > 1 else ""
+        rank_zero_info(f"Read {counts['all']['examples']} {self.task.name} records from {self.source}{folds}"
+                       + (f"; tokenized into {self.cache.folder}." if self.built_cache else f", tokenized, from {self.cache.folder}."))
+        if counts["train"].get("left_out"):
+            rank_zero_info(f"Left out {counts['train']['left_out']} questions of {self.train_source} that are dev or "
+                           "test questions (--data.drop_eval_overlap).")
+        for name, c in counts.items():
+            if name != "all":
+                rank_zero_info(f"  {name}: {c['examples']} records from {c['origin']} ({c['labels']}); "
+                               f"{c['examples']} used, {c['cut']} with the passage cut to fit {self.max_length} tokens")
+        if stage == "fit" and not len(self.examples["train"]):  # Lightning would train nothing and exit 0
             why = (f"every question of {self.train_source} is a dev or test question (--data.drop_eval_overlap left "
                    "them all out)" if self.train_source is not None else
                    f"{self.source} has no training split" + (" (a folder needs its ..._train.jsonl)"
                                                               if self.task.name == "medqa_usmle" else ""))
             raise DataError(f"nothing to train on: {why}; point --data.source (or --data.train_source) at training "
                             "questions")
-        splits["all"] = records
-        folds = f" (fold {self.fold} is dev)" if self.task.folds > 1 else ""
-        rank_zero_info(f"Read {len(records)} {self.task.name} records from {self.source}{folds}.")
-        for name, recs in splits.items():
-            self.examples[name] = list(fmt.encode_many(recs))
-            cut = sum(e.truncated for e in self.examples[name])
-            counts = ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())
-            if name != "all":
-                rank_zero_info(
-                    f"  {name}: {len(recs)} records from {origin[name]} ({counts}); "
-                    f"{len(recs)} used, {cut} with the passage cut to fit {self.max_length} tokens"
-                )
         if self.balance_classes:
-            counts = list(self.task.label_counts(splits["train"]).values())
-            present = sum(c > 0 for c in counts)
-            self._class_weights = [len(splits["train"]) / (present * c) if c else 0.0 for c in counts]
+            per_label = np.bincount(self.examples["train"].label, minlength=len(self.prompt.labels)).tolist()
+            present = sum(c > 0 for c in per_label)
+            self._class_weights = [sum(per_label) / (present * c) if c else 0.0 for c in per_label]
             if stage == "fit":
                 rank_zero_info("  training loss weights (--data.balance_classes): "
                                + ", ".join(f"{w} {x:.2f}" for w, x in zip(self.prompt.labels, self._class_weights)))
 
+    def _cache_key(self, read: Callable[[str, str | None], list[Record]]) -> dict[str, Any]:
+        """Everything the tokenized examples depend on (`medqa.cache`)."""
+        def source(name: str | None, config: str | None) -> str | None:
+            return None if name is None else source_digest(name, config, lambda: read(name, config))
+
+        return {"task": self.task.name, "source": source(self.source, self.hub_config),
+                "train_source": source(self.train_source, self.train_hub_config),
+                "fold": self.fold, "drop_eval_overlap": self.drop_eval_overlap,
+                "tokenizer": tokenizer_digest(self.formatter.tokenizer), "prompt": self.prompt.as_dict(),
+                "target": self.target, "reasoning": self.reasoning, "max_length": self.max_length}
+
+    def _tokenize(self, read: Callable[[str, str | None], list[Record]]) -> dict[str, tuple[Iterable[Example], dict[str, Any]]]:
+        """Each split's examples (tokenized as they are written) and what the cache keeps of
+        its records: their source, label counts and, for a training source, the questions
+        left out (`drop_eval_overlap`)."""
+        records = read(self.source, self.hub_config)
+        splits: dict[str, list[Record]] = dict(self.task.split(records, self.fold))
+        origin = {name: self.source for name in splits}
+        left_out = 0
+        if self.train_source is not None:
+            train = read(self.train_source, self.train_hub_config)
+            splits["train"] = self._without_eval_questions(train, splits["dev"] + splits["test"])
+            origin["train"], left_out = self.train_source, len(train) - len(splits["train"])
+        splits["all"] = records
+        return {name: (self.formatter.encode_many(recs),
+                       {"origin": origin.get(name, self.source), "left_out": left_out if name == "train" else 0,
+                        "labels": ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())})
+                for name, recs in splits.items()}
+
     def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
         """`train` with no dev or test question in it: refused, or left out when asked to."""
-        def question(r: Record) -> str:
-            return " ".join(r.question.split()).lower()
-
-        ids, questions = {r.id for r in held_out}, {question(r) for r in held_out}
-        leaked = [r for r in train if r.id in ids or question(r) in questions]
-        if not leaked:
-            return train
-        if not self.drop_eval_overlap:
+        leaked = set(held_out_questions(train, held_out))
+        if leaked and not self.drop_eval_overlap:
             raise DataError(
                 f"--data.train_source {self.train_source}: {len(leaked)} of its {len(train)} questions are dev or "
-                f"test questions of {self.source} (same id or question; e.g. {', '.join(r.id for r in leaked[:5])}). "
+                f"test questions of {self.source} (same id or question; e.g. {', '.join(sorted(leaked)[:5])}). "
                 "Training on them would inflate every score: remove them from the file, or pass "
                 "--data.drop_eval_overlap true to leave them out"
             )
-        rank_zero_info(f"Left out {len(leaked)} questions of {self.train_source} that are dev or test questions "
-                       f"(--data.drop_eval_overlap).")
-        return [r for r in train if not (r.id in ids or question(r) in questions)]
+        return [r for r in train if r.id not in leaked]
 
     @property
     def pad_id(self) -> int:
@@ -224,8 +255,8 @@ class QADataModule(L.LightningDataModule):
 
     def micro_batch_tokens(self, batch_size: int) -> int:
         """`longest_batch_tokens` for batches of `batch_size` questions."""
-        train = self.examples.get("train") or []
-        longest = sorted((len(e.input_ids) for e in train), reverse=True)[:batch_size]
+        train = self.examples.get("train")
+        longest = sorted(train.lengths() if train is not None else [], reverse=True)[:batch_size]
         return len(longest) * (longest[0] if longest else 0)
 
     def decode(self, ids: list[int]) -> str:
@@ -245,7 +276,7 @@ class QADataModule(L.LightningDataModule):
         return DataLoader(
             examples,
             batch_size=batch_size,
-            sampler=sampler or LongestFirst([len(e.input_ids) for e in examples], batch_size, world, rank),
+            sampler=sampler or LongestFirst(examples.lengths(), batch_size, world, rank),
             collate_fn=partial(collate, pad_id=self.pad_id,
                                longest=self.longest_batch_tokens() if sampler is not None else None,
                                class_weights=self.class_weights() if sampler is not None else None),
@@ -257,7 +288,7 @@ class QADataModule(L.LightningDataModule):
         if self.train_sampler is None:
             train = self.examples["train"]
             world, rank = self._processes()
-            self.train_sampler = ResumableSampler(len(train), self.shuffle_seed, [len(e.input_ids) for e in train],
+            self.train_sampler = ResumableSampler(len(train), self.shuffle_seed, train.lengths(),
                                                   self.batch_size, self.bucket_batches, world, rank)
             position, self._position = self._position, None
             try:
@@ -288,18 +319,12 @@ class QADataModule(L.LightningDataModule):
         return batch
 
     def identity(self) -> dict[str, Any]:
-        """What a resumed fit must train on again: the settings that shape the examples, and
-        digests of the tokenized training examples and of the dev questions (another file,
-        fold, tokenizer, prompt or max_length changes them)."""
+        """What a resumed fit must train on again: the example settings, the examples' cache key, the dev questions."""
         if self._identity is None:
-            train = hashlib.sha256()
-            for e in self.examples["train"]:
-                train.update(f"{e.id}|{e.answer_pos}|{e.label}|".encode())
-                train.update(array("q", e.input_ids).tobytes())
-            dev = hashlib.sha256("\n".join(e.id for e in self.examples["dev"]).encode())
+            dev = hashlib.sha256("\n".join(self.examples["dev"].ids).encode())
             self._identity = {"task": self.task.name, "source": self.source, "train_source": self.train_source, "fold": self.fold,
                               "target": self.target, "reasoning": self.reasoning, "max_length": self.max_length,
-                              "balance_classes": self.balance_classes, "train_sha256": train.hexdigest(),
+                              "balance_classes": self.balance_classes, "examples_key": self.cache.digest,
                               "dev_sha256": dev.hexdigest()}
         return self._identity
 
@@ -352,12 +377,15 @@ class QADataModule(L.LightningDataModule):
         ours = self.identity()
         settings = ("task", "fold", "target", "reasoning", "max_length", "balance_classes")
         named = [f"{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}" for k in settings if k in theirs and theirs[k] != ours[k]]
-        digests = [k for k in ("train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
+        if "train_sha256" in theirs and "examples_key" not in theirs:
+            ours = {**ours, "train_sha256": examples_sha256(self.examples["train"])}
+        digests = [k for k in ("examples_key", "train_sha256", "dev_sha256") if k in theirs and theirs[k] != ours[k]]
         if not named and not digests:
             return
         sources = [f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in ("source", "train_source")
                    if theirs.get(k) != ours[k]]
-        what = {"train_sha256": "the tokenized training examples", "dev_sha256": "the dev questions"}
+        what = {"examples_key": "the tokenized examples (sources, tokenizer or prompt)",
+                "train_sha256": "the tokenized training examples", "dev_sha256": "the dev questions"}
         raise DataError(
             "cannot resume: the checkpoint was trained on other data ("
             + "; ".join(named + [f"{what[k]} differ" for k in digests] + sources)

@@ -17,15 +17,20 @@ from medqa.tasks import Record, Task, get_task
 
 @dataclass
 class Example:
-    """A tokenized record: `labels` are -100 outside the answer; `answer_pos` indexes the
-    first token of the decision word, whose logits are read at `answer_pos - 1`."""
+    """A tokenized record: the prompt's `prompt_len` tokens, then the answer; `answer_pos`
+    indexes the first token of the decision word, whose logits are read at `answer_pos - 1`."""
 
     id: str
     input_ids: list[int]
-    labels: list[int]
+    prompt_len: int
     answer_pos: int
     label: int
     truncated: bool = False
+
+    @property
+    def labels(self) -> list[int]:
+        """The training targets: -100 over the prompt, the answer's own tokens after it."""
+        return [-100] * self.prompt_len + self.input_ids[self.prompt_len :]
 
 
 @dataclass
@@ -149,7 +154,7 @@ class PromptFormat:
         return Example(
             id=record.id,
             input_ids=prompt + answer,
-            labels=[-100] * len(prompt) + answer,
+            prompt_len=len(prompt),
             answer_pos=len(prompt) + len(head),
             label=record.label,
             truncated=truncated,

@@ -123,9 +123,9 @@ def test_the_users_remote_code_flag_is_what_lets_a_model_run_its_code(trained, t
 def test_resume_on_another_fold_or_max_length_is_refused(trained, tmp_path):
     logs, last = trained
     more = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
-    with pytest.raises(DataError, match=r"fold: checkpoint 0, this run 1.*training examples differ"):
+    with pytest.raises(DataError, match=r"fold: checkpoint 0, this run 1.*tokenized examples .*differ"):
         cli("fit", *more, "--ckpt_path", str(last), "--data.fold", "1", logs=tmp_path)
-    with pytest.raises(DataError, match=r"max_length: checkpoint 512, this run 150.*training examples differ"):
+    with pytest.raises(DataError, match=r"max_length: checkpoint 512, this run 150.*tokenized examples .*differ"):
         cli("fit", *more, "--ckpt_path", str(last), "--data.max_length", "150", logs=tmp_path)
 
 

@@ -61,3 +61,13 @@ class Task:
     def label_counts(self, records: Sequence[Record]) -> dict[str, int]:
         """How many records carry each label."""
         return {w: sum(r.label == i for r in records) for i, w in enumerate(self.labels)}
+
+
+def held_out_questions(train: Sequence[Record], held_out: Sequence[Record]) -> list[str]:
+    """Ids of `train`'s records that are `held_out` questions: the same id, or the same
+    question text (spaces and case aside)."""
+    def question(r: Record) -> str:
+        return " ".join(r.question.split()).lower()
+
+    ids, questions = {r.id for r in held_out}, {question(r) for r in held_out}
+    return [r.id for r in train if r.id in ids or question(r) in questions]

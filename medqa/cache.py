@@ -1,0 +1,236 @@
+"""Tokenized examples kept on disk: a DataModule's splits are tokenized once for everything
+they depend on (the `key`) and stored as Arrow files; later runs, resumes, evaluations and
+the other processes of a DDP run memory-map them instead of tokenizing again.
+
+A cache folder is `<cache_dir>/<digest of the key>/`: one Arrow file a split and a
+`manifest.json` naming the key, each file's size and SHA-256, and what the build counted
+(records, cut passages, labels). A folder is used only when its manifest names this key and
+every file has its recorded size and digest, and its values fit (lengths within max_length,
+token ids within the vocabulary, answer positions and labels in range); anything else is
+built again, with a warning. One process builds while the others wait on a file lock; the
+new folder appears whole (written aside, then renamed), never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from medqa.tokens import Example
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # raise when tokenization changes what an example holds for the same key
+MANIFEST = "manifest.json"
+SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
+                    ("answer_pos", pa.int32()), ("label", pa.int32()), ("truncated", pa.bool_())])
+
+
+class TokenizedSplit(Sequence[Example]):
+    """A split's examples in flat arrays (memory-mapped from the cache): an `Example` is made
+    only when asked for, so memory does not grow with the split."""
+
+    def __init__(self, table: pa.Table) -> None:
+        tokens = table.column("input_ids").combine_chunks()
+        self.ids: list[str] = table.column("id").to_pylist()
+        self.offsets = tokens.offsets.to_numpy()
+        self.tokens = tokens.values.to_numpy()
+        self.prompt_len, self.answer_pos, self.label = (table.column(c).to_numpy() for c in ("prompt_len", "answer_pos", "label"))
+        self.truncated = table.column("truncated").to_numpy(zero_copy_only=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        ids = self.tokens[self.offsets[i] : self.offsets[i + 1]].tolist()
+        return Example(self.ids[i], ids, int(self.prompt_len[i]), int(self.answer_pos[i]), int(self.label[i]),
+                       bool(self.truncated[i]))
+
+    def lengths(self) -> list[int]:
+        return np.diff(self.offsets).tolist()
+
+
+def digest(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (names and bytes, in name order)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f"{f.relative_to(path)}\0".encode())
+        with f.open("rb") as stream:
+            while chunk := stream.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def source_digest(source: str, config: str | None, records: Callable[[], Sequence[Any]]) -> str:
+    """A local file's (or folder's) bytes, else the `records` read from the hub or made."""
+    path = Path(source).expanduser()
+    if source != "synthetic" and (path.is_file() or path.is_dir()):
+        return file_digest(path)
+    return digest("\n".join(map(repr, records())) + f"\n{config}")
+
+
+def examples_sha256(examples: Iterable[Example]) -> str:
+    """The digest of every training example that checkpoints saved before the cache's key
+    (computed for those only: it goes through every example)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.id}|{e.answer_pos}|{e.label}|".encode())
+        h.update(array("q", e.input_ids).tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """What the tokenizer turns text into: its vocabulary and rules, special tokens and chat
+    template (the same files in another folder give the same digest)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = [getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+             type(tokenizer).__name__]
+    return digest(rules + json.dumps(extra, default=str))
+
+
+def write_split(path: Path, examples: Iterable[Example], chunk: int = 4096) -> dict[str, Any]:
+    """Write examples to an Arrow file, a chunk at a time; what was written (counts)."""
+    counts = {"examples": 0, "cut": 0, "tokens": 0}
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        for part in _chunks(examples, chunk):
+            writer.write_batch(pa.record_batch([
+                [e.id for e in part], [e.input_ids for e in part],
+                [e.prompt_len for e in part],
+                [e.answer_pos for e in part], [e.label for e in part], [e.truncated for e in part],
+            ], schema=SCHEMA))
+            counts["examples"] += len(part)
+            counts["cut"] += sum(e.truncated for e in part)
+            counts["tokens"] += sum(len(e.input_ids) for e in part)
+    return counts
+
+
+def _chunks(items: Iterable[Example], n: int) -> Iterator[list[Example]]:
+    part: list[Example] = []
+    for item in items:
+        part.append(item)
+        if len(part) == n:
+            yield part
+            part = []
+    if part:
+        yield part
+
+
+def read_split(path: Path) -> TokenizedSplit:
+    """A split's Arrow file, memory-mapped (nothing is copied into the process)."""
+    with pa.memory_map(str(path), "r") as source:
+        return TokenizedSplit(pa.ipc.open_file(source).read_all())
+
+
+class ExampleCache:
+    """The cache folder for one key (see the module's docstring).
+
+    Args:
+        root: The cache directory (`--data.cache_dir`).
+        key: Everything the examples depend on, as JSON-able values.
+    """
+
+    def __init__(self, root: Path, key: dict[str, Any]) -> None:
+        self.key = {"version": VERSION, **key}
+        self.digest = digest(json.dumps(self.key, sort_keys=True))
+        self.root, self.folder = root, root / self.digest[:24]
+
+    def load(self, limits: dict[str, int]) -> tuple[dict[str, TokenizedSplit], dict[str, Any]] | None:
+        """The splits and the build's counts, or None where the folder is missing, foreign or
+        damaged (said, for the last two)."""
+        manifest_path = self.folder / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("key") != self.key:
+                raise ValueError("its manifest names another key")
+            splits = {}
+            for name, entry in manifest["splits"].items():
+                path = self.folder / f"{name}.arrow"
+                if path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
+                    raise ValueError(f"{path.name} is not the file the build wrote")
+                splits[name] = read_split(path)
+                _check(splits[name], limits, path.name)
+            return splits, manifest["splits"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
+            log.warning(f"The tokenized-example cache {self.folder} is damaged or foreign ({e}); building it again.")
+            return None
+
+    def build(self, make: Callable[[], dict[str, tuple[Iterable[Example], dict[str, Any]]]],
+              limits: dict[str, int]) -> tuple[dict[str, TokenizedSplit], dict[str, Any]]:
+        """Write every split that `make` gives (examples, and counts to keep), then move the
+        folder into place; its splits, memory-mapped."""
+        aside = self.root / f".{self.folder.name}.{os.getpid()}.partial"
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir(parents=True)
+        entries = {}
+        try:
+            for name, (examples, counts) in make().items():
+                path = aside / f"{name}.arrow"
+                written = write_split(path, examples)
+                entries[name] = {**counts, **written, "bytes": path.stat().st_size, "sha256": file_digest(path)}
+            manifest = {"key": self.key, "splits": entries, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
+            (aside / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if self.folder.exists():  # damaged or foreign: checked by `load` before
+                shutil.rmtree(self.folder)
+            aside.rename(self.folder)
+        finally:  # a refused record, Ctrl-C: nothing half-written stays
+            shutil.rmtree(aside, ignore_errors=True)
+        loaded = self.load(limits)
+        if loaded is None:
+            raise RuntimeError(f"the tokenized-example cache {self.folder} did not read back as written")
+        return loaded
+
+    def get(self, make: Callable[[], dict[str, tuple[Iterable[Example], dict[str, Any]]]],
+            limits: dict[str, int]) -> tuple[dict[str, TokenizedSplit], dict[str, Any], bool]:
+        """(splits, counts, whether this process built them): the folder's, else built under a
+        lock, so that of several processes one builds and the others then map its files."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        if (found := self.load(limits)) is not None:
+            return *found, False
+        with FileLock(str(self.root / f"{self.folder.name}.lock")):
+            if (found := self.load(limits)) is not None:  # another process built it while this one waited
+                return *found, False
+            return *self.build(make, limits), True
+
+
+def _check(split: TokenizedSplit, limits: dict[str, int], name: str) -> None:
+    """Refuse values that no build of this key writes (a file edited or from elsewhere)."""
+    lengths = np.diff(split.offsets)
+    bad = []
+    if len(split.offsets) != len(split) + 1 or (len(split.offsets) and split.offsets[0] != 0):
+        bad.append("offsets")
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > limits["max_length"]):
+        bad.append(f"lengths outside 1..{limits['max_length']}")
+    if len(split.tokens) and (split.tokens.min() < 0 or split.tokens.max() >= limits["vocab"]):
+        bad.append("token ids outside the vocabulary")
+    if len(split) and ((split.answer_pos >= lengths).any() or (split.prompt_len > split.answer_pos).any()
+                       or (split.prompt_len < 1).any()):
+        bad.append("answer positions")
+    if len(split) and ((split.label < 0).any() or (split.label >= limits["labels"]).any()):
+        bad.append("labels")
+    if bad:
+        raise ValueError(f"{name}: {', '.join(bad)}")
