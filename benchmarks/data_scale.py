@@ -9,8 +9,9 @@ file beside it; trains the benchmarks' tokenizer (`make_random_llama.py`'s, that
 shape); then for each file and process count runs `QADataModule(source=ori_pqal.json,
 train_source=<file>).setup("fit")` and takes the first training batch in fresh processes:
 first with an empty cache (the build), then again (the cache). Each row gives the slowest
-process's seconds from its start to its first batch, its peak resident memory (the mapped
-cache pages it touched included), and how many of the processes built.
+process's seconds from its start to its first batch, its peak resident memory, the part of
+it at the first batch that is its own (private) and that is mapped files (the cache's pages,
+shared by every process that maps them, and the libraries), and how many processes built.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ dm = QADataModule(source=sys.argv[1], train_source=sys.argv[2], pretrained=sys.a
                   max_length=1024, batch_size=8)
 dm.setup("fit")
 batch = next(iter(dm.train_dataloader()))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "anon_gib": int(status["RssAnon"].split()[0]) / 2**20, "file_gib": int(status["RssFile"].split()[0]) / 2**20,
                   "built": dm.built_cache, "examples": len(dm.examples["train"]),
                   "tokens": int(sum(dm.examples["train"].lengths()))}))
 """
@@ -99,13 +102,16 @@ def main() -> None:
             for when in ("first build", "cached"):
                 reports = run(processes, args.pqal, train, tokenizer, cache)
                 rows.append((f"{n:,} ({fraction:.0%})", processes, when, max(r["seconds"] for r in reports),
-                             max(r["peak_gib"] for r in reports), sum(r["built"] for r in reports), reports[0]["tokens"]))
+                             max(r["peak_gib"] for r in reports), max(r["anon_gib"] for r in reports),
+                             max(r["file_gib"] for r in reports), sum(r["built"] for r in reports), reports[0]["tokens"]))
                 print(rows[-1], flush=True)
     print(f"\n{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at the end, {time.strftime('%Y-%m-%d')}\n")
-    print("| training records | processes | cache | seconds to the first batch (slowest process) | peak memory a process | builds | training tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for name, processes, when, seconds, peak, builds, tokens in rows:
-        print(f"| {name} | {processes} | {when} | {seconds:.1f} | {peak:.2f} GiB | {builds} | {tokens / 1e6:.1f} M |")
+    print("| training records | processes | cache | seconds to the first batch (slowest process) | peak resident memory "
+          "a process | at the first batch: private / mapped files | builds | training tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, processes, when, seconds, peak, anon, mapped, builds, tokens in rows:
+        print(f"| {name} | {processes} | {when} | {seconds:.1f} | {peak:.2f} GiB | {anon:.2f} / {mapped:.2f} GiB | {builds} "
+              f"| {tokens / 1e6:.1f} M |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # raise when tokenization changes what an example holds for the same key
 MANIFEST = "manifest.json"
+PROGRESS_FROM = 5000  # records of a split that get a progress bar while they are tokenized
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
                     ("answer_pos", pa.int32()), ("label", pa.int32()), ("truncated", pa.bool_())])
 
@@ -42,10 +44,11 @@ class TokenizedSplit(Sequence[Example]):
     only when asked for, so memory does not grow with the split."""
 
     def __init__(self, table: pa.Table) -> None:
-        tokens = table.column("input_ids").combine_chunks()
+        # The token lists stay in the file's record batches (views into the mapped file): one
+        # array of them all would copy every token into the process.
+        self.chunks = [(c.offsets.to_numpy(), c.values.to_numpy()) for c in table.column("input_ids").chunks]
+        self.starts = np.cumsum([0] + [len(offsets) - 1 for offsets, _ in self.chunks])
         self.ids: list[str] = table.column("id").to_pylist()
-        self.offsets = tokens.offsets.to_numpy()
-        self.tokens = tokens.values.to_numpy()
         self.prompt_len, self.answer_pos, self.label = (table.column(c).to_numpy() for c in ("prompt_len", "answer_pos", "label"))
         self.truncated = table.column("truncated").to_numpy(zero_copy_only=False)
 
@@ -56,12 +59,18 @@ class TokenizedSplit(Sequence[Example]):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        ids = self.tokens[self.offsets[i] : self.offsets[i + 1]].tolist()
+        c = int(np.searchsorted(self.starts, i, "right")) - 1
+        offsets, values = self.chunks[c]
+        j = i - self.starts[c]
+        ids = values[offsets[j] : offsets[j + 1]].tolist()
         return Example(self.ids[i], ids, int(self.prompt_len[i]), int(self.answer_pos[i]), int(self.label[i]),
                        bool(self.truncated[i]))
 
     def lengths(self) -> list[int]:
-        return np.diff(self.offsets).tolist()
+        return self._lengths().tolist()
+
+    def _lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(offsets) for offsets, _ in self.chunks] or [np.zeros(0, np.int32)])
 
 
 def digest(text: str | bytes) -> str:
@@ -188,6 +197,12 @@ class ExampleCache:
         try:
             for name, (examples, counts) in make().items():
                 path = aside / f"{name}.arrow"
+                if counts.get("records", 0) >= PROGRESS_FROM:
+                    from tqdm import tqdm
+
+                    tqdm.write(f"Tokenizing the {counts['records']:,} {name} records into {self.folder} (once).", file=sys.stderr)
+                    examples = tqdm(examples, total=counts["records"], desc=f"Tokenizing {name}", unit=" records",
+                                    mininterval=2, smoothing=0.1)
                 written = write_split(path, examples)
                 entries[name] = {**counts, **written, "bytes": path.stat().st_size, "sha256": file_digest(path)}
             manifest = {"key": self.key, "splits": entries, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
@@ -219,13 +234,14 @@ class ExampleCache:
 
 def _check(split: TokenizedSplit, limits: dict[str, int], name: str) -> None:
     """Refuse values that no build of this key writes (a file edited or from elsewhere)."""
-    lengths = np.diff(split.offsets)
-    bad = []
-    if len(split.offsets) != len(split) + 1 or (len(split.offsets) and split.offsets[0] != 0):
-        bad.append("offsets")
+    if int(split.starts[-1]) != len(split) or any(
+            len(o) and (o[0] < 0 or (np.diff(o) < 0).any() or o[-1] > len(v)) for o, v in split.chunks):
+        raise ValueError(f"{name}: offsets")
+    lengths, bad = split._lengths(), []
     if len(lengths) and (lengths.min() < 1 or lengths.max() > limits["max_length"]):
         bad.append(f"lengths outside 1..{limits['max_length']}")
-    if len(split.tokens) and (split.tokens.min() < 0 or split.tokens.max() >= limits["vocab"]):
+    used = [v[o[0] : o[-1]] for o, v in split.chunks if len(o) and o[-1] > o[0]]
+    if any(u.min() < 0 or u.max() >= limits["vocab"] for u in used):
         bad.append("token ids outside the vocabulary")
     if len(split) and ((split.answer_pos >= lengths).any() or (split.prompt_len > split.answer_pos).any()
                        or (split.prompt_len < 1).any()):

@@ -221,7 +221,7 @@ class QADataModule(L.LightningDataModule):
             origin["train"], left_out = self.train_source, len(train) - len(splits["train"])
         splits["all"] = records
         return {name: (self.formatter.encode_many(recs),
-                       {"origin": origin.get(name, self.source), "left_out": left_out if name == "train" else 0,
+                       {"origin": origin.get(name, self.source), "left_out": left_out if name == "train" else 0, "records": len(recs),
                         "labels": ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())})
                 for name, recs in splits.items()}
 
