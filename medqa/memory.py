@@ -165,10 +165,11 @@ def micro_batches(batch_size: int, accumulate: int) -> list[tuple[int, int]]:
 
 def grow(batch_size: int, accumulate: int, plan: Callable[[int], Plan]) -> tuple[int, int, Plan]:
     """The largest micro-batch of `micro_batches` whose `plan` keeps every layer's activations,
-    with its accumulation and plan; the configured pair where none does. A larger micro-batch
-    launches the same kernels for more questions: on one H200 (8B, NF4, PQA-L) 16 x 1 trained
-    1.16x the tokens/s of 8 x 2, both without recomputation, while 16 x 1 with recomputation
-    is slower than 8 x 2 without it."""
+    with its accumulation and plan; the configured pair where none does. A micro-batch
+    launches about the same kernels whatever its size (some 6,000 on the 8B shape), so more
+    questions pay for them once: on one H200 (8B, NF4, PQA-L, `configs/lora.yaml`) 16 x 1
+    trained at 1.40-1.64x the tokens/s of 8 x 2, both without recomputation; recomputing
+    to fit a larger micro-batch costs more than that gains."""
     for micro, steps in micro_batches(batch_size, accumulate):
         chosen = plan(micro)
         if chosen.kept >= chosen.layers or steps == accumulate:
@@ -232,8 +233,9 @@ class MicroBatch(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Train on the checkpoint's micro-batch where the configured pair is the same (another
         configuration is left to the sampler's check, which names what changed)."""
-        if self.configured is None or state.get("chosen") is None:
+        if self.configured is None or not isinstance(state, dict) or not isinstance(state.get("chosen"), (list, tuple)):
             return
-        configured, chosen = tuple(state["configured"]), state["chosen"]
-        if configured == self.configured and isinstance(chosen[0], int) and chosen[0] > 0:
-            self._apply(self.trainer, int(chosen[0]))
+        micro = state["chosen"][0] if state["chosen"] else None
+        allowed = [m for m, _ in micro_batches(*self.configured)]  # a saved value is untrusted
+        if state.get("configured") in (self.configured, list(self.configured)) and type(micro) is int and micro in allowed:
+            self._apply(self.trainer, micro)

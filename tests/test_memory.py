@@ -248,3 +248,17 @@ def test_without_a_gpu_the_micro_batch_stays_as_configured(medqa_cache, tmp_path
     assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (4, 2)
     _, trainer = fit(tmp_path, True, accumulate=2)
     assert not any(isinstance(c, MicroBatch) for c in trainer.callbacks)  # only `auto` grows it
+
+
+def test_a_checkpoint_cannot_set_a_micro_batch_outside_the_configured_step(medqa_cache, tmp_path):
+    """The saved choice is untrusted: only a micro-batch that divides the configured step's
+    questions is taken back; anything else leaves the configured pair (and the sampler's
+    check then names what differs)."""
+    _, trainer = fit(tmp_path, "auto", accumulate=2, steps=1)
+    callback = next(c for c in trainer.callbacks if isinstance(c, MicroBatch))
+    for hostile in ({"configured": [4, 2], "chosen": [10**9, 0]}, {"configured": [4, 2], "chosen": [True, 1]},
+                    {"configured": [4, 2], "chosen": "8"}, {"configured": [2, 4], "chosen": [8, 1]}, ["x"]):
+        callback.load_state_dict(hostile)
+        assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (4, 2), hostile
+    callback.load_state_dict({"configured": [4, 2], "chosen": [8, 1]})
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (8, 1)
