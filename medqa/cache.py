@@ -197,10 +197,10 @@ class ExampleCache:
         try:
             for name, (examples, counts) in make().items():
                 path = aside / f"{name}.arrow"
-                if counts.get("records", 0) >= PROGRESS_FROM:
+                if (counts.get("records") or PROGRESS_FROM) >= PROGRESS_FROM:  # None: a stream, of unknown size
                     from tqdm import tqdm
 
-                    tqdm.write(f"Tokenizing the {counts['records']:,} {name} records into {self.folder} (once).", file=sys.stderr)
+                    tqdm.write(f"Tokenizing the {name} records into {self.folder} (once).", file=sys.stderr)
                     examples = tqdm(examples, total=counts["records"], desc=f"Tokenizing {name}", unit=" records",
                                     mininterval=2, smoothing=0.1)
                 written = write_split(path, examples)

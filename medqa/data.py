@@ -20,7 +20,7 @@ from medqa.prompts import Reasoning, Target
 from medqa.records import DataError
 from medqa.samplers import LongestFirst, ResumableSampler
 from medqa.tasks import Record, get_task
-from medqa.tasks.task import held_out_questions
+from medqa.tasks.task import without_held_out
 from medqa.tokens import Example, PromptFormat, collate
 
 
@@ -209,33 +209,21 @@ class QADataModule(L.LightningDataModule):
 
     def _tokenize(self, read: Callable[[str, str | None], list[Record]]) -> dict[str, tuple[Iterable[Example], dict[str, Any]]]:
         """Each split's examples (tokenized as they are written) and what the cache keeps of
-        its records: their source, label counts and, for a training source, the questions
-        left out (`drop_eval_overlap`)."""
+        its records: their source, label counts and, for a training source (read a record at
+        a time where the task can), the questions left out (`drop_eval_overlap`)."""
         records = read(self.source, self.hub_config)
-        splits: dict[str, list[Record]] = dict(self.task.split(records, self.fold))
-        origin = {name: self.source for name in splits}
-        left_out = 0
+        splits: dict[str, Iterable[Record]] = {**self.task.split(records, self.fold), "all": records}
+        counts: dict[str, dict[str, Any]] = {
+            name: {"origin": self.source, "records": len(recs), "left_out": 0,
+                   "labels": ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())}
+            for name, recs in splits.items()}
         if self.train_source is not None:
-            train = read(self.train_source, self.train_hub_config)
-            splits["train"] = self._without_eval_questions(train, splits["dev"] + splits["test"])
-            origin["train"], left_out = self.train_source, len(train) - len(splits["train"])
-        splits["all"] = records
-        return {name: (self.formatter.encode_many(recs),
-                       {"origin": origin.get(name, self.source), "left_out": left_out if name == "train" else 0, "records": len(recs),
-                        "labels": ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())})
-                for name, recs in splits.items()}
-
-    def _without_eval_questions(self, train: list[Record], held_out: list[Record]) -> list[Record]:
-        """`train` with no dev or test question in it: refused, or left out when asked to."""
-        leaked = set(held_out_questions(train, held_out))
-        if leaked and not self.drop_eval_overlap:
-            raise DataError(
-                f"--data.train_source {self.train_source}: {len(leaked)} of its {len(train)} questions are dev or "
-                f"test questions of {self.source} (same id or question; e.g. {', '.join(sorted(leaked)[:5])}). "
-                "Training on them would inflate every score: remove them from the file, or pass "
-                "--data.drop_eval_overlap true to leave them out"
-            )
-        return [r for r in train if r.id not in leaked]
+            local = self.task.stream is not None and Path(self.train_source).expanduser().is_file()
+            stream = (self.task.stream if local else read)(self.train_source, self.train_hub_config)
+            counts["train"] = {"origin": self.train_source, "records": None}  # the rest as it is read
+            splits["train"] = without_held_out(stream, [*splits["dev"], *splits["test"]], self.drop_eval_overlap,
+                                               self.train_source, counts["train"], self.task.labels)
+        return {name: (self.formatter.encode_many(recs), counts[name]) for name, recs in splits.items()}
 
     @property
     def pad_id(self) -> int:

@@ -88,3 +88,87 @@ def json_lines(text: str, path: Path) -> Iterator[tuple[int, Any, str]]:
         if line.strip():
             where = f"{path}: line {n}"
             yield n, parse_json(line, where), where
+
+
+def object_items(path: Path, chunk: int = 1 << 20) -> Iterator[tuple[str, Any]]:
+    """The (key, value) pairs of a file that holds one JSON object, in file order, read a
+    chunk at a time (a 450 MB `ori_pqaa.json` never sits in memory whole), as strict as
+    `parse_json`: a repeated key, at the top or inside a value, or text that is not JSON is
+    a `DataError` naming the line. A file whose top level is not an object raises
+    `NotAnObject` before anything is yielded."""
+    where, seen = str(path), set()
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys(where))
+    try:
+        stream = path.open(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    with stream:
+        buf, pos, lines, eof = "", 0, 1, False  # lines: the line `buf` starts on
+
+        def more(at_least: int = chunk) -> bool:
+            nonlocal buf, pos, lines, eof
+            lines += buf.count("\n", 0, pos)
+            try:
+                text = stream.read(max(at_least, chunk))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e})") from None
+            buf, pos, eof = buf[pos:] + text, 0, not text
+            return bool(text)
+
+        def token() -> str:  # the next character that is not white space, read up to it
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\n\r":
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return buf[pos : pos + 1]
+
+        def value() -> Any:
+            nonlocal pos
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    if eof or (end < len(buf) and buf[end] not in "0123456789.eE+-"):  # a number may go on
+                        pos = end
+                        return item
+                except json.JSONDecodeError as e:
+                    if eof:
+                        line = lines + buf.count("\n", 0, e.pos)
+                        raise DataError(f"{path}: not valid JSON ({e.msg} at line {line})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: nested too deeply to read (thousands of levels of [ or {{); "
+                                    "not a PubMedQA file") from None
+                more(2 * (len(buf) - pos))  # a value cut by the chunk's end: read on
+
+        first = token()
+        if first != "{":
+            raise NotAnObject(first)
+        pos += 1
+        if token() == "}":
+            return
+        while True:
+            key = value()
+            if not isinstance(key, str):
+                raise DataError(f"{path}: not valid JSON (an object's key must be a string, at line {lines + buf.count(chr(10), 0, pos)})")
+            if token() != ":":
+                raise DataError(f"{path}: not valid JSON (expected ':' after key {key!r})")
+            pos += 1
+            token()
+            item = value()
+            if key in seen:
+                raise DataError(f"{where}: key {key!r} appears more than once in one object; keys (ids, fields) must be unique")
+            seen.add(key)
+            yield key, item
+            end = token()
+            pos += 1
+            if end == "}":
+                if token():
+                    raise DataError(f"{path}: not valid JSON (text after the top-level object)")
+                return
+            if end != ",":
+                raise DataError(f"{path}: not valid JSON (expected ',' or '}}' after the value of {key!r})")
+            token()
+
+
+class NotAnObject(Exception):
+    """`object_items`: the file's top level is not a JSON object; carries its first character."""

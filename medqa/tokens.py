@@ -3,8 +3,9 @@ task's passage is cut to fit), the label words' token ids, and per-batch padding
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch
@@ -117,12 +118,12 @@ class PromptFormat:
         """Tokenize one record; when too long, only the task's passage is cut (from its end)."""
         return self._assemble(record, *(self._encode(text) for text in self._texts(record)))
 
-    def encode_many(self, records: Sequence[Record], chunk: int = 2048) -> Iterator[Example]:
+    def encode_many(self, records: Iterable[Record], chunk: int = 2048) -> Iterator[Example]:
         """`encode` of each record, the same examples, with the tokenizer called on a chunk of
         texts at a time (a fast tokenizer works through a list in Rust, several times quicker
-        than one call a text)."""
-        for start in range(0, len(records), chunk):
-            part = records[start : start + chunk]
+        than one call a text). `records` may be a stream: a chunk is read at a time."""
+        records = iter(records)
+        while part := list(islice(records, chunk)):
             columns = zip(*(self._texts(r) for r in part))  # prefixes, passages, suffixes, answer heads
             ids = [self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] for texts in columns]
             yield from (self._assemble(r, *pieces) for r, pieces in zip(part, zip(*ids)))

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medqa.tokens import PromptFormat, collate
-from medqa.records import DataError
-from medqa.tasks.pubmedqa import Record, read_file
+from medqa.records import DataError, object_items
+from medqa.tasks.pubmedqa import Record, read_file, stream_file
 from medqa.tasks.pubmedqa import LABELS
 
 # Unicode of every kind, odd whitespace included, but no lone surrogates (not valid UTF-8).
@@ -83,5 +83,39 @@ def test_readers_give_back_what_was_written(tmp_path_factory, batch):
             "long_answer": r.long_answer, "final_decision": r.decision} for r in batch]
     (d / "ori.json").write_text(json.dumps(original), encoding="utf-8")
     (d / "hub.jsonl").write_text("\n".join(json.dumps(h, ensure_ascii=False) for h in hub), encoding="utf-8")
-    assert read_file(d / "ori.json") == batch
-    assert read_file(d / "hub.jsonl") == batch
+    (d / "hub.json").write_text(json.dumps(hub, indent=1), encoding="utf-8")
+    for name in ("ori.json", "hub.jsonl", "hub.json"):
+        assert read_file(d / name) == batch, name
+        assert list(stream_file(d / name)) == batch, name  # read a piece at a time
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12)
+
+
+@SETTINGS
+@given(obj=st.dictionaries(TEXT, JSON, max_size=8), chunk=st.integers(1, 70), indent=st.sampled_from([None, 0, 2]),
+       ascii_only=st.booleans())
+def test_a_json_object_read_in_chunks_is_the_whole_files(tmp_path_factory, obj, chunk, indent, ascii_only):
+    path = tmp_path_factory.mktemp("stream") / "object.json"
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=ascii_only), encoding="utf-8")
+    assert list(object_items(path, chunk)) == list(obj.items())
+
+
+VALID = json.dumps({"QUESTION": "Q?", "CONTEXTS": ["c"], "LABELS": ["L"], "LONG_ANSWER": "a", "final_decision": "yes"})
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"1": %s, "1": %s}' % (VALID, VALID), "key '1' appears more than once"),
+    ('{"1": {"a": 1, "a": 2}}', "key 'a' appears more than once"),
+    ('{"1": %s,}' % VALID, "not valid JSON"), ('{"1" 1}', "expected ':' after key '1'"),
+    ('{"1": %s} {}' % VALID, "text after"), ('{"1": [1, 2', "not valid JSON"),
+    ('{"1": %s "2": 2}' % VALID, "expected ',' or '}'"), ('{2: 1}', "not valid JSON"),
+    ('\n\n{"1":\n tru}', "at line 4"), ("", "the file is empty"), ("[1, 2]", "record 0: expected an object"),
+    ('"text"', "top level is a str"),
+])
+def test_a_streamed_file_is_refused_as_the_whole_file_is(tmp_path, text, message):
+    path = tmp_path / "ori.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        list(stream_file(path))

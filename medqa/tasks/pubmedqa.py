@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from itertools import chain, islice
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from medqa.records import (DataError, json_lines, parse_json, read_text, record_id, require_field, require_str_list,
-                           require_text)
+from medqa.records import (DataError, NotAnObject, json_lines, object_items, parse_json, read_text, record_id,
+                           require_field, require_str_list, require_text)
 from medqa.tasks.task import Task
 
 
@@ -158,6 +159,43 @@ def read_file(path: str | Path) -> list[Record]:
         f"{path}: top level is a {type(data).__name__}; expected an object keyed by PMID "
         "(ori_pqal.json) or a list of hub-schema records"
     )
+
+
+def stream_file(path: str | Path) -> Iterator[Record]:
+    """`read_file`'s records one at a time, in file order, without the whole file in memory:
+    the original schema (`ori_pqaa.json`) and JSON Lines are read a piece at a time, a JSON
+    list whole."""
+    path = Path(path)
+    if not path.is_file():
+        yield from read_file(path)  # its error
+        return
+    if path.suffix == ".jsonl":
+        seen: set[str] = set()
+        with path.open(encoding="utf-8", newline="\n") as lines:
+            for n, line in enumerate(lines, start=1):
+                if line.strip():
+                    record = _from_hub(parse_json(line, f"{path}: line {n}"), f"{path}: line {n}")
+                    if record.id in seen:
+                        raise DataError(f"{path}: line {n}: id {record.id!r} appears more than once; ids must be unique")
+                    seen.add(record.id)
+                    yield record
+        return
+    items = object_items(path)
+    try:
+        first = list(islice(items, 1))
+    except NotAnObject as top:
+        if not str(top):
+            raise DataError(f"{path}: the file is empty") from None
+        yield from read_file(path)  # a list of hub-schema records, or its error
+        return
+    for pmid, raw in chain(first, items):
+        yield _from_original(pmid, raw, f"{path}: record {pmid!r}")
+
+
+def stream_source(source: str, hub_config: str | None) -> Iterable[Record]:
+    """`read_source`'s records, a local file's streamed (`stream_file`)."""
+    path = Path(source).expanduser()
+    return stream_file(path) if source != SYNTHETIC and path.is_file() else read_source(source, hub_config or "pqa_labeled")
 
 
 def read_hub(dataset_id: str, config: str) -> list[Record]:
@@ -321,4 +359,5 @@ TASK = Task(
     split=official_split,
     passage=passage,
     user_turn=user_turn,
+    stream=stream_source,
 )

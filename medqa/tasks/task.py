@@ -3,11 +3,12 @@ shared code reads of any task's records."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from medqa.prompts import PromptSettings
+from medqa.records import DataError
 
 
 class Record(Protocol):
@@ -40,6 +41,8 @@ class Task:
             ("" where nothing may be cut).
         user_turn: `(record, passage, instruction) -> str`: the user's message, `passage`
             standing where the passage goes.
+        stream: `read`'s records one at a time, for sources too large to hold whole (a
+            local PQA-A file); None: the task's sources are all read whole.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Task:
     split: Callable[[Sequence[Any], int], dict[str, list[Any]]]
     passage: Callable[[Any], str]
     user_turn: Callable[[Any, str, str], str]
+    stream: Callable[[str, str | None], Iterable[Any]] | None = None
 
     def default_prompt(self) -> PromptSettings:
         """The task's own prompt settings."""
@@ -63,11 +67,34 @@ class Task:
         return {w: sum(r.label == i for r in records) for i, w in enumerate(self.labels)}
 
 
-def held_out_questions(train: Sequence[Record], held_out: Sequence[Record]) -> list[str]:
-    """Ids of `train`'s records that are `held_out` questions: the same id, or the same
-    question text (spaces and case aside)."""
+def held_out(records: Sequence[Record]) -> Callable[[Record], bool]:
+    """Whether a record is one of `records`' questions: the same id, or the same question
+    text (spaces and case aside)."""
     def question(r: Record) -> str:
         return " ".join(r.question.split()).lower()
 
-    ids, questions = {r.id for r in held_out}, {question(r) for r in held_out}
-    return [r.id for r in train if r.id in ids or question(r) in questions]
+    ids, questions = {r.id for r in records}, {question(r) for r in records}
+    return lambda r: r.id in ids or question(r) in questions
+
+
+def without_held_out(train: Iterable[Record], held: Sequence[Record], drop: bool, origin: str, counts: dict[str, Any],
+                     labels: Sequence[str]) -> Iterator[Record]:
+    """`train`'s records that are not `held` questions (`held_out`), a record at a time. One
+    that is is left out where `drop`; else, once every record is read, the whole source is
+    refused, saying how many there are. Fills `counts`: records read, left out, and kept per
+    label (as "yes 3, no 2, maybe 1")."""
+    is_held, leaked, read, kept = held_out(held), [], 0, [0] * len(labels)
+    for r in train:
+        read += 1
+        if is_held(r):
+            leaked.append(r.id)
+        else:
+            kept[r.label] += 1
+            yield r
+    if leaked and not drop:
+        raise DataError(
+            f"--data.train_source {origin}: {len(leaked)} of its {read} questions are dev or test questions (same id "
+            f"or question; e.g. {', '.join(leaked[:5])}). Training on them would inflate every score: remove them "
+            "from the file, or pass --data.drop_eval_overlap true to leave them out"
+        )
+    counts.update(read=read, left_out=len(leaked), labels=", ".join(f"{w} {n}" for w, n in zip(labels, kept)))
