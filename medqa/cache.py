@@ -55,7 +55,9 @@ class TokenizedSplit(Sequence[Example]):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> Example | list[Example]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)

@@ -45,6 +45,7 @@ def same_as_tokenizing(dm: QADataModule) -> None:
             expected = fmt.encode(record)
             assert all(getattr(example, f) == getattr(expected, f) for f in FIELDS), (name, record.id)
         assert cached.lengths() == [len(fmt.encode(r).input_ids) for r in recs]
+        assert [e.id for e in cached[1:7:2]] == [r.id for r in recs[1:7:2]] and cached[-1].id == recs[-1].id
 
 
 def test_examples_are_those_of_tokenizing_and_a_second_setup_maps_them(tmp_path, source, caplog):
