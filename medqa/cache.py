@@ -14,13 +14,13 @@ new folder appears whole (written aside, then renamed), never half-written.
 from __future__ import annotations
 
 import hashlib
-from array import array
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any

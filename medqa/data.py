@@ -222,7 +222,7 @@ class QADataModule(L.LightningDataModule):
             stream = (self.task.stream if local else read)(self.train_source, self.train_hub_config)
             counts["train"] = {"origin": self.train_source, "records": None}  # the rest as it is read
             splits["train"] = without_held_out(stream, [*splits["dev"], *splits["test"]], self.drop_eval_overlap,
-                                               self.train_source, counts["train"], self.task.labels)
+                                               self.train_source, self.source, counts["train"], self.task.labels)
         return {name: (self.formatter.encode_many(recs), counts[name]) for name, recs in splits.items()}
 
     @property

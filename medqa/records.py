@@ -5,7 +5,7 @@ nesting; the field checks every task's reader shares."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +81,11 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def json_lines(text: str, path: Path) -> Iterator[tuple[int, Any, str]]:
-    """(line number, parsed object, where) for each non-blank line of a JSON Lines file.
-    Records end at "\n" only (splitlines would also cut at U+0085, U+2028...)."""
-    for n, line in enumerate(text.split("\n"), start=1):
+def json_lines(text: str | Iterable[str], path: Path) -> Iterator[tuple[int, Any, str]]:
+    """(line number, parsed object, where) for each non-blank line of a JSON Lines file's
+    text, or of its lines as a file opened with `newline="\n"` gives them. Records end at
+    "\n" only (splitlines would also cut at U+0085, U+2028...)."""
+    for n, line in enumerate(text.split("\n") if isinstance(text, str) else text, start=1):
         if line.strip():
             where = f"{path}: line {n}"
             yield n, parse_json(line, where), where

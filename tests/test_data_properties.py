@@ -119,3 +119,13 @@ def test_a_streamed_file_is_refused_as_the_whole_file_is(tmp_path, text, message
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         list(stream_file(path))
+
+
+@pytest.mark.parametrize("name", ["ori.json", "hub.jsonl"])
+def test_a_streamed_file_that_is_not_utf8_is_refused_in_one_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b'{"1": "\xff\xfe"}\n' if name == "ori.json" else b'{"pubid": 1, "question": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        list(stream_file(path))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        read_file(path)

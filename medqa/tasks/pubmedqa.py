@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import random
-from itertools import chain, islice
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain, islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,13 +122,14 @@ def _from_hub(raw: Any, where: str) -> Record:
     )
 
 
-def _check_unique(records: list[Record], origin: str) -> list[Record]:
+def _unique(records: Iterable[Record], origin: str) -> Iterator[Record]:
+    """`records`, refusing an id seen before."""
     seen: set[str] = set()
     for i, r in enumerate(records):
         if r.id in seen:
             raise DataError(f"{origin}: record {i}: id {r.id!r} appears more than once; ids must be unique")
         seen.add(r.id)
-    return records
+        yield r
 
 
 def read_file(path: str | Path) -> list[Record]:
@@ -145,16 +146,14 @@ def read_file(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: the file is empty")
 
     if path.suffix == ".jsonl":
-        records = [_from_hub(raw, where) for _, raw, where in json_lines(text, path)]
-        return _check_unique(records, str(path))
+        return list(_unique((_from_hub(raw, where) for _, raw, where in json_lines(text, path)), str(path)))
 
     data = parse_json(text, str(path))
     if isinstance(data, dict):
         # The official split needs file order, which dicts keep.
         return [_from_original(pmid, raw, f"{path}: record {pmid!r}") for pmid, raw in data.items()]
     if isinstance(data, list):
-        records = [_from_hub(raw, f"{path}: record {i}") for i, raw in enumerate(data)]
-        return _check_unique(records, str(path))
+        return list(_unique((_from_hub(raw, f"{path}: record {i}") for i, raw in enumerate(data)), str(path)))
     raise DataError(
         f"{path}: top level is a {type(data).__name__}; expected an object keyed by PMID "
         "(ori_pqal.json) or a list of hub-schema records"
@@ -170,15 +169,11 @@ def stream_file(path: str | Path) -> Iterator[Record]:
         yield from read_file(path)  # its error
         return
     if path.suffix == ".jsonl":
-        seen: set[str] = set()
         with path.open(encoding="utf-8", newline="\n") as lines:
-            for n, line in enumerate(lines, start=1):
-                if line.strip():
-                    record = _from_hub(parse_json(line, f"{path}: line {n}"), f"{path}: line {n}")
-                    if record.id in seen:
-                        raise DataError(f"{path}: line {n}: id {record.id!r} appears more than once; ids must be unique")
-                    seen.add(record.id)
-                    yield record
+            try:
+                yield from _unique((_from_hub(raw, where) for _, raw, where in json_lines(lines, path)), str(path))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e})") from None
         return
     items = object_items(path)
     try:
@@ -190,12 +185,6 @@ def stream_file(path: str | Path) -> Iterator[Record]:
         return
     for pmid, raw in chain(first, items):
         yield _from_original(pmid, raw, f"{path}: record {pmid!r}")
-
-
-def stream_source(source: str, hub_config: str | None) -> Iterable[Record]:
-    """`read_source`'s records, a local file's streamed (`stream_file`)."""
-    path = Path(source).expanduser()
-    return stream_file(path) if source != SYNTHETIC and path.is_file() else read_source(source, hub_config or "pqa_labeled")
 
 
 def read_hub(dataset_id: str, config: str) -> list[Record]:
@@ -215,7 +204,7 @@ def read_hub(dataset_id: str, config: str) -> list[Record]:
             "or set HF_HUB_OFFLINE=1 to use a dataset already in the Hugging Face cache."
         ) from None
     records = [_from_hub(dict(row), f"hub {dataset_id}/{config}: row {i}") for i, row in enumerate(ds)]
-    return _check_unique(records, f"hub {dataset_id}/{config}")
+    return list(_unique(records, f"hub {dataset_id}/{config}"))
 
 
 def read_source(source: str, hub_config: str) -> list[Record]:
@@ -359,5 +348,5 @@ TASK = Task(
     split=official_split,
     passage=passage,
     user_turn=user_turn,
-    stream=stream_source,
+    stream=lambda source, _: stream_file(Path(source).expanduser()),
 )

@@ -41,8 +41,8 @@ class Task:
             ("" where nothing may be cut).
         user_turn: `(record, passage, instruction) -> str`: the user's message, `passage`
             standing where the passage goes.
-        stream: `read`'s records one at a time, for sources too large to hold whole (a
-            local PQA-A file); None: the task's sources are all read whole.
+        stream: `(local file, hub_config) -> records`: `read`'s records of a local file one
+            at a time, for files too large to hold whole (PQA-A); None: always read whole.
     """
 
     name: str
@@ -77,8 +77,8 @@ def held_out(records: Sequence[Record]) -> Callable[[Record], bool]:
     return lambda r: r.id in ids or question(r) in questions
 
 
-def without_held_out(train: Iterable[Record], held: Sequence[Record], drop: bool, origin: str, counts: dict[str, Any],
-                     labels: Sequence[str]) -> Iterator[Record]:
+def without_held_out(train: Iterable[Record], held: Sequence[Record], drop: bool, origin: str, held_origin: str,
+                     counts: dict[str, Any], labels: Sequence[str]) -> Iterator[Record]:
     """`train`'s records that are not `held` questions (`held_out`), a record at a time. One
     that is is left out where `drop`; else, once every record is read, the whole source is
     refused, saying how many there are. Fills `counts`: records read, left out, and kept per
@@ -93,8 +93,8 @@ def without_held_out(train: Iterable[Record], held: Sequence[Record], drop: bool
             yield r
     if leaked and not drop:
         raise DataError(
-            f"--data.train_source {origin}: {len(leaked)} of its {read} questions are dev or test questions (same id "
-            f"or question; e.g. {', '.join(leaked[:5])}). Training on them would inflate every score: remove them "
-            "from the file, or pass --data.drop_eval_overlap true to leave them out"
+            f"--data.train_source {origin}: {len(leaked)} of its {read} questions are dev or test questions of "
+            f"{held_origin} (same id or question; e.g. {', '.join(leaked[:5])}). Training on them would inflate every "
+            "score: remove them from the file, or pass --data.drop_eval_overlap true to leave them out"
         )
     counts.update(read=read, left_out=len(leaked), labels=", ".join(f"{w} {n}" for w, n in zip(labels, kept)))
