@@ -217,15 +217,32 @@ def lora_weights(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k}
 
 
+class StepLosses(L.Callback):
+    """Each optimizer step's training loss: the sum of its batches' losses, which Lightning has
+    divided by the batches accumulated."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = batch_idx // trainer.accumulate_grad_batches
+        self.losses[step] = self.losses.get(step, 0.0) + float(outputs["loss"])
+
+
 def test_a_grown_micro_batch_trains_the_same_steps_and_resumes_on_it(medqa_cache, tmp_path, caplog):
-    """4 x 2 grown to 8 x 1 takes the same 8 questions an optimizer step (unbucketed order) to
-    the same weights; a resume from its checkpoint keeps 8 x 1, on a machine that would not
-    grow it, and ends where the uninterrupted run does."""
-    configured, trainer = fit(tmp_path, "auto", accumulate=2, grow=False, bucket_batches=0)
+    """4 x 2 grown to 8 x 1 takes the same 8 questions an optimizer step (unbucketed order),
+    with the same loss at every step, to the same weights; a resume from its checkpoint keeps
+    8 x 1, on a machine that would not grow it, and ends where the uninterrupted run does."""
+    configured_losses, grown_losses = StepLosses(), StepLosses()
+    configured, trainer = fit(tmp_path, "auto", [configured_losses], accumulate=2, grow=False, bucket_batches=0)
     assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (4, 2)
-    grown, trainer = fit(tmp_path, "auto", [Grown(8)], accumulate=2, grow=False, bucket_batches=0)
+    grown, trainer = fit(tmp_path, "auto", [Grown(8), grown_losses], accumulate=2, grow=False, bucket_batches=0)
     assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches, trainer.global_step) == (8, 1, 3)
     assert "Micro-batch auto: 8 questions x 1 accumulated (configured 4 x 2, the same 8 an optimizer step)" in caplog.text
+    assert len(grown_losses.losses) == 3 and grown_losses.losses.keys() == configured_losses.losses.keys()
+    for step, loss in grown_losses.losses.items():
+        assert loss == pytest.approx(configured_losses.losses[step], rel=1e-5), step
+    assert len(set(grown_losses.losses.values())) == 3  # the steps trained: each loss differs
     ours, theirs = lora_weights(grown), lora_weights(configured)
     assert ours.keys() == theirs.keys() and ours
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)

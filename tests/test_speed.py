@@ -178,3 +178,19 @@ def test_a_busy_machine_gets_advice_on_threads_and_a_free_one_none():
     note = busy_note(threads=2, load=4.5, cores=2)
     assert "load 4.5 on 2 cores" in note and "--threads 1 is faster here" in note and "last digits" in note
     assert busy_note(threads=8, load=3.6, cores=8) is None and "load 9.0 on 8 cores" in busy_note(8, 9.0, 8)
+
+
+def test_the_sync_sites_benchmark_runs_a_medqa_command_and_counts_its_batches(medqa_cache, tmp_path):
+    """benchmarks/sync_sites.py runs the medqa command in its own process and reports the
+    training batches it watched after the warm-up (on a CPU nothing synchronises)."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "sync_sites.py"), "--after", "2", "--", "fit",
+         "--model.pretrained", "builtin:tiny-llama", "--data.source", "synthetic", "--trainer.accelerator", "cpu",
+         "--model.backend", "hf", "--model.load_in_4bit", "false", "--model.dtype", "float32",
+         "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Host syncs in 3 training batches after the first 2: 0 at 0 sites" in done.stdout
+    assert (tmp_path / "medqa" / "fit-0" / "checkpoints" / "last.ckpt").exists()  # the command really ran
