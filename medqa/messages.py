@@ -46,11 +46,16 @@ def short(message: str) -> str:
     """jsonargparse's type errors in one line: the option, the value given and the types it
     takes (its own message nests every union member tried, 10 lines for a mistyped number)."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    given = re.search(r"Given value: (.*?)(?:\. Got value:|$)", message, re.MULTILINE)
-    expected = list(dict.fromkeys(re.findall(r"Expected an? <class '(\w+)'>", message)))
+    given = (re.search(r"Given value: (.*?)(?:\. Got value:|$)", message, re.MULTILINE)
+             or re.search(r"Got value: (.*)$", message, re.MULTILINE))  # a type alone, not a union
+    expected = []
+    for literal, kind in re.findall(r"Expected an? (?:typing\.Literal\[([^\]]*)\]|<class '(\w+)'>)", message):
+        names = re.findall(r"'([^']*)'", literal) if literal else ["null" if kind == "NoneType" else kind]
+        expected += [n for n in names if n not in expected]
     if keys and given:
         where = keys[0] + "".join(f" -> {k}" for k in keys[1:])
-        return f"--{where}: {given.group(1)!r} is not {' or '.join(expected) or 'a value this option takes'}"
+        takes = ", ".join(expected[:-1]) + f" or {expected[-1]}" if len(expected) > 1 else "".join(expected)
+        return f"--{where}: {given.group(1)!r} is not {takes or 'a value this option takes'}"
     return message.strip().split("\n")[0]
 
 

@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
+
+import pytest
 
 from medqa import hints
 
@@ -154,6 +157,25 @@ def test_a_value_of_the_wrong_type_is_one_line():
     done = run(["fit", "--config", DEMO, "--model.optimizer.init_args.lr", "abc"])
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 2, done.stderr
     assert done.stderr.startswith("medqa fit: error: --model.optimizer -> lr: 'abc' is not float")
+
+
+@pytest.mark.parametrize("kind, value, said", [
+    (int, "x", "--n: 'x' is not int"),
+    (int | None, "x", "--n: 'x' is not int or null"),
+    (Literal["best", "last"] | None, "true", "--n: 'true' is not best, last or null"),
+])
+def test_a_wrong_value_names_what_the_option_takes(kind, value, said):
+    """`--test_after_fit true` once said "'true' is not NoneType"; `--data.batch_size x` gave
+    jsonargparse's first line alone."""
+    from jsonargparse import ArgumentParser
+
+    from medqa.messages import short
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--n", type=kind)
+    with pytest.raises(Exception) as error:
+        parser.parse_args(["--n", value])
+    assert short(str(error.value)) == said
 
 
 def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path):
