@@ -100,7 +100,9 @@ class SpeedMonitor(L.Callback):
         # The newest step the GPU has finished: this one's rate would wait for the GPU.
         i = len(self.ends) - (2 if isinstance(self.ends[-1], torch.cuda.Event) else 1)
         if i >= 0 and self._passed(self.ends[i]):
-            pl_module.log("speed/tokens_per_s", self.tokens[i] / max(self._step_seconds(i), 1e-9), batch_size=1)
+            # A tensor on the host: Lightning would copy a Python float to the GPU, a host sync.
+            pl_module.log("speed/tokens_per_s", torch.tensor(self.tokens[i] / max(self._step_seconds(i), 1e-9)),
+                          batch_size=1)
         if self.profiler is not None and len(self.ends) == self.warmup_steps + self.profile_steps:
             self._sync(pl_module)
             profiled = range(self.warmup_steps, len(self.ends))
