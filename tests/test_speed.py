@@ -194,3 +194,12 @@ def test_the_sync_sites_benchmark_runs_a_medqa_command_and_counts_its_batches(me
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Host syncs in 3 training batches after the first 2: 0 at 0 sites" in done.stdout
     assert (tmp_path / "medqa" / "fit-0" / "checkpoints" / "last.ckpt").exists()  # the command really ran
+
+
+def test_the_lora_update_benchmark_computes_the_same_update_every_way():
+    """benchmarks/lora_update.py's three ways of adding LoRA's update (its GPU timings decide
+    between them) give the float32 reference's forward and input gradient on the CPU."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "lora_update.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "separate" in done.stdout and "epilogue" in done.stdout and "merged" in done.stdout
