@@ -26,7 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--after", type=int, default=8, help="training batches to leave out first (warm-up)")
-    p.add_argument("--frames", type=int, default=5, help="innermost Python frames that name a site")
+    p.add_argument("--frames", type=int, default=8, help="innermost Python frames that name a site")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the medqa command and its arguments")
     args = p.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
