@@ -20,7 +20,7 @@ from medqa.prompts import Reasoning, Target
 from medqa.records import DataError
 from medqa.samplers import LongestFirst, ResumableSampler
 from medqa.tasks import Record, get_task
-from medqa.tasks.task import without_held_out
+from medqa.tasks.task import counts_text, without_held_out
 from medqa.tokens import Example, PromptFormat, collate
 
 
@@ -215,7 +215,7 @@ class QADataModule(L.LightningDataModule):
         splits: dict[str, Iterable[Record]] = {**self.task.split(records, self.fold), "all": records}
         counts: dict[str, dict[str, Any]] = {
             name: {"origin": self.source, "records": len(recs), "left_out": 0,
-                   "labels": ", ".join(f"{w} {n}" for w, n in self.task.label_counts(recs).items())}
+                   "labels": counts_text(self.task.label_counts(recs))}
             for name, recs in splits.items()}
         if self.train_source is not None:
             local = self.task.stream is not None and Path(self.train_source).expanduser().is_file()

@@ -67,6 +67,11 @@ class Task:
         return {w: sum(r.label == i for r in records) for i, w in enumerate(self.labels)}
 
 
+def counts_text(counts: dict[str, int]) -> str:
+    """Records per label as the data summary prints them: "yes 3, no 2, maybe 1"."""
+    return ", ".join(f"{w} {n}" for w, n in counts.items())
+
+
 def held_out(records: Sequence[Record]) -> Callable[[Record], bool]:
     """Whether a record is one of `records`' questions: the same id, or the same question
     text (spaces and case aside)."""
@@ -97,4 +102,4 @@ def without_held_out(train: Iterable[Record], held: Sequence[Record], drop: bool
             f"{held_origin} (same id or question; e.g. {', '.join(leaked[:5])}). Training on them would inflate every "
             "score: remove them from the file, or pass --data.drop_eval_overlap true to leave them out"
         )
-    counts.update(read=read, left_out=len(leaked), labels=", ".join(f"{w} {n}" for w, n in zip(labels, kept)))
+    counts.update(read=read, left_out=len(leaked), labels=counts_text(dict(zip(labels, kept))))
