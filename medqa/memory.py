@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -32,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from medqa.backends import decoder_and_head
+from medqa.dequantize import extra_bytes, keep_dequantized
 
 GiB = 2**30
 MARGIN_BYTES = 2 * GiB  # allocator fragmentation, CUDA workspaces, the loss and head at a few positions
@@ -136,9 +138,11 @@ def limit_memory(limit_gib: float | None) -> int | None:
     return limit
 
 
-def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, limit_bytes: int | None = None) -> Plan:
+def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, limit_bytes: int | None = None,
+             extra_bytes: int = 0) -> Plan:
     """The plan for this process's card (or its `limit_memory`) and the longest training
-    batch, for a loaded PEFT model (every layer checkpointed so far)."""
+    batch, for a loaded PEFT model (every layer checkpointed so far), with `extra_bytes` more
+    in use than now (a base to be kept dequantized)."""
     decoder, _ = decoder_and_head(model)
     layers, config = len(decoder.layers), model.get_base_model().config
     cuda = torch.cuda.is_available()
@@ -153,8 +157,22 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, li
     # with Unsloth's offloaded variant.
     inputs = 0 if backend == "unsloth" else layers * longest_batch_tokens * config.hidden_size * dtype_bytes
     # In use after loading, LoRA gradients and AdamW's two moments, one recomputed layer, the inputs.
-    base = torch.cuda.memory_allocated(device) + 3 * lora + per_layer + inputs
+    base = torch.cuda.memory_allocated(device) + extra_bytes + 3 * lora + per_layer + inputs
     return choose(layers, per_layer, base, free + torch.cuda.memory_reserved(device), limit_bytes)
+
+
+def first_plan(model: Any, backend: str, dtype: str, longest_batch_tokens: int, limit_bytes: int | None,
+               dequantize: bool) -> Plan:
+    """The plan for `fit`'s first batch. With `dequantize` (`--model.keep_dequantized auto`) a
+    4-bit base is first kept dequantized where every layer still keeps its activations with it."""
+    plan = partial(plan_for, model, backend, dtype, longest_batch_tokens, limit_bytes)
+    chosen = plan()
+    if dequantize and chosen.free_bytes is not None and chosen.kept == chosen.layers:
+        extra = extra_bytes(model)
+        if extra and plan(extra).kept == chosen.layers:
+            keep_dequantized(model, "--model.keep_dequantized auto: every layer still keeps its activations")
+            chosen = plan()
+    return chosen
 
 
 def micro_batches(batch_size: int, accumulate: int) -> list[tuple[int, int]]:

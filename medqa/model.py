@@ -16,7 +16,8 @@ from torch import Tensor
 
 from medqa.backends import Backend, LoraSettings, continuations, decoder_and_head, keep_activations, load
 from medqa.checkpoints import base_fingerprint, misfits, starting_weights
-from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, limit_memory, plan_for
+from medqa.dequantize import keep_dequantized
+from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, first_plan, limit_memory
 from medqa.metrics import StageScores, answer_loss, confusion_figure, format_confusion, label_log_probs, write_hparams
 from medqa.schedules import WarmupCosine
 
@@ -38,6 +39,9 @@ class MedQALoRA(L.LightningModule):
         pretrained: Hub id or local directory of the base model, or `builtin:tiny-llama`.
         backend: `unsloth`, `hf` (transformers + peft + bitsandbytes) or `auto`.
         load_in_4bit: Load the base in 4-bit NF4 (QLoRA); false for 16-bit LoRA.
+        keep_dequantized: Dequantize a 4-bit base once and keep it in `dtype`: the same values,
+            no dequantization in each step, 2 bytes a weight. `auto`: in `fit`, where the card
+            still keeps every layer's activations with it (`medqa.dequantize`).
         dtype: The base's dtype, on a GPU or the CPU (bfloat16, taken as float16 on cards
             without bf16; float32).
         max_length: Longest sequence; linked to `data.max_length`, not set here.
@@ -80,6 +84,7 @@ class MedQALoRA(L.LightningModule):
         pretrained: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
         backend: Backend = "auto",
         load_in_4bit: bool = True,
+        keep_dequantized: bool | Literal["auto"] = "auto",
         dtype: str = "bfloat16",
         max_length: int = 1024,
         lora_r: int = 16,
@@ -105,14 +110,14 @@ class MedQALoRA(L.LightningModule):
             ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
             ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
             ("memory_limit_gib", memory_limit_gib, memory_limit_gib is None or memory_limit_gib > 0, "above 0"),
-            ("gradient_checkpointing", gradient_checkpointing, gradient_checkpointing in (True, False, "auto"),
-             "true, false or auto"),
+            *((name, value, value in (True, False, "auto"), "true, false or auto") for name, value in
+              (("gradient_checkpointing", gradient_checkpointing), ("keep_dequantized", keep_dequantized))),
         ):
             if not ok:
                 raise SettingsError(f"--model.{name} must be {expected}, got {value}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
-        self.max_length = max_length
+        self.max_length, self.keep_dequantized = max_length, keep_dequantized
         self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.memory_limit_gib, self._limit_bytes, self.grow_micro_batch = memory_limit_gib, None, grow_micro_batch
@@ -150,11 +155,10 @@ class MedQALoRA(L.LightningModule):
         self.model, self.resolved_backend = model, backend
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        rank_zero_info(
-            f"Loaded {self.pretrained} with the {backend} backend "
-            f"({'4-bit' if self.load_in_4bit else '16/32-bit'}); LoRA r={self.lora.r}: "
-            f"{trainable:,} trainable of {total:,} parameters."
-        )
+        rank_zero_info(f"Loaded {self.pretrained} with the {backend} backend ({'4-bit' if self.load_in_4bit else '16/32-bit'}); "
+                       f"LoRA r={self.lora.r}: {trainable:,} trainable of {total:,} parameters.")
+        if self.keep_dequantized is True:
+            keep_dequantized(model, "--model.keep_dequantized true")
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
@@ -192,8 +196,8 @@ class MedQALoRA(L.LightningModule):
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.gradient_checkpointing == "auto" and self.plan is None:
             # The first training batch says how long the data's longest batch can be.
-            self._use_plan(plan_for(self.model, self.resolved_backend, self.dtype_name, batch["longest_batch_tokens"],
-                                    self._limit_bytes))
+            self._use_plan(first_plan(self.model, self.resolved_backend, self.dtype_name, batch["longest_batch_tokens"],
+                                      self._limit_bytes, dequantize=self.keep_dequantized == "auto"))
 
     # ------------------------------------------------------------------ steps
 
