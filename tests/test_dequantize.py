@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -58,8 +61,14 @@ def test_auto_plans_the_memory_dequantizing_adds_and_leaves_a_cpu_run_in_4bit(me
     plan = first_plan(module.model, "hf", "float32", 512, None, dequantize=True)
     assert plan.free_bytes is None and any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
     extra = extra_bytes(module.model)
-    before, after = dequantize_base(module.model)
+    packed = [weakref.ref(m.weight) for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    gc.disable()  # the blocks must be free when it returns, not at the next collection
+    try:
+        before, after = dequantize_base(module.model)
+    finally:
+        gc.enable()
     assert extra > 0 and after - before == extra
+    assert packed and all(ref() is None for ref in packed)
     assert extra_bytes(module.model) == 0
 
 
