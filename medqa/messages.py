@@ -50,7 +50,7 @@ def short(message: str) -> str:
              or re.search(r"Got value: (.*)$", message, re.MULTILINE))  # a type alone, not a union
     expected = []
     for literal, kind in re.findall(r"Expected an? (?:typing\.Literal\[([^\]]*)\]|<class '(\w+)'>)", message):
-        names = re.findall(r"'([^']*)'", literal) if literal else ["null" if kind == "NoneType" else kind]
+        names = re.findall(r"'([^']*)'", literal) if literal else {"NoneType": ["null"], "bool": ["true", "false"]}.get(kind, [kind])
         expected += [n for n in names if n not in expected]
     if keys and given:
         where = keys[0] + "".join(f" -> {k}" for k in keys[1:])

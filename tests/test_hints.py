@@ -163,6 +163,7 @@ def test_a_value_of_the_wrong_type_is_one_line():
     (int, "x", "--n: 'x' is not int"),
     (int | None, "x", "--n: 'x' is not int or null"),
     (Literal["best", "last"] | None, "true", "--n: 'true' is not best, last or null"),
+    (bool | Literal["auto"], "maybe", "--n: 'maybe' is not true, false or auto"),
 ])
 def test_a_wrong_value_names_what_the_option_takes(kind, value, said):
     """`--test_after_fit true` once said "'true' is not NoneType"; `--data.batch_size x` gave
