@@ -38,7 +38,7 @@ def test_a_base_kept_dequantized_trains_and_scores_as_the_4bit_one(medqa_cache):
         for name, p in module.named_parameters():  # B starts at zero, which would leave A's gradients zero
             if "lora_B" in name:
                 p.data = torch.randn(p.shape, generator=g) * 0.1
-        loss, logp = module._loss(batch)
+        loss, logp = module._forward(batch)  # the answer loss and the label words' log-probs
         loss.backward()
         grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
         results.append((loss.detach(), logp.detach(), grads))
