@@ -36,7 +36,7 @@ def extra_bytes(model: Any) -> int:
     extra = 0
     for _, _, layer in _four_bit_layers(model):
         state = layer.weight.quant_state
-        dense = layer.in_features * layer.out_features * torch.empty((), dtype=state.dtype).element_size()
+        dense = layer.in_features * layer.out_features * state.dtype.itemsize
         extra += dense - layer.weight.numel() * layer.weight.element_size() - _quant_state_bytes(state)
     return extra
 
