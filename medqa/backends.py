@@ -43,6 +43,8 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     use_rslora: bool = False
+    layers: int | None = None
+    """LoRA on the top `layers` decoder layers only (those nearest the output); None: every layer."""
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -53,21 +55,29 @@ class LoraSettings:
         """From a run's `lora_*` settings (a checkpoint's hyper-parameters, hparams.yaml, the
         CLI's model namespace); what is not there takes the defaults."""
         return cls(hp.get("lora_r"), hp.get("lora_alpha"), hp.get("lora_dropout") or 0.0,
-                   hp.get("target_modules"), bool(hp.get("use_rslora", False)))
+                   hp.get("target_modules"), bool(hp.get("use_rslora", False)), hp.get("lora_layers"))
 
-    def peft_config(self, base_model: str | None = None) -> Any:
+    def layer_indices(self, num_layers: int) -> list[int] | None:
+        """The decoder layers that get adapters, for a model of `num_layers`; None: all."""
+        if self.layers is None or self.layers >= num_layers:
+            return None
+        return list(range(num_layers - self.layers, num_layers))
+
+    def peft_config(self, base_model: str | None = None, layers: list[int] | None = None) -> Any:
+        """PEFT's config; `layers`: the decoder layers with adapters (`layer_indices`), None: all."""
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules,
                           use_rslora=self.use_rslora, bias="none", task_type="CAUSAL_LM",
-                          base_model_name_or_path=base_model)
+                          base_model_name_or_path=base_model, layers_to_transform=layers)
 
     def differences(self, saved: Any) -> list[str]:
         """How the LoRA settings a run saved (its hyper-parameters) differ from these; settings
         it did not save count as equal, and target modules compare as sets."""
         ours = {"lora_r": self.r, "lora_alpha": self.alpha, "target_modules": self.target_modules,
-                "use_rslora": self.use_rslora}
-        theirs = {**ours, **{k: saved[k] for k in ours if k in saved}}
+                "use_rslora": self.use_rslora, "lora_layers": self.layers}
+        # Runs from before `lora_layers` put LoRA on every layer.
+        theirs = {**ours, "lora_layers": None, **{k: saved[k] for k in ours if k in saved}}
         theirs["target_modules"] = theirs["target_modules"] or LLAMA_LORA_TARGETS
         same = {"target_modules": lambda a, b: (isinstance(a, list) and all(isinstance(m, str) for m in a)
                                                 and set(a) == set(b))}  # an order means nothing; untrusted: names only
@@ -174,6 +184,7 @@ def load_unsloth(
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
         random_state=seed,
         use_rslora=lora.use_rslora,
+        layers_to_transform=lora.layer_indices(m.config.num_hidden_layers),
         max_seq_length=max_length,
     ), lora, pretrained)
     # Loading leaves the model in eval mode, and Lightning keeps the modes it finds: without
@@ -237,7 +248,8 @@ def load_hf(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = _add_lora(model, lambda m: get_peft_model(m, lora.peft_config()), lora, pretrained)
+    model = _add_lora(model, lambda m: get_peft_model(m, lora.peft_config(layers=lora.layer_indices(m.config.num_hidden_layers))),
+                      lora, pretrained)
     model.train()  # from_pretrained returns eval mode, which Lightning would keep
     return model, load_tokenizer(pretrained, trust_remote_code)
 

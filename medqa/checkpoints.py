@@ -187,7 +187,9 @@ def save_adapter(checkpoint: dict[str, Any], out: Path) -> None:
         key.removeprefix("model.").replace(".default.", "."): tensor.detach().contiguous().cpu()
         for key, tensor in checkpoint["state_dict"].items()
     }
-    config = LoraSettings.from_hparams(hp).peft_config(base_model=hp.get("pretrained"))
+    lora = LoraSettings.from_hparams(hp)
+    layers = sorted({int(m) for key in weights for m in re.findall(r"\.layers\.(\d+)\.", key)}) if lora.layers else None
+    config = lora.peft_config(base_model=hp.get("pretrained"), layers=layers)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
     try:
@@ -349,8 +351,10 @@ def starting_weights(path: Path, lora: LoraSettings, base: dict[str, Any],
                                   f"{type(e).__name__}: {e}") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{where}: adapter_config.json is not an object")
+        layers = config.get("layers_to_transform")
         hparams = {"lora_r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
                    "target_modules": config.get("target_modules"), "use_rslora": config.get("use_rslora", False),
+                   "lora_layers": len(layers) if isinstance(layers, list) else 1 if isinstance(layers, int) else None,
                    "lora_dropout": lora.dropout}  # dropout does not shape the weights
         named = str(config.get("base_model_name_or_path") or "")
         differs = lora.differences(hparams)

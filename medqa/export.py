@@ -26,7 +26,7 @@ from medqa.checkpoints import CheckpointError, load_checkpoint, save_adapter
 
 
 SHAPE_SETTINGS = {"lora_r": int, "lora_alpha": int, "lora_dropout": float, "target_modules": list, "use_rslora": bool,
-                  "load_in_4bit": bool, "max_length": int}
+                  "lora_layers": int, "load_in_4bit": bool, "max_length": int}
 """What `export` takes from a checkpoint: the adapter's shape, checked for type. What decides
 which code runs (the base model, backend, remote code, dtype) comes from the command line."""
 

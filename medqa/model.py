@@ -50,6 +50,8 @@ class MedQALoRA(L.LightningModule):
         lora_dropout: Dropout on the LoRA input (Unsloth is fastest with 0).
         target_modules: Linear layers that get LoRA adapters.
         use_rslora: Rank-stabilised LoRA scaling.
+        lora_layers: LoRA on the top N decoder layers only (those nearest the output); None:
+            every layer. The layers below then need no backward pass and keep no activations.
         gradient_checkpointing: Recompute activations in backward (Unsloth's own variant on
             that backend) to fit long sequences. `auto`: in `fit`, keep as many layers'
             activations as the card's free memory allows for the longest training batch,
@@ -92,6 +94,7 @@ class MedQALoRA(L.LightningModule):
         lora_dropout: float = 0.0,
         target_modules: list[str] | None = None,
         use_rslora: bool = False,
+        lora_layers: int | None = None,
         gradient_checkpointing: bool | Literal["auto"] = "auto",
         memory_limit_gib: float | None = None,
         grow_micro_batch: bool = True,
@@ -108,6 +111,7 @@ class MedQALoRA(L.LightningModule):
         for name, value, ok, expected in (
             ("lora_r", lora_r, lora_r >= 1, "1 or more"), ("lora_alpha", lora_alpha, lora_alpha > 0, "above 0"),
             ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
+            ("lora_layers", lora_layers, lora_layers is None or lora_layers >= 1, "1 or more (or null: every layer)"),
             ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
             ("memory_limit_gib", memory_limit_gib, memory_limit_gib is None or memory_limit_gib > 0, "above 0"),
             *((name, value, value in (True, False, "auto"), "true, false or auto") for name, value in
@@ -118,7 +122,7 @@ class MedQALoRA(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
         self.max_length, self.keep_dequantized = max_length, keep_dequantized
-        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora)
+        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora, lora_layers)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.memory_limit_gib, self._limit_bytes, self.grow_micro_batch = memory_limit_gib, None, grow_micro_batch
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
