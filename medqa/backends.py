@@ -149,12 +149,12 @@ def _device_map() -> dict[str, Any] | None:
 
 
 def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise BackendError(f"--model.dtype {name!r} is not a torch dtype (use bfloat16, float16 or float32)")
-    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return dtype
+    from medqa.dtypes import DtypeError, compute_dtype
+
+    try:
+        return compute_dtype(name)
+    except DtypeError as e:
+        raise BackendError(str(e)) from None
 
 
 def load_unsloth(

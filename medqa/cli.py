@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa import hints
@@ -40,6 +41,7 @@ from medqa.records import DataError
 from medqa.results import write_json
 from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, drop_empty_event_files, resuming, runs
 from medqa.speed import SpeedMonitor, busy_note
+from medqa.stopping import StopOnSigterm, StoppedBySignal
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 TRAINER_DEFAULTS = {
@@ -233,11 +235,20 @@ class MedQACLI(LightningCLI):
             notes.append("--trainer.logger false: no TensorBoard curves, learning-rate curve or config.yaml")
         for note in notes:
             rank_zero_info(f"Note: {note}.")
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(config, [*callbacks, StopOnSigterm()])
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except StoppedBySignal as stop:
+            if self.trainer.is_global_zero:
+                print(f"medqa {subcommand}: stopped by {signal.Signals(stop.signum).name} after step {stop.step}; "
+                      + (f"saved {stop.saved}. Continue with: {hints.interrupted(self.argv)}" if stop.saved
+                         else "no checkpoint was saved."), file=sys.stderr)
+            raise
+        except SIGTERMException:  # Lightning's, before training starts or outside fit: nothing to save
+            print(f"medqa {subcommand}: stopped by SIGTERM before it finished; nothing was saved.", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
         except SystemExit:  # Lightning's answer to Ctrl-C
             if subcommand == "fit" and self.trainer.interrupted and self.trainer.is_global_zero:
                 last = self.trainer.checkpoint_callbacks[1:2]

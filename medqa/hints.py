@@ -78,8 +78,16 @@ def after_fit(argv: list[str], best: str | None, run_dir: str, pretrained: str, 
 
 
 def interrupted(argv: list[str]) -> str:
-    """What to run to continue a fit stopped with Ctrl-C."""
-    return medqa("fit", run_options(argv), "--ckpt_path", "last")
+    """What to run to continue a stopped fit (Ctrl-C, SIGTERM): its whole command line, every
+    option that shapes the training included (epochs, steps, accumulation), from `last`."""
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i].split("=", 1)[0] == "--ckpt_path":
+            i += 1 if "=" in argv[i] else 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    return medqa("fit", kept, "--ckpt_path", "last")
 
 
 def quote(text: str) -> str:

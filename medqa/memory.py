@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from medqa.backends import decoder_and_head
 from medqa.dequantize import extra_bytes, keep_dequantized
+from medqa.dtypes import compute_dtype
 
 GiB = 2**30
 MARGIN_BYTES = 2 * GiB  # allocator fragmentation, CUDA workspaces, the loss and head at a few positions
@@ -146,7 +147,7 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, li
     decoder, _ = decoder_and_head(model)
     layers, config = len(decoder.layers), model.get_base_model().config
     cuda = torch.cuda.is_available()
-    dtype_bytes = 2 if cuda and dtype in ("bfloat16", "float16") else 4
+    dtype_bytes = compute_dtype(dtype).itemsize if cuda else 4
     per_layer = activation_bytes_per_token(config, dtype_bytes) * longest_batch_tokens
     if not cuda:
         return choose(layers, per_layer, 0, None)

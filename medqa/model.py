@@ -42,8 +42,9 @@ class MedQALoRA(L.LightningModule):
         keep_dequantized: Dequantize a 4-bit base once and keep it in `dtype`: the same values,
             no dequantization in each step, 2 bytes a weight. `auto`: in `fit`, where the card
             still keeps every layer's activations with it (`medqa.dequantize`).
-        dtype: The base's dtype, on a GPU or the CPU (bfloat16, taken as float16 on cards
-            without bf16; float32).
+        dtype: The base's dtype, on a GPU or the CPU: `auto` (bfloat16 on a GPU, and on a CPU
+            whose bf16 units a probe confirms; float32 on other CPUs), bfloat16 (float16 on cards
+            without bf16), float32.
         max_length: Longest sequence; linked to `data.max_length`, not set here.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
@@ -87,7 +88,7 @@ class MedQALoRA(L.LightningModule):
         backend: Backend = "auto",
         load_in_4bit: bool = True,
         keep_dequantized: bool | Literal["auto"] = "auto",
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_length: int = 1024,
         lora_r: int = 16,
         lora_alpha: int = 16,

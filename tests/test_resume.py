@@ -38,13 +38,41 @@ def global_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"] if path.exists() else -1
 
 
+@pytest.fixture(scope="module")
+def whole_runs(tmp_path_factory):
+    """The uninterrupted fit for each (accumulate, every), run once for the tests that compare with it."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def whole(accumulate: int, every: int) -> Path:
+        if (accumulate, every) not in made:
+            logs = tmp_path_factory.mktemp(f"whole-{accumulate}-{every}")
+            done = subprocess.run(fit_args(logs, accumulate, every), cwd=ROOT, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[accumulate, every] = logs / "demo" / "fit-0"
+        return made[accumulate, every]
+
+    return whole
+
+
+def assert_same_run(whole: Path, resumed: Path, total: int) -> None:
+    """The resumed run ends with the uninterrupted run's weights and logged the same losses."""
+    want = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert want["global_step"] == got["global_step"] == total
+    assert want["state_dict"].keys() == got["state_dict"].keys()
+    for name, tensor in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][name], tensor, rtol=1e-6, atol=1e-9, msg=name)
+
+    want_losses, got_losses = losses(whole), losses(resumed)
+    assert sorted(want_losses) == sorted(got_losses) and max(got_losses) >= total - 1
+    for step, value in want_losses.items():
+        assert got_losses[step] == pytest.approx(value, rel=1e-6), f"step {step}"
+
+
 @pytest.mark.parametrize("accumulate, every, kill_after", [(1, 4, 16), (2, 3, 9)], ids=["plain", "accumulate2"])
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, accumulate, every, kill_after):
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, whole_runs, accumulate, every, kill_after):
     steps_per_epoch = 12 // accumulate
     assert kill_after % steps_per_epoch != 0  # the checkpoint we resume from is mid-epoch
-
-    whole = subprocess.run(fit_args(tmp_path / "whole", accumulate, every), cwd=ROOT, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-3000:]
 
     logs = tmp_path / "cut"
     args = fit_args(logs, accumulate, every)
@@ -68,15 +96,38 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, accumulate, every, kil
     resumed = subprocess.run(args + ["--ckpt_path", "last"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    total = 3 * steps_per_epoch
-    want = torch.load(tmp_path / "whole" / "demo" / "fit-0" / "checkpoints" / "last.ckpt", weights_only=True)
-    got = torch.load(ckpts / "last.ckpt", weights_only=True)
-    assert want["global_step"] == got["global_step"] == total
-    assert want["state_dict"].keys() == got["state_dict"].keys()
-    for name, tensor in want["state_dict"].items():
-        torch.testing.assert_close(got["state_dict"][name], tensor, rtol=1e-6, atol=1e-9, msg=name)
+    assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", 3 * steps_per_epoch)
 
-    want_losses, got_losses = losses(tmp_path / "whole" / "demo" / "fit-0"), losses(logs / "demo" / "fit-0")
-    assert sorted(want_losses) == sorted(got_losses) and max(got_losses) >= total - 1
-    for step, value in want_losses.items():
-        assert got_losses[step] == pytest.approx(value, rel=1e-6), f"step {step}"
+
+def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(tmp_path, whole_runs):
+    """SIGTERM mid-fit (accumulating 2 batches a step): the run finishes the optimizer step in
+    progress, saves last.ckpt there, exits 143 with one line naming the command that continues,
+    and that command ends where the uninterrupted run ends."""
+    accumulate, every = 2, 3  # the whole run of the SIGKILL test's accumulate2 case
+    logs = tmp_path / "cut"
+    args = fit_args(logs, accumulate, every)
+    ckpts = logs / "demo" / "fit-0" / "checkpoints"
+    run = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while global_step(ckpts / "last.ckpt") < every and run.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert run.poll() is None, "the fit ended before it could be stopped"
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("medqa fit: stopped by SIGTERM")]
+    assert len(said) == 1, stderr[-3000:]
+    step = int(said[0].split("after step ")[1].split(";")[0])
+    assert every <= step < 3 * 12 // accumulate  # stopped before the end, at a step boundary it counted
+    assert f"saved {ckpts / 'last.ckpt'}. Continue with: " in said[0] and said[0].endswith("--ckpt_path last")
+    assert global_step(ckpts / "last.ckpt") == step  # saved where it stopped, not at the last periodic save
+    assert not list(ckpts.glob("*.tmp"))
+
+    command = said[0].split("Continue with: ")[1]
+    resumed = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", 3 * 12 // accumulate)
