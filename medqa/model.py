@@ -14,12 +14,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from medqa.backends import Backend, LoraSettings, continuations, decoder_and_head, keep_activations, load
+from medqa.backends import Backend, LoraSettings, decoder_and_head, keep_activations, load
 from medqa.checkpoints import base_fingerprint, misfits, starting_weights
 from medqa.dequantize import keep_dequantized
 from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, first_plan, limit_memory
-from medqa.metrics import StageScores, answer_loss, confusion_figure, format_confusion, label_log_probs, write_hparams
+from medqa.frozen import FrozenLayers, frozen_layers
+from medqa.metrics import StageScores, answer_loss, write_hparams
 from medqa.schedules import WarmupCosine
+from medqa.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class CheckpointMismatch(RuntimeError):
     """A checkpoint whose adapter does not fit the model built for this run."""
 
 
-class MedQALoRA(L.LightningModule):
+class MedQALoRA(Scoring, L.LightningModule):
     """LoRA fine-tuning of a (4-bit) Llama for yes/no/maybe answers.
 
     Args:
@@ -53,6 +55,10 @@ class MedQALoRA(L.LightningModule):
         use_rslora: Rank-stabilised LoRA scaling.
         lora_layers: LoRA on the top N decoder layers only (those nearest the output); None:
             every layer. The layers below then need no backward pass and keep no activations.
+        cache_frozen: Compute the frozen layers below the lowest LoRA layer once per question
+            and keep what they give (on disk, under the medqa cache), so each step, epoch and
+            later command on the same base runs only the top layers (`medqa.frozen`). `auto`:
+            where `lora_layers` leaves layers below, on the hf backend.
         gradient_checkpointing: Recompute activations in backward (Unsloth's own variant on
             that backend) to fit long sequences. `auto`: in `fit`, keep as many layers'
             activations as the card's free memory allows for the longest training batch,
@@ -96,6 +102,7 @@ class MedQALoRA(L.LightningModule):
         target_modules: list[str] | None = None,
         use_rslora: bool = False,
         lora_layers: int | None = None,
+        cache_frozen: bool | Literal["auto"] = "auto",
         gradient_checkpointing: bool | Literal["auto"] = "auto",
         memory_limit_gib: float | None = None,
         grow_micro_batch: bool = True,
@@ -116,13 +123,14 @@ class MedQALoRA(L.LightningModule):
             ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
             ("memory_limit_gib", memory_limit_gib, memory_limit_gib is None or memory_limit_gib > 0, "above 0"),
             *((name, value, value in (True, False, "auto"), "true, false or auto") for name, value in
-              (("gradient_checkpointing", gradient_checkpointing), ("keep_dequantized", keep_dequantized))),
+              (("gradient_checkpointing", gradient_checkpointing), ("keep_dequantized", keep_dequantized),
+               ("cache_frozen", cache_frozen))),
         ):
             if not ok:
                 raise SettingsError(f"--model.{name} must be {expected}, got {value}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
-        self.max_length, self.keep_dequantized = max_length, keep_dequantized
+        self.max_length, self.keep_dequantized, self.cache_frozen = max_length, keep_dequantized, cache_frozen
         self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora, lora_layers)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.memory_limit_gib, self._limit_bytes, self.grow_micro_batch = memory_limit_gib, None, grow_micro_batch
@@ -135,6 +143,7 @@ class MedQALoRA(L.LightningModule):
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
         self.resolved_backend: str | None = None
+        self.frozen: FrozenLayers | None = None  # the frozen layers below LoRA, when computed once
         if answer_tokens is None:
             raise SettingsError("MedQALoRA needs answer_tokens: the CLI links them from the data; in code pass "
                                 "answer_tokens=datamodule.answer_tokens")
@@ -164,6 +173,7 @@ class MedQALoRA(L.LightningModule):
                        f"LoRA r={self.lora.r}: {trainable:,} trainable of {total:,} parameters.")
         if self.keep_dequantized is True:
             keep_dequantized(model, "--model.keep_dequantized true")
+        self.frozen = frozen_layers(model, self.lora, self.cache_frozen, backend)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
@@ -215,6 +225,8 @@ class MedQALoRA(L.LightningModule):
         and in evaluation alike; with one, Unsloth builds a 4D mask in eval mode and falls
         back to a slower kernel.
         """
+        if self.frozen is not None:
+            return self.frozen.hidden_states(input_ids, attention_mask)
         decoder, _ = decoder_and_head(self.model)
         out = decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
         return out[0]
@@ -224,16 +236,6 @@ class MedQALoRA(L.LightningModule):
         _, head = decoder_and_head(self.model)
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
         return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"], batch.get("weight")), hidden
-
-    def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(answer loss, log-probs of the label words) for a batch, from one forward pass."""
-        loss, hidden = self._loss(batch)
-        _, head = decoder_and_head(self.model)
-        logp = label_log_probs(
-            self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id,
-            self.label_first_ids,
-        )
-        return loss, logp
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self._batch = batch  # for a retry after an out-of-memory error in backward
@@ -303,40 +305,6 @@ class MedQALoRA(L.LightningModule):
             self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         return self._trainable
 
-    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
-        loss, logp = self._forward(batch)
-        getattr(self, f"{stage}_scores").add(logp, batch["label"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=logp.size(0), sync_dist=True)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_stage("val")
-
-    def on_test_epoch_end(self) -> None:
-        matrix = self._log_stage("test")
-        rank_zero_info("Test confusion matrix:\n" + format_confusion(matrix, self.labels))
-
-    def _log_stage(self, stage: str) -> Tensor:
-        """Log a stage's accuracy, macro-F1, per-class F1 and calibration error; draw its
-        confusion matrix into TensorBoard. Returns the matrix."""
-        scores = getattr(self, f"{stage}_scores")
-        values, matrix = scores.compute()
-        per_class = values.pop(f"{stage}/f1")
-        values.update({f"{stage}/f1_{w}": f for w, f in zip(self.labels, per_class)})
-        # Already the same on every process (torchmetrics synchronises in compute); sync_dist
-        # only tells Lightning so.
-        self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True, sync_dist=True)
-        self.log_dict(values, sync_dist=True)
-        if isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self.logger.experiment.add_figure(f"{stage}/confusion_matrix",
-                                              confusion_figure(scores.confusion, matrix, self.labels), self.global_step)
-        return matrix
-
     def on_train_start(self) -> None:
         # A resume under another step limit (a finished run given more epochs) restores a
         # schedule that ends elsewhere, for a finished run already at learning rate 0.
@@ -361,17 +329,6 @@ class MedQALoRA(L.LightningModule):
             settings = {f"model/{k}": v for k, v in self.hparams.items()}
             settings.update({f"data/{k}": v for k, v in (dm.hparams.items() if dm is not None else [])})
             write_hparams(self.logger, settings, ["val/acc", "val/macro_f1", "val/ece", "val/loss"])
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        _, logp = self._forward(batch)
-        probs = logp.softmax(-1).float().cpu()
-        out = {"ids": batch["ids"], "probs": probs, "truth": batch["label"].cpu()}
-        if self.rationale_tokens > 0:  # after each scored decision, a request to explain it
-            prompts = [batch["input_ids"][i, : int(batch["answer_pos"][i])].tolist() + self.label_ids[d]
-                       + self.rationale_suffix[d] for i, d in enumerate(probs.argmax(-1).tolist())]
-            out["rationale_ids"] = continuations(self.model, prompts, self.rationale_tokens, self.pad_id,
-                                                 self.resolved_backend == "unsloth")
-        return out
 
     # ------------------------------------------------------------------ optimisation
 
