@@ -24,7 +24,7 @@ have to change plan at the same backward, so there the error ends the run).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from medqa.backends import decoder_and_head
 from medqa.dequantize import extra_bytes, keep_dequantized
+from medqa import memory_cpu
 from medqa.dtypes import compute_dtype
 
 GiB = 2**30
@@ -58,6 +59,8 @@ class Plan:
         free_bytes: Free card memory the plan was sized for; None where nothing was measured
             (no GPU: there every layer keeps its activations).
         limited: `free_bytes` is `--model.memory_limit_gib`, not all the card had free.
+        first: The lowest layer the plan covers: layers below it hold no LoRA and keep nothing.
+        cpu: Planned for the machine's available memory (`medqa.memory_cpu`), not a card's.
     """
 
     layers: int
@@ -66,6 +69,8 @@ class Plan:
     base_bytes: int
     free_bytes: int | None
     limited: bool = False
+    first: int = 0
+    cpu: bool = False
 
     @property
     def estimate_bytes(self) -> int:
@@ -75,7 +80,7 @@ class Plan:
         """The kept layers' indices, spread evenly over the stack."""
         if self.kept <= 0:
             return []
-        return [(k + 1) * self.layers // self.kept - 1 for k in range(self.kept)]
+        return [self.first + (k + 1) * self.layers // self.kept - 1 for k in range(self.kept)]
 
     def name(self) -> str:
         if self.kept >= self.layers:
@@ -87,10 +92,11 @@ class Plan:
     def describe(self) -> str:
         estimate = f"about {self.estimate_bytes / GiB:.1f} GiB"
         if self.free_bytes is None:
-            return f"Gradient checkpointing auto: {self.name()}; no GPU, so no memory limit to plan for."
+            return f"Gradient checkpointing auto: {self.name()}; no memory limit could be read to plan for."
+        where = "of available memory" if self.cpu else "the card had free"
         return (f"Gradient checkpointing auto: {self.name()}; {estimate} at the longest batch "
                 f"({self.per_layer_bytes / GiB:.2f} GiB a kept layer), of {self.free_bytes / GiB:.1f} GiB "
-                + ("allowed by --model.memory_limit_gib." if self.limited else "the card had free."))
+                + ("allowed by --model.memory_limit_gib." if self.limited else f"{where}."))
 
 
 def activation_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
@@ -104,7 +110,7 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
 
 
 def choose(layers: int, per_layer_bytes: int, base_bytes: int, free_bytes: int | None,
-           limit_bytes: int | None = None) -> Plan:
+           limit_bytes: int | None = None, margin_bytes: int = MARGIN_BYTES) -> Plan:
     """The plan that keeps the most layers' activations and still fits `free_bytes` (or
     `limit_bytes`, where smaller) with the margin; every layer keeps them where nothing was
     measured (`free_bytes` None)."""
@@ -112,7 +118,7 @@ def choose(layers: int, per_layer_bytes: int, base_bytes: int, free_bytes: int |
         return Plan(layers, layers, per_layer_bytes, base_bytes, None)
     limited = limit_bytes is not None and limit_bytes < free_bytes
     available = limit_bytes if limited else free_bytes
-    usable = available * (1 - MARGIN_FRACTION) - MARGIN_BYTES - base_bytes
+    usable = available * (1 - MARGIN_FRACTION) - margin_bytes - base_bytes
     kept = int(usable // per_layer_bytes) if per_layer_bytes > 0 else layers
     return Plan(layers, max(0, min(layers, kept)), per_layer_bytes, base_bytes, available, limited)
 
@@ -122,16 +128,18 @@ def fallback(plan: Plan) -> Plan | None:
     every layer is already recomputed."""
     if plan.kept == 0:
         return None
-    return Plan(plan.layers, plan.kept // 2, plan.per_layer_bytes, plan.base_bytes, plan.free_bytes, plan.limited)
+    return replace(plan, kept=plan.kept // 2)
 
 
 def limit_memory(limit_gib: float | None) -> int | None:
     """Hold this process's CUDA allocator to `limit_gib` (`--model.memory_limit_gib`: a card
     shared with other work, or a smaller card's plan tried on a larger one); past it an
-    allocation fails as on a card of that size. The limit in bytes; None without one or
-    without a GPU."""
-    if limit_gib is None or not torch.cuda.is_available():
+    allocation fails as on a card of that size. Without a GPU the plan keeps within it, and
+    nothing else holds the process to it. The limit in bytes; None without one."""
+    if limit_gib is None:
         return None
+    if not torch.cuda.is_available():
+        return int(limit_gib * GiB)
     device = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(device).total_memory
     limit = min(int(limit_gib * GiB), total)
@@ -146,17 +154,15 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, li
     in use than now (a base to be kept dequantized)."""
     decoder, _ = decoder_and_head(model)
     layers, config = len(decoder.layers), model.get_base_model().config
-    cuda = torch.cuda.is_available()
-    dtype_bytes = compute_dtype(dtype).itemsize if cuda else 4
-    per_layer = activation_bytes_per_token(config, dtype_bytes) * longest_batch_tokens
-    if not cuda:
-        return choose(layers, per_layer, 0, None)
+    if not torch.cuda.is_available():
+        return memory_cpu.plan_for(model, compute_dtype(dtype), longest_batch_tokens, limit_bytes)
+    per_layer = activation_bytes_per_token(config, compute_dtype(dtype).itemsize) * longest_batch_tokens
     device = torch.cuda.current_device()
     free, _ = torch.cuda.mem_get_info(device)
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     # Checkpointed layers keep their inputs: on the card with transformers, in CPU memory
     # with Unsloth's offloaded variant.
-    inputs = 0 if backend == "unsloth" else layers * longest_batch_tokens * config.hidden_size * dtype_bytes
+    inputs = 0 if backend == "unsloth" else layers * longest_batch_tokens * config.hidden_size * compute_dtype(dtype).itemsize
     # In use after loading, LoRA gradients and AdamW's two moments, one recomputed layer, the inputs.
     base = torch.cuda.memory_allocated(device) + extra_bytes + 3 * lora + per_layer + inputs
     return choose(layers, per_layer, base, free + torch.cuda.memory_reserved(device), limit_bytes)
@@ -196,13 +202,33 @@ def grow(batch_size: int, accumulate: int, plan: Callable[[int], Plan]) -> tuple
     raise AssertionError("micro_batches always ends with the configured pair")
 
 
+def smaller_micro_batches(batch_size: int, accumulate: int) -> list[tuple[int, int]]:
+    """(questions a micro-batch, micro-batches a step) with the configured questions an
+    optimizer step, from the configured micro-batch down to one question: 8 x 1 gives 8 x 1,
+    4 x 2, 2 x 4 and 1 x 8."""
+    total = batch_size * accumulate
+    return [(m, total // m) for m in range(batch_size, 0, -1) if total % m == 0]
+
+
+def shrink(batch_size: int, accumulate: int, plan: Callable[[int], Plan]) -> tuple[int, int, Plan]:
+    """Without a GPU: the largest micro-batch of `smaller_micro_batches` whose `plan` keeps
+    every layer's activations, else one question with its partial plan (`medqa.memory_cpu`
+    says why a smaller micro-batch comes before recomputation there)."""
+    for micro, steps in smaller_micro_batches(batch_size, accumulate):
+        chosen = plan(micro)
+        if chosen.kept >= chosen.layers:
+            return micro, steps, chosen
+    return micro, steps, chosen
+
+
 class MicroBatch(L.Callback):
     """`fit` with `--model.gradient_checkpointing auto` (and `--model.grow_micro_batch true`):
-    before the first batch, train on the largest micro-batch (`grow`) with the configured
-    questions an optimizer step, by raising `data.batch_size` and lowering the trainer's
-    `accumulate_grad_batches` together. Every process takes the smallest choice of all.
-    A resume keeps the micro-batch its checkpoint trained with (its state), so the resumed
-    order is the same; without a GPU nothing is measured and nothing changes."""
+    before the first batch, train on the largest micro-batch that keeps every layer's
+    activations (`grow` on a GPU; `shrink` without one, where the configured one does not fit
+    the machine's memory) with the configured questions an optimizer step, by changing
+    `data.batch_size` and the trainer's `accumulate_grad_batches` together. Every process
+    takes the smallest choice of all. A resume keeps the micro-batch its checkpoint trained
+    with (its state), so the resumed order is the same."""
 
     def __init__(self) -> None:
         self.trainer: L.Trainer | None = None
@@ -221,15 +247,14 @@ class MicroBatch(L.Callback):
         self._apply(trainer, micro)
 
     def choose(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        """This process's micro-batch: `grow` on its card's free memory; the configured one
-        without a GPU."""
-        if not torch.cuda.is_available():
-            return self.configured[0]
+        """This process's micro-batch: `grow` on its card's free memory, `shrink` on the
+        machine's without a GPU."""
         with trainer.strategy.tensor_init_context():  # as Lightning calls it; it loads once
             pl_module.configure_model()
         model, backend, dtype, limit = pl_module.model, pl_module.resolved_backend, pl_module.dtype_name, pl_module._limit_bytes
         tokens = trainer.datamodule.micro_batch_tokens
-        return grow(*self.configured, lambda m: plan_for(model, backend, dtype, tokens(m), limit))[0]
+        pick = grow if torch.cuda.is_available() else shrink
+        return pick(*self.configured, lambda m: plan_for(model, backend, dtype, tokens(m), limit))[0]
 
     def _apply(self, trainer: L.Trainer, micro: int) -> None:
         batch, accumulate = self.configured
@@ -240,7 +265,7 @@ class MicroBatch(L.Callback):
         self.chosen = (micro, trainer.accumulate_grad_batches)
         rank_zero_info(f"Micro-batch auto: {micro} questions x {self.chosen[1]} accumulated "
                        f"(configured {batch} x {accumulate}, the same {batch * accumulate} an optimizer step): "
-                       "the largest that keeps every layer's activations.")
+                       "the largest that keeps every layer's activations (the plan below says if one question does not).")
 
     @property
     def state_key(self) -> str:
@@ -255,6 +280,6 @@ class MicroBatch(L.Callback):
         if self.configured is None or not isinstance(state, dict) or not isinstance(state.get("chosen"), (list, tuple)):
             return
         micro = state["chosen"][0] if state["chosen"] else None
-        allowed = [m for m, _ in micro_batches(*self.configured)]  # a saved value is untrusted
+        allowed = [m for m, _ in micro_batches(*self.configured) + smaller_micro_batches(*self.configured)]  # untrusted
         if state.get("configured") in (self.configured, list(self.configured)) and type(micro) is int and micro in allowed:
             self._apply(self.trainer, micro)

@@ -68,7 +68,8 @@ class MedQALoRA(Scoring, L.LightningModule):
             `data.batch_size` x `trainer.accumulate_grad_batches` questions (8 x 2 can become 16 x 1).
         memory_limit_gib: Hold this process to this much GPU memory (a shared card, or a
             smaller card's plan tried on a larger one): `auto` plans within it and the
-            allocator refuses more. None: the whole card. No effect without a GPU.
+            allocator refuses more. Without a GPU, `auto` plans within this much of the
+            machine's memory (nothing else holds the process to it). None: all there is.
         trust_remote_code: Let the hub model run its own Python code. Off unless you trust it.
         nonfinite: On a NaN or infinite training loss (in any process): `error` stops the run
             naming the step and the questions in the batch; `skip` leaves the batch out of its

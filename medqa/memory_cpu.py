@@ -1,0 +1,135 @@
+"""`--model.gradient_checkpointing auto` without a GPU: the plan from the machine's available
+memory instead of a card's.
+
+Two things differ from the GPU plan (`medqa.memory`):
+- What a layer keeps is measured, not modelled: one adapted decoder layer runs forward once
+  over a short random sequence while `saved_tensors_hooks` count what autograd keeps for
+  backward (the model's own weights left out), giving bytes a token for this model, dtype and
+  attention kernel. On SmolLM2-135M in float32 on 2 CPU cores the whole forward of a batch of 8
+  x 889 tokens with LoRA on all 30 layers held 13.9 GiB, 65 KiB a token and layer: twice what
+  the GPU model's 5 x hidden + 3 x intermediate values give, since the CPU's kernels are not
+  fused.
+- A smaller micro-batch comes first (`MicroBatch` shrinks it, accumulating more, so an
+  optimizer step keeps its questions): on a CPU the products of a micro-batch are large
+  enough at any size, so it costs no speed, while each recomputed layer costs a third more
+  compute. Layers are recomputed only where one question's activations do not fit.
+
+glibc's malloc, left to itself, keeps large freed blocks in its heap once a few have been freed
+(its mmap threshold grows with each), and a CPU forward with gradients then held 1.6x what
+autograd keeps (65 against 41 KiB a token and layer above; 15.3 against 9.2 GiB at the peak).
+`return_freed_memory` fixes the threshold so every large block goes back to the system
+when freed; medqa calls it as a command starts.
+
+Available memory is /proc/meminfo's MemAvailable, or a cgroup's limit less its use where
+that is lower (a container), or `--model.memory_limit_gib`, whichever is least.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GiB = 2**30
+PROBE_TOKENS = 64
+MARGIN_BYTES = GiB // 2  # the allocator's fragmentation, the loss and head, the optimizer's temporaries
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Have glibc's malloc serve blocks from `threshold` bytes up by mmap and return them when
+    freed (a fixed threshold, which also stops it from growing); False where the C library is
+    not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, or less where a cgroup (v2) limits it;
+    None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc cannot tell)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def saved_bytes_per_token(layer: torch.nn.Module, hidden_size: int, dtype: torch.dtype, rotary: Any) -> int:
+    """What `layer` keeps for backward per token, measured over `PROBE_TOKENS` random tokens
+    (its own parameters left out: they are in memory anyway)."""
+    own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(1, PROBE_TOKENS, hidden_size, dtype=dtype, requires_grad=True)
+    position_ids = torch.arange(PROBE_TOKENS).unsqueeze(0)
+    # `forward` itself: as a kept layer (its __call__ would checkpoint), and without its hooks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer.forward(x, attention_mask=None, position_ids=position_ids,
+                            position_embeddings=rotary(x, position_ids=position_ids))
+    del out
+    return -(-sum(seen.values()) // PROBE_TOKENS)
+
+
+def adapted_layers(model: Any) -> list[int]:
+    """The decoder layers that hold trainable (LoRA) weights: only they keep activations, since
+    nothing below the lowest of them needs a gradient."""
+    from medqa.backends import decoder_and_head
+
+    decoder, _ = decoder_and_head(model)
+    adapted = [i for i, layer in enumerate(decoder.layers) if any(p.requires_grad for p in layer.parameters())]
+    return adapted or list(range(len(decoder.layers)))
+
+
+def plan_for(model: Any, dtype: torch.dtype, longest_batch_tokens: int, limit_bytes: int | None) -> Any:
+    """The plan for this machine's available memory (or `limit_bytes`, where smaller) and the
+    longest training batch, over the adapted layers."""
+    from medqa.backends import decoder_and_head
+    from medqa.memory import choose
+
+    decoder, _ = decoder_and_head(model)
+    adapted = adapted_layers(model)
+    hidden = model.get_base_model().config.hidden_size
+    per_layer = saved_bytes_per_token(decoder.layers[adapted[0]], hidden, dtype, decoder.rotary_emb) * longest_batch_tokens
+    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    inputs = len(adapted) * longest_batch_tokens * hidden * dtype.itemsize  # what recomputed layers keep
+    # LoRA gradients and AdamW's two moments, one recomputed layer, the recomputed layers' inputs.
+    base = 3 * lora + per_layer + inputs
+    if limit_bytes is not None:  # the limit is the whole process's: what it holds already counts
+        limit_bytes -= resident_bytes()
+    plan = choose(len(adapted), per_layer, base, available_bytes(), limit_bytes, MARGIN_BYTES)
+    return type(plan)(**{**plan.__dict__, "first": adapted[0], "cpu": True})

@@ -1,0 +1,92 @@
+"""`--model.gradient_checkpointing auto` without a GPU (`medqa.memory_cpu`), and the memory a
+training step at SmolLM2-135M's shapes holds, which CI guards: a regression fails here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medqa.memory import Plan, shrink, smaller_micro_batches
+from medqa.memory_cpu import available_bytes, return_freed_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(tmp_path_factory, medqa_cache) -> Path:
+    """A random Llama at SmolLM2-135M-Instruct's shapes (30 layers, 576 wide, MLP 1536, 9
+    heads, 3 KV heads) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from medqa.tiny import tiny_llama
+
+    out = tmp_path_factory.mktemp("smollm2-shaped")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_a_step_at_smollm2_shapes_holds_what_autograd_keeps(smollm2_shaped, medqa_cache):
+    """make real's setting (LoRA on the top 2 layers, the frozen 28 computed once) at the
+    longest PQA-L question, 2 x 889 tokens, and LoRA on every layer at 1 x 512: each step's
+    peak rise in resident memory is within 30% of what the plan's probe says the adapted
+    layers keep (so the probe is right, and glibc hands freed blocks back), and the top-2
+    step keeps nothing of the 28 layers below (they would hold 15x more)."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_step.py"), str(smollm2_shaped), "2:2x889",
+                           "all:1x512"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    top, every = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert top["frozen"] and top["adapted"] == 2 and every["adapted"] == 30 and not every["frozen"]
+    for row in (top, every):
+        kept = row["per_token"] * row["tokens"] * row["adapted"]
+        assert row["peak_rise"] <= 1.3 * kept + 32 * MiB, row
+        assert row["peak_rise"] >= 0.8 * kept, row  # the probe does not over-count either
+    assert top["peak_rise"] < 0.15 * top["per_token"] * top["tokens"] * 30
+
+
+def test_the_machines_available_memory_is_read():
+    free = available_bytes()
+    assert free is not None and 0 < free
+    assert return_freed_memory()  # glibc on the project's machines
+
+
+def test_shrink_takes_the_largest_micro_batch_that_keeps_every_layer():
+    assert smaller_micro_batches(8, 1) == [(8, 1), (4, 2), (2, 4), (1, 8)]
+    assert smaller_micro_batches(4, 3) == [(4, 3), (3, 4), (2, 6), (1, 12)]
+
+    def plan(fits: int):
+        return lambda micro: Plan(30, 30 if micro <= fits else 0, 1, 0, 1)
+
+    assert shrink(8, 1, plan(8))[:2] == (8, 1)
+    assert shrink(8, 1, plan(5))[:2] == (4, 2)
+    micro, steps, chosen = shrink(8, 1, plan(0))  # not even one question: one, with recomputation
+    assert (micro, steps, chosen.kept) == (1, 8, 0)
+
+
+def test_a_memory_limit_shrinks_the_micro_batch_then_recomputes_on_the_cpu(tmp_path, caplog):
+    """Without a GPU, `--model.memory_limit_gib` sizes the plan: with room to spare the
+    configured 4 x 1 stays and every layer keeps its activations; held to what the process
+    already uses plus the plan's margin, it trains one question at a time (1 x 4, the same
+    questions a step) with every layer recomputed, and says so."""
+    from medqa.memory_cpu import MARGIN_BYTES, resident_bytes
+
+    from test_memory import fit
+
+    roomy, trainer = fit(tmp_path, "auto", steps=1, memory_limit_gib=64)
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches) == (4, 1)
+    assert roomy.plan.kept == roomy.plan.layers and roomy.plan.cpu
+    tight, trainer = fit(tmp_path, "auto", steps=2, memory_limit_gib=(resident_bytes() + MARGIN_BYTES) / 2**30)
+    assert (trainer.datamodule.batch_size, trainer.accumulate_grad_batches, trainer.global_step) == (1, 4, 2)
+    assert tight.plan.kept == 0 and tight.plan.limited
+    assert "Micro-batch auto: 1 questions x 4 accumulated (configured 4 x 1" in caplog.text
+    assert "every layer recomputed in backward" in caplog.text and "allowed by --model.memory_limit_gib" in caplog.text
