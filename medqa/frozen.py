@@ -20,6 +20,12 @@ The forward pass is transformers' Llama decoder's own (`LlamaModel.forward`), cu
 the split layer: rotary position embeddings from positions 0..T-1, no attention mask (the
 batches are right-padded, so under causal attention no real token sees a pad), each layer,
 then the final norm. Pads of an assembled batch get zero states, which are never read.
+
+The last layer runs only where its output is read, when the caller says where (`rows`: the
+answer positions in training and scoring): its keys and values for every position, its
+queries, attention, output projection and MLP at those rows alone. A layer's output at a
+position is read by the layers above it, so only the last one can skip positions; it then
+costs about a twelfth of a full layer.
 """
 
 from __future__ import annotations
@@ -45,6 +51,36 @@ def run_layers(decoder: Any, hidden: Tensor, layers: Any) -> Tensor:
         out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
+
+
+def last_layer_at(decoder: Any, layer: Any, hidden: Tensor, rows: Tensor) -> Tensor:
+    """A Llama decoder layer over right-padded `hidden` (batch, time, width) computed at `rows`
+    of the flattened batch x time alone (zeros elsewhere): keys and values at every position,
+    the rest at the rows, each row attending to its own sequence up to itself."""
+    import sys
+
+    attn, (batch, time, width) = layer.self_attn, hidden.shape
+    rotate_half = sys.modules[type(attn).__module__].rotate_half  # the architecture's own
+    heads, kv_heads, head_dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+    position_ids = torch.arange(time, device=hidden.device).unsqueeze(0)
+    cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)  # (1, time, head_dim)
+    normed = layer.input_layernorm(hidden)
+    keys = attn.k_proj(normed).view(batch, time, kv_heads, head_dim).transpose(1, 2)
+    keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+    values = attn.v_proj(normed).view(batch, time, kv_heads, head_dim).transpose(1, 2)
+    b, t = rows // time, rows % time
+    queries = attn.q_proj(normed.flatten(0, 1)[rows]).view(-1, heads, head_dim)
+    queries = queries * cos[0, t][:, None] + rotate_half(queries) * sin[0, t][:, None]
+    out = torch.empty_like(queries)
+    for item in b.unique().tolist():  # each sequence's rows attend to that sequence
+        mine = (b == item).nonzero().squeeze(1)
+        visible = torch.arange(time, device=hidden.device)[None, :] <= t[mine][:, None]  # causal
+        out[mine] = torch.nn.functional.scaled_dot_product_attention(
+            queries[mine].transpose(0, 1)[None], keys[item : item + 1], values[item : item + 1],
+            attn_mask=visible[None, None], scale=attn.scaling, enable_gqa=heads != kv_heads)[0].transpose(0, 1)
+    at = hidden.flatten(0, 1)[rows] + attn.o_proj(out.reshape(len(rows), heads * head_dim))
+    at = at + layer.mlp(layer.post_attention_layernorm(at))
+    return hidden.new_zeros(batch * time, width).index_copy(0, rows, at).view(batch, time, width)
 
 
 def weights_digest(modules: list[torch.nn.Module], *extra: Any) -> str:
@@ -93,21 +129,26 @@ class FrozenLayers:
             folder = root / weights_digest(below, FORMAT, split, dtype, torch.__version__)
         return cls(decoder, split, folder)
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The decoder's last hidden states (after the final norm) of a right-padded batch."""
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The decoder's last hidden states (after the final norm) of a right-padded batch; with
+        `rows` (positions in the flattened batch x time), only there: the rest are zero."""
         lengths = attention_mask.sum(1).tolist()
-        rows = [input_ids[i, :n] for i, n in enumerate(lengths)]
-        keys = [hashlib.blake2b(r.cpu().numpy().tobytes(), digest_size=16).hexdigest() for r in rows]
+        sequences = [input_ids[i, :n] for i, n in enumerate(lengths)]
+        keys = [hashlib.blake2b(q.cpu().numpy().tobytes(), digest_size=16).hexdigest() for q in sequences]
         states = [self._lookup(k, n) for k, n in zip(keys, lengths)]
         missing = [i for i, s in enumerate(states) if s is None]
         if missing:
-            for i, s in zip(missing, self._compute([rows[i] for i in missing])):
+            for i, s in zip(missing, self._compute([sequences[i] for i in missing])):
                 states[i] = s
                 self._keep(keys[i], s)
         hidden = states[0].new_zeros(input_ids.size(0), input_ids.size(1), states[0].size(-1))
         for i, s in enumerate(states):
             hidden[i, : s.size(0)] = s
-        return self.decoder.norm(run_layers(self.decoder, hidden, self.decoder.layers[self.split:]))
+        top = self.decoder.layers[self.split:]
+        if rows is None:
+            return self.decoder.norm(run_layers(self.decoder, hidden, top))
+        hidden = run_layers(self.decoder, hidden, top[:-1])
+        return self.decoder.norm(last_layer_at(self.decoder, top[-1], hidden, rows.unique()))
 
     @torch.no_grad()
     def _compute(self, rows: list[Tensor]) -> list[Tensor]:

@@ -217,8 +217,10 @@ class MedQALoRA(Scoring, L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Last hidden states of a right-padded batch.
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Last hidden states of a right-padded batch; `rows` (positions of the flattened batch
+        x time) says where they will be read, which the frozen-layers path uses to compute the
+        last layer there alone (elsewhere every position is computed anyway).
 
         The mask is not passed on: pads come after every real token, so under causal
         attention no real token sees one, and the values read (answer and label positions)
@@ -227,15 +229,19 @@ class MedQALoRA(Scoring, L.LightningModule):
         back to a slower kernel.
         """
         if self.frozen is not None:
-            return self.frozen.hidden_states(input_ids, attention_mask)
+            return self.frozen.hidden_states(input_ids, attention_mask, rows)
         decoder, _ = decoder_and_head(self.model)
         out = decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
         return out[0]
 
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(answer loss, last hidden states) of a batch."""
+        """(answer loss, last hidden states) of a batch; the hidden states are read only at the
+        answer tokens and where each label word is scored (`answer_pos` - 1)."""
         _, head = decoder_and_head(self.model)
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
+        ids = batch["input_ids"]
+        scored = torch.arange(ids.size(0), device=ids.device) * ids.size(1) + batch["answer_pos"].to(ids.device) - 1
+        rows = torch.cat([batch["loss_pos"].to(ids.device), scored])
+        hidden = self.hidden_states(ids, batch["attention_mask"], rows)
         return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"], batch.get("weight")), hidden
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

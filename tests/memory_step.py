@@ -53,7 +53,7 @@ def step(model: str, lora_layers: int | None, questions: int, tokens: int) -> No
     ids = torch.randint(10, 900, (questions, tokens), generator=g)
     positions = torch.arange(questions) * tokens + tokens - 2
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_pos": positions,
-             "loss_targets": torch.full((questions,), 5)}
+             "loss_targets": torch.full((questions,), 5), "answer_pos": torch.full((questions,), tokens - 1)}
     with torch.no_grad():  # the weights are mapped from their file: read them in before measuring
         for p in module.parameters():
             p.sum()
