@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,18 +33,6 @@ def rss() -> tuple[int, int]:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def cpu_line() -> str:
-    """The CPU's model name, cores, and which of its vector units matter here."""
-    flags, name = set(), platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    units = [u for u in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if u in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX2'}, load {os.getloadavg()[0]:.1f}"
 
 
 class Phases:
@@ -95,7 +82,8 @@ def main() -> None:
     cli = phases.run("imports and settings", build)
     import torch
 
-    from medqa.data import collate
+    from medqa.dtypes import describe_cpu
+    from medqa.tokens import collate
 
     dm, module = cli.datamodule, cli.model
     threads = cli.config.fit.get("threads")
@@ -138,7 +126,7 @@ def main() -> None:
         phases.run(f"training step {step + 1}: backward", backward)
         module.model.zero_grad(set_to_none=True)
     _, peak = rss()
-    print(f"\n{cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"\n{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{' '.join(extra) or 'the config as it is'}; {time.perf_counter() - began:.0f} s in all\n")
     print(phases.table())
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -30,10 +29,17 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from medqa.dtypes import describe_cpu  # noqa: E402  (the checkout's medqa, whatever is installed)
 
 
-def run(command: list[str], env: dict[str, str]) -> tuple[str, float]:
-    """Run one medqa command, echoing its output; (its output, wall seconds)."""
+PEAKS: dict[str, int] = {}
+"""Each command's peak resident memory in bytes (its process's, as `/usr/bin/time -v` reports it)."""
+
+
+def run(command: list[str], env: dict[str, str], name: str | None = None) -> tuple[str, float]:
+    """Run one medqa command, echoing its output; (its output, wall seconds). Its peak resident
+    memory goes to PEAKS[name]."""
     print("\n$ " + " ".join(command), flush=True)
     began = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -41,8 +47,11 @@ def run(command: list[str], env: dict[str, str]) -> tuple[str, float]:
     for line in proc.stdout:
         sys.stdout.write(line)
         lines.append(line)
-    if proc.wait():
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
         sys.exit(f"real.py: `{' '.join(command[2:4])}` failed (exit {proc.returncode}); its output is above")
+    PEAKS[name or command[3]] = usage.ru_maxrss * 1024  # KiB on Linux
     return "".join(lines), time.perf_counter() - began
 
 
@@ -74,14 +83,16 @@ def main() -> None:
     wrote = r"Wrote \d+ predictions to (\S+predictions\.json)"
     began, times = time.perf_counter(), {}
 
-    out, times["zero-shot predict"] = run([*medqa, "predict", *common], env)
+    cpu = describe_cpu()  # the load before the comparison starts
+    out, times["zero-shot predict"] = run([*medqa, "predict", *common], env, "zero-shot predict")
     zero = written(out, wrote, "the zero-shot predictions file")
-    out, times["fit"] = run([*medqa, "fit", *common], env)
+    out, times["fit"] = run([*medqa, "fit", *common], env, "fit")
     run_dir = written(out, r"Run directory: (\S+)", "the fit's run directory")
     best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
     if not best:
         sys.exit(f"real.py: {run_dir}/checkpoints holds no best checkpoint")
-    out, times["fine-tuned predict"] = run([*medqa, "predict", *common, "--ckpt_path", str(best[-1])], env)
+    out, times["fine-tuned predict"] = run([*medqa, "predict", *common, "--ckpt_path", str(best[-1])], env,
+                                           "fine-tuned predict")
     tuned = written(out, wrote, "the fine-tuned predictions file")
     for path in (zero, tuned):
         run([*medqa, "evaluate", str(path), "--truth", str(truth)], env)
@@ -89,16 +100,17 @@ def main() -> None:
     out, _ = run([*medqa, "compare", str(zero), str(tuned), "--truth", str(truth), "--out", f"{report}.json"], env)
     total = time.perf_counter() - began
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
+    machine = f"{cpu} at the start, {os.getloadavg()[0]:.1f} at the end"
     header = (f"{name}: {args.config}, reasoning {args.reasoning}, best checkpoint {best[-1].name}; "
               f"{datetime.now():%Y-%m-%d}, {machine}")
-    timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + f"; whole comparison {total / 60:.1f} min"
+    timing = (", ".join(f"{k} {v / 60:.1f} min (peak {PEAKS[k] / 2**30:.2f} GiB)" for k, v in times.items())
+              + f"; whole comparison {total / 60:.1f} min; largest process {max(PEAKS.values()) / 2**30:.2f} GiB")
     table = out.strip().split("\n\n", 1)
     text = f"{header}\n\n{table[0]}\n\n{table[1] if len(table) > 1 else ''}\n\nTime: {timing}\n"
     Path(f"{report}.md").write_text(text)
     result = json.loads(Path(f"{report}.json").read_text())
-    result.update(header=header, seconds=times, total_seconds=total, zero_shot=str(zero), fine_tuned=str(tuned),
-                  checkpoint=str(best[-1]))
+    result.update(header=header, seconds=times, total_seconds=total, peak_bytes=PEAKS, zero_shot=str(zero),
+                  fine_tuned=str(tuned), checkpoint=str(best[-1]))
     Path(f"{report}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{text}\nWrote {report}.md and {report}.json")
 

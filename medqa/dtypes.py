@@ -63,7 +63,7 @@ def probe_speedup(size: tuple[int, int, int] = (512, 576, 1536), reps: int = 3) 
 def choose_cpu(flags: set[str], speedup: Callable[[], float] | None = None) -> tuple[torch.dtype, str]:
     """(dtype, why) for `auto` on a CPU with `flags`; `speedup()` is called only where the
     flags name bf16 units (`probe_speedup` by default)."""
-    native = sorted(BF16_FLAGS & flags)
+    native = sorted(set(BF16_FLAGS) & flags)
     if not native:
         return torch.float32, "the CPU has no bfloat16 units (no AMX-BF16 or AVX-512 BF16 flag), where bfloat16 is emulated"
     ratio = (speedup or probe_speedup)()
@@ -71,6 +71,24 @@ def choose_cpu(flags: set[str], speedup: Callable[[], float] | None = None) -> t
         return torch.float32, (f"the CPU names {', '.join(native)} but a bfloat16 matmul ran {ratio:.2f}x float32's "
                                "speed here, so its math libraries do not use them")
     return torch.bfloat16, f"the CPU has {', '.join(native)} and a bfloat16 matmul ran {ratio:.1f}x float32's speed"
+
+
+def describe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as CPU figures should name it: model, cores, the vector units that decide its
+    speed here (AMX-BF16, AVX-512 BF16, AVX-512, AVX2) and the load now."""
+    import os
+
+    name = ""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags(cpuinfo)
+    units = [label for flag, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512 BF16"),
+                                       ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
+    return (f"{name or 'unknown CPU'}, {os.cpu_count()} cores, {' + '.join(units) or 'no AVX2'}, "
+            f"load {os.getloadavg()[0]:.1f}")
 
 
 @functools.cache
