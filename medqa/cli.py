@@ -34,7 +34,6 @@ from medqa.checkpoints import (CheckpointError, FinishedRun, adapter_dir, ensure
                                load_checkpoint)
 from medqa.data import QADataModule
 from medqa.memory import TrainingOutOfMemory
-from medqa.memory_cpu import return_freed_memory
 from medqa.messages import MedQAParser, explain, quiet
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PartialPredictions, PredictionWriter
@@ -365,7 +364,6 @@ def main(args: list[str] | None = None, print_next: bool = True) -> Any:
     the commands to run next."""
     argv = sys.argv[1:] if args is None else list(args)
     quiet(argv[0] if argv else "")
-    return_freed_memory()
     if argv[:1] in (["-h"], ["--help"]):
         print("medqa commands: fit, validate, test, predict (below), and evaluate, compare, cv, export, ask "
               "(python -m medqa evaluate --help, ...).\n")

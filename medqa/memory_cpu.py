@@ -14,11 +14,13 @@ Two things differ from the GPU plan (`medqa.memory`):
   enough at any size, so it costs no speed, while each recomputed layer costs a third more
   compute. Layers are recomputed only where one question's activations do not fit.
 
-glibc's malloc, left to itself, keeps large freed blocks in its heap once a few have been freed
-(its mmap threshold grows with each), and a CPU forward with gradients then held 1.6x what
-autograd keeps (65 against 41 KiB a token and layer above; 15.3 against 9.2 GiB at the peak).
-`return_freed_memory` fixes the threshold so every large block goes back to the system
-when freed; medqa calls it as a command starts.
+What a process holds at the peak is more than autograd keeps: glibc's malloc keeps freed
+blocks in its heap and they fragment. On SmolLM2-135M's longest batch (8 x 889 tokens, LoRA on
+all 30 layers, float32, 2 cores) `fit`'s first step peaked 1.7x above what the probe counts
+(15.3 against 9.0 GiB; 1.0-1.4x in a process that ran nothing before the step). Holding
+malloc to return every block above 128 KiB when freed (`mallopt`) brought it to 1.0x, but
+cost 28% of a forward pass's speed and 44% of a training step's (bfloat16, same machine): the
+plan counts `ALLOCATOR_OVERHEAD` instead.
 
 Available memory is /proc/meminfo's MemAvailable, or a cgroup's limit less its use where
 that is lower (a container), or `--model.memory_limit_gib`, whichever is least.
@@ -33,24 +35,8 @@ import torch
 
 GiB = 2**30
 PROBE_TOKENS = 64
-MARGIN_BYTES = GiB // 2  # the allocator's fragmentation, the loss and head, the optimizer's temporaries
-
-
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-
-
-def return_freed_memory(threshold: int = 128 * 1024) -> bool:
-    """Have glibc's malloc serve blocks from `threshold` bytes up by mmap and return them when
-    freed (a fixed threshold, which also stops it from growing); False where the C library is
-    not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
+MARGIN_BYTES = GiB // 2  # the loss and head, the optimizer's temporaries
+ALLOCATOR_OVERHEAD = 1.7  # peak resident memory over what autograd keeps (the module's docstring)
 
 
 def available_bytes() -> int | None:
@@ -124,7 +110,8 @@ def plan_for(model: Any, dtype: torch.dtype, longest_batch_tokens: int, limit_by
     decoder, _ = decoder_and_head(model)
     adapted = adapted_layers(model)
     hidden = model.get_base_model().config.hidden_size
-    per_layer = saved_bytes_per_token(decoder.layers[adapted[0]], hidden, dtype, decoder.rotary_emb) * longest_batch_tokens
+    per_token = saved_bytes_per_token(decoder.layers[adapted[0]], hidden, dtype, decoder.rotary_emb)
+    per_layer = int(per_token * ALLOCATOR_OVERHEAD) * longest_batch_tokens
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     inputs = len(adapted) * longest_batch_tokens * hidden * dtype.itemsize  # what recomputed layers keep
     # LoRA gradients and AdamW's two moments, one recomputed layer, the recomputed layers' inputs.

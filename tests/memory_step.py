@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from medqa.backends import decoder_and_head
-from medqa.memory_cpu import adapted_layers, resident_bytes, return_freed_memory, saved_bytes_per_token
+from medqa.memory_cpu import adapted_layers, resident_bytes, saved_bytes_per_token
 from medqa.model import MedQALoRA
 
 
@@ -31,7 +31,6 @@ def main() -> None:
     parser.add_argument("steps", nargs="+", help="LORA_LAYERS:QUESTIONSxTOKENS, LORA_LAYERS a number or all")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    return_freed_memory()  # as every medqa command does
     for spec in args.steps:
         layers, shape = spec.split(":")
         batch, tokens = map(int, shape.split("x"))

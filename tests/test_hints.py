@@ -13,6 +13,7 @@ from typing import Literal
 
 import pytest
 
+import inprocess
 from medqa import hints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +31,9 @@ def fresh_shell_env() -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medqa", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=fresh_shell_env(), **kw)
+def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m medqa *args` from a new user's shell (in this process: `inprocess`)."""
+    return inprocess.run(args, cwd=cwd, env=fresh_shell_env())
 
 
 def test_run_options_keep_what_chose_the_run_and_drop_the_rest():
@@ -127,7 +128,8 @@ def test_ctrl_c_says_how_to_continue_and_that_command_resumes(tmp_path):
         proc.kill()  # never left training after a failure
     assert proc.returncode != 0
     hint = err.split(f"Continue from {last} with:\n", 1)[1].splitlines()[0].strip()
-    assert hint.endswith("--ckpt_path last") and "max_epochs" not in hint
+    # the whole command line, so the run continues as it was going (here: 50 epochs, not the config's 10)
+    assert hint.endswith("--ckpt_path last") and "--trainer.max_epochs 50" in hint
     resumed = subprocess.run(hint + " --trainer.max_epochs 1", shell=True, cwd=ROOT, capture_output=True, text=True,
                              timeout=600, env=fresh_shell_env())
     assert "--ckpt_path last -> " + str(last) in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medqa.memory import Plan, shrink, smaller_micro_batches
-from medqa.memory_cpu import available_bytes, return_freed_memory
+from medqa.memory_cpu import ALLOCATOR_OVERHEAD, available_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -39,9 +39,9 @@ def smollm2_shaped(tmp_path_factory, medqa_cache) -> Path:
 def test_a_step_at_smollm2_shapes_holds_what_autograd_keeps(smollm2_shaped, medqa_cache):
     """make real's setting (LoRA on the top 2 layers, the frozen 28 computed once) at the
     longest PQA-L question, 2 x 889 tokens, and LoRA on every layer at 1 x 512: each step's
-    peak rise in resident memory is within 30% of what the plan's probe says the adapted
-    layers keep (so the probe is right, and glibc hands freed blocks back), and the top-2
-    step keeps nothing of the 28 layers below (they would hold 15x more)."""
+    peak rise in resident memory is within what the plan counts for the adapted layers (the
+    probe's bytes times the allocator's overhead) and above what the probe alone counts, and
+    the top-2 step keeps nothing of the 28 layers below (they would hold 15x more)."""
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_step.py"), str(smollm2_shaped), "2:2x889",
                            "all:1x512"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_a_step_at_smollm2_shapes_holds_what_autograd_keeps(smollm2_shaped, medq
     assert top["frozen"] and top["adapted"] == 2 and every["adapted"] == 30 and not every["frozen"]
     for row in (top, every):
         kept = row["per_token"] * row["tokens"] * row["adapted"]
-        assert row["peak_rise"] <= 1.3 * kept + 32 * MiB, row
+        assert row["peak_rise"] <= ALLOCATOR_OVERHEAD * kept + 32 * MiB, row
         assert row["peak_rise"] >= 0.8 * kept, row  # the probe does not over-count either
     assert top["peak_rise"] < 0.15 * top["per_token"] * top["tokens"] * 30
 
@@ -57,7 +57,6 @@ def test_a_step_at_smollm2_shapes_holds_what_autograd_keeps(smollm2_shaped, medq
 def test_the_machines_available_memory_is_read():
     free = available_bytes()
     assert free is not None and 0 < free
-    assert return_freed_memory()  # glibc on the project's machines
 
 
 def test_shrink_takes_the_largest_micro_batch_that_keeps_every_layer():

@@ -5,11 +5,12 @@ runs, the end-of-fit summary and `ask`."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -17,9 +18,9 @@ SHORT = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--t
 
 
 def medqa(*args: str, logs: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m medqa *args` as typed, in this process (`inprocess`)."""
     extra = ["--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false"] if logs else []
-    return subprocess.run([sys.executable, "-m", "medqa", *args, *extra], cwd=ROOT, capture_output=True, text=True,
-                          input=stdin, timeout=600, env={k: v for k, v in os.environ.items() if k != "MEDQA_DEBUG"})
+    return inprocess.run([*args, *extra], stdin=stdin)
 
 
 def one_line_error(done: subprocess.CompletedProcess, command: str) -> str:

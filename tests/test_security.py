@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import inprocess
 from medqa.checkpoints import CheckpointError, adapter_dir, adapter_matches
 from medqa.cli import main
 from medqa.records import DataError
@@ -28,12 +29,9 @@ def cli(*args: str, logs: Path):
 
 
 def run_cli(*args: str, logs: Path) -> subprocess.CompletedProcess:
-    """`python -m medqa ...` as a user types it: exit code and output."""
-    return subprocess.run(
-        [sys.executable, "-m", "medqa", args[0], "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
-         "--trainer.enable_progress_bar", "false", *args[1:]],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "MEDQA_DEBUG"},
-    )
+    """`python -m medqa ...` as a user types it: exit code and output (in this process: `inprocess`)."""
+    return inprocess.run([args[0], "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
+                          "--trainer.enable_progress_bar", "false", *args[1:]])
 
 
 SHORT = ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")

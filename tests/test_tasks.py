@@ -3,12 +3,12 @@ split, trained, tested, predicted and scored through the CLI on the tiny model (
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import inprocess
 from medqa.cli import main
 from medqa.evaluate import main as evaluate
 from medqa.model import CheckpointMismatch
@@ -150,11 +150,9 @@ def test_best_is_chosen_among_the_runs_of_the_commands_task(synthetic_run):
 
 def medqa_cli(*args: str, logs: Path) -> subprocess.CompletedProcess:
     """`python -m medqa ...` on MedQA-USMLE as a user types it (one epoch of at most 2 batches)."""
-    return subprocess.run(
-        [sys.executable, "-m", "medqa", args[0], "--config", DEMO, "--data.task", "medqa_usmle",
-         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
-         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args[1:]],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return inprocess.run([args[0], "--config", DEMO, "--data.task", "medqa_usmle", "--trainer.logger.init_args.save_dir",
+                          str(logs), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+                          "--trainer.limit_train_batches", "2", *args[1:]])
 
 
 def refused(done: subprocess.CompletedProcess, message: str) -> bool:
