@@ -47,7 +47,8 @@ def _data(args):
 
 def _load(name: str, bits: int, args, dm):
     """(PEFT model, its decoder stack, its output head) for one path."""
-    from medqa.backends import LoraSettings, decoder_and_head, load_unsloth
+    from medqa.backends import decoder_and_head, load_unsloth
+    from medqa.lora import LoraSettings
     from medqa.bases import resolve
 
     lora = LoraSettings(args.lora_r, args.lora_alpha)

@@ -21,7 +21,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from medqa.backends import LoraSettings
+from medqa.lora import LoraSettings
 from medqa.runs import runs
 
 TMP_SUFFIX = ".tmp"

@@ -28,7 +28,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medqa import hints
-from medqa.backends import BackendError, LoraSettings
+from medqa.backends import BackendError
+from medqa.lora import LoraSettings
 from medqa.bases import BaseModelError
 from medqa.checkpoints import (CheckpointError, FinishedRun, adapter_dir, ensure_adapter, find_checkpoint, finished_run,
                                load_checkpoint)
@@ -270,7 +271,7 @@ class MedQACLI(LightningCLI):
         best, last = (callbacks + [None, None])[:2]
         which = self.config.fit.get("test_after_fit")
         if trainer.is_global_zero and self.print_next:
-            self._print_next(log_dir, best, last, tested=which is not None)
+            print(hints.fit_summary(trainer, self.argv, log_dir, best, last, self.model.pretrained, tested=which is not None))
         if which is not None:
             path = getattr(best if which == "best" else last, "best_model_path", "")
             if not path:
@@ -280,29 +281,6 @@ class MedQACLI(LightningCLI):
             rank_zero_info(f"--test_after_fit {which}: scoring the test split with {path}")
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path, weights_only=True)
             self._write_metrics(path)
-
-    def _print_next(self, log_dir: str | None, best: ModelCheckpoint | None, last: ModelCheckpoint | None,
-                    tested: bool) -> None:
-        if self.trainer.fast_dev_run:
-            print("--trainer.fast_dev_run: the setup works (one batch of each stage ran); no run directory or "
-                  "checkpoint was kept.")
-            return
-        where = log_dir or self.trainer.default_root_dir
-        lines = [f"Run directory: {where}"]
-        if best is not None and best.best_model_path:
-            lines.append(f"Best checkpoint: {best.best_model_path} ({best.monitor} {float(best.best_model_score):.4f})")
-        if last is not None and last.best_model_path:
-            lines.append(f"Last checkpoint: {last.best_model_path} (step {self.trainer.global_step})")
-        if best is None:
-            lines.append("No checkpoint was kept (--trainer.enable_checkpointing false).")
-            print("\n".join(lines))
-            return
-        logged = self.trainer.logger is not None
-        if logged and log_dir is not None:
-            lines.append(f"Curves: {hints.tool('tensorboard')} --logdir {hints.quote(str(Path(log_dir).parent))}")
-        commands = hints.after_fit(self.argv, best.best_model_path, where, self.model.pretrained, tested, by_name=logged)
-        lines.append("Next: " + "\n      ".join(commands))
-        print("\n".join(lines))
 
     def after_validate(self) -> None:
         self._write_metrics(self.config.validate.get("ckpt_path"))

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 RUN_OPTIONS = ("--config", "--model.", "--data.", "--trainer.logger", "--trainer.accelerator", "--trainer.devices",
                "--trainer.precision", "--threads", "--seed_everything")
@@ -75,6 +76,31 @@ def after_fit(argv: list[str], best: str | None, run_dir: str, pretrained: str, 
     if best:  # written beside its run (adapter-<checkpoint>), never into the current directory
         commands.append(medqa("export", [], "--ckpt_path", best, "--pretrained", pretrained))
     return commands
+
+
+def fit_summary(trainer: Any, argv: list[str], log_dir: str | None, best: Any, last: Any, pretrained: str,
+                tested: bool) -> str:
+    """What a `fit` prints at its end: its run directory, best and last checkpoints, the
+    TensorBoard command and the commands to run next (`best` and `last`: its checkpoint
+    callbacks, or None)."""
+    if trainer.fast_dev_run:
+        return ("--trainer.fast_dev_run: the setup works (one batch of each stage ran); no run directory or "
+                "checkpoint was kept.")
+    where = log_dir or trainer.default_root_dir
+    lines = [f"Run directory: {where}"]
+    if best is not None and best.best_model_path:
+        lines.append(f"Best checkpoint: {best.best_model_path} ({best.monitor} {float(best.best_model_score):.4f})")
+    if last is not None and last.best_model_path:
+        lines.append(f"Last checkpoint: {last.best_model_path} (step {trainer.global_step})")
+    if best is None:
+        lines.append("No checkpoint was kept (--trainer.enable_checkpointing false).")
+        return "\n".join(lines)
+    logged = trainer.logger is not None
+    if logged and log_dir is not None:
+        lines.append(f"Curves: {tool('tensorboard')} --logdir {quote(str(Path(log_dir).parent))}")
+    commands = after_fit(argv, best.best_model_path, where, pretrained, tested, by_name=logged)
+    lines.append("Next: " + "\n      ".join(commands))
+    return "\n".join(lines)
 
 
 def interrupted(argv: list[str]) -> str:

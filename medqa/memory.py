@@ -155,7 +155,11 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, li
     decoder, _ = decoder_and_head(model)
     layers, config = len(decoder.layers), model.get_base_model().config
     if not torch.cuda.is_available():
-        return memory_cpu.plan_for(model, compute_dtype(dtype), longest_batch_tokens, limit_bytes)
+        adapted, per_layer, base = memory_cpu.needs(model, compute_dtype(dtype), longest_batch_tokens)
+        if limit_bytes is not None:  # the limit is the whole process's: what it holds already counts
+            limit_bytes -= memory_cpu.resident_bytes()
+        plan = choose(len(adapted), per_layer, base, memory_cpu.available_bytes(), limit_bytes, memory_cpu.MARGIN_BYTES)
+        return replace(plan, first=adapted[0], cpu=True)
     per_layer = activation_bytes_per_token(config, compute_dtype(dtype).itemsize) * longest_batch_tokens
     device = torch.cuda.current_device()
     free, _ = torch.cuda.mem_get_info(device)

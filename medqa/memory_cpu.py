@@ -101,11 +101,11 @@ def adapted_layers(model: Any) -> list[int]:
     return adapted or list(range(len(decoder.layers)))
 
 
-def plan_for(model: Any, dtype: torch.dtype, longest_batch_tokens: int, limit_bytes: int | None) -> Any:
-    """The plan for this machine's available memory (or `limit_bytes`, where smaller) and the
-    longest training batch, over the adapted layers."""
+def needs(model: Any, dtype: torch.dtype, longest_batch_tokens: int) -> tuple[list[int], int, int]:
+    """(the adapted layers, what one of them keeps at the longest batch, what every plan needs
+    besides: LoRA's gradients and AdamW's moments, one recomputed layer, the recomputed layers'
+    inputs), in bytes, for `medqa.memory`'s plan without a GPU."""
     from medqa.backends import decoder_and_head
-    from medqa.memory import choose
 
     decoder, _ = decoder_and_head(model)
     adapted = adapted_layers(model)
@@ -113,10 +113,5 @@ def plan_for(model: Any, dtype: torch.dtype, longest_batch_tokens: int, limit_by
     per_token = saved_bytes_per_token(decoder.layers[adapted[0]], hidden, dtype, decoder.rotary_emb)
     per_layer = int(per_token * ALLOCATOR_OVERHEAD) * longest_batch_tokens
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    inputs = len(adapted) * longest_batch_tokens * hidden * dtype.itemsize  # what recomputed layers keep
-    # LoRA gradients and AdamW's two moments, one recomputed layer, the recomputed layers' inputs.
-    base = 3 * lora + per_layer + inputs
-    if limit_bytes is not None:  # the limit is the whole process's: what it holds already counts
-        limit_bytes -= resident_bytes()
-    plan = choose(len(adapted), per_layer, base, available_bytes(), limit_bytes, MARGIN_BYTES)
-    return type(plan)(**{**plan.__dict__, "first": adapted[0], "cpu": True})
+    inputs = len(adapted) * longest_batch_tokens * hidden * dtype.itemsize
+    return adapted, per_layer, 3 * lora + per_layer + inputs

@@ -14,7 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from medqa.backends import Backend, LoraSettings, decoder_and_head, keep_activations, load
+from medqa.backends import Backend, decoder_and_head, keep_activations, load
+from medqa.lora import LoraSettings
 from medqa.checkpoints import base_fingerprint, misfits, starting_weights
 from medqa.dequantize import keep_dequantized
 from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, first_plan, limit_memory

@@ -49,6 +49,20 @@ def smollm2(medqa_cache) -> str:
 
 
 @pytest.fixture(scope="session")
+def demo_fit(tmp_path_factory, medqa_cache):
+    """`python -m medqa fit --config configs/demo.yaml`, the README's demo exactly as shipped,
+    trained once for every test that reads a trained demo: (its logs folder, its run
+    directory, what it printed). Tests that change the experiment copy the folder first."""
+    import inprocess
+
+    logs = tmp_path_factory.mktemp("demo-logs")
+    done = inprocess.run(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger.init_args.save_dir",
+                          str(logs), "--trainer.enable_progress_bar", "false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return logs, logs / "demo" / "fit-0", done
+
+
+@pytest.fixture(scope="session")
 def tokenizer(medqa_cache):
     from medqa.backends import load_tokenizer
 

@@ -32,11 +32,10 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The README's demo, exactly as configured, trained once for the tests below."""
-    logs = tmp_path_factory.mktemp("logs")
-    trained = cli("fit", logs=logs)
-    return logs, Path(trained.trainer.log_dir)
+def demo_run(demo_fit):
+    """The README's demo, exactly as configured, trained once (conftest's `demo_fit`)."""
+    logs, run, _ = demo_fit
+    return logs, run
 
 
 def test_demo_learns_and_leaves_curves(demo_run):
