@@ -175,10 +175,11 @@ def plan_for(model: Any, backend: str, dtype: str, longest_batch_tokens: int, li
 def first_plan(model: Any, backend: str, dtype: str, longest_batch_tokens: int, limit_bytes: int | None,
                dequantize: bool) -> Plan:
     """The plan for `fit`'s first batch. With `dequantize` (`--model.keep_dequantized auto`) a
-    4-bit base is first kept dequantized where every layer still keeps its activations with it."""
+    4-bit base is first kept dequantized where every layer still keeps its activations with it,
+    on a GPU only: a CPU plan counts the machine's memory, which the dequantized base would take."""
     plan = partial(plan_for, model, backend, dtype, longest_batch_tokens, limit_bytes)
     chosen = plan()
-    if dequantize and chosen.free_bytes is not None and chosen.kept == chosen.layers:
+    if dequantize and chosen.free_bytes is not None and not chosen.cpu and chosen.kept == chosen.layers:
         extra = extra_bytes(model)
         if extra and plan(extra).kept == chosen.layers:
             keep_dequantized(model, "--model.keep_dequantized auto: every layer still keeps its activations")

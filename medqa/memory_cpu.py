@@ -74,20 +74,28 @@ def saved_bytes_per_token(layer: torch.nn.Module, hidden_size: int, dtype: torch
     (its own parameters left out: they are in memory anyway)."""
     own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     seen: dict[int, int] = {}
+    kept: list[torch.Tensor] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in own:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+            kept.append(t)  # alive until counted, so that no later tensor reuses its address
+        # autograd keeps nothing: backward never runs, and a hook that returns the tensor itself
+        # leaves a reference to each weight that no collector frees (the base then stays in
+        # memory after `medqa.dequantize` replaces it)
+
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("the memory probe keeps nothing for backward")
 
     x = torch.randn(1, PROBE_TOKENS, hidden_size, dtype=dtype, requires_grad=True)
     position_ids = torch.arange(PROBE_TOKENS).unsqueeze(0)
     # `forward` itself: as a kept layer (its __call__ would checkpoint), and without its hooks
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = layer.forward(x, attention_mask=None, position_ids=position_ids,
                             position_embeddings=rotary(x, position_ids=position_ids))
     del out
+    kept.clear()
     return -(-sum(seen.values()) // PROBE_TOKENS)
 
 

@@ -52,14 +52,14 @@ def test_a_base_kept_dequantized_trains_and_scores_as_the_4bit_one(medqa_cache):
 
 def test_auto_plans_the_memory_dequantizing_adds_and_leaves_a_cpu_run_in_4bit(medqa_cache):
     """`extra_bytes` is what `dequantize_base` then adds; without a GPU nothing is measured, so
-    `auto` keeps the base in 4-bit."""
+    `auto` keeps the base in 4-bit (a CPU plan is measured, but for the machine's memory)."""
     bnb = pytest.importorskip("bitsandbytes", reason="the dev extra installs bitsandbytes for the 4-bit path")
     from medqa.dequantize import dequantize_base, extra_bytes
     from medqa.memory import first_plan
 
     module = four_bit()
     plan = first_plan(module.model, "hf", "float32", 512, None, dequantize=True)
-    assert plan.free_bytes is None and any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
+    assert (plan.free_bytes is None or plan.cpu) and any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
     extra = extra_bytes(module.model)
     packed = [weakref.ref(m.weight) for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     gc.disable()  # the blocks must be free when it returns, not at the next collection
