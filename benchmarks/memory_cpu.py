@@ -5,6 +5,11 @@ batch the data can produce), each with its peak resident memory and its time.
 
     python benchmarks/memory_cpu.py --data ../shared/data/pubmedqa/ori_pqal.json
     python benchmarks/memory_cpu.py --data ori_pqal.json -- --model.dtype float32 --model.lora_layers 4
+    python benchmarks/memory_cpu.py --data ori_pqal.json -- --model.gradient_checkpointing false  # no plan
+
+With `--model.gradient_checkpointing auto` (configs/smollm2.yaml) the training step is the one
+the CPU memory plan makes of the longest questions (its micro-batch, accumulated, and the
+layers it keeps, within `--model.memory_limit_gib`); otherwise the whole batch at once.
 
 Arguments after `--` go to medqa as they would to `fit` (after `--config`). The peak of each
 phase is the process's high-water mark (VmHWM), reset before the phase by writing 5 to
@@ -60,6 +65,29 @@ def longest(examples, n: int) -> list:
     return [examples[i] for i in order]
 
 
+def planned_step(phases: Phases, module, dm, batch_of) -> None:
+    """With `--model.gradient_checkpointing auto`: the step `fit` takes on the longest
+    questions, as the plan made it (the micro-batch `MicroBatch` chooses, the layers it keeps),
+    its micro-batches accumulated."""
+    from medqa.memory import plan_for, shrink
+
+    tokens = dm.micro_batch_tokens
+    micro, steps, plan = shrink(dm.batch_size, 1, lambda m: plan_for(module.model, module.resolved_backend,
+                                                                      module.dtype_name, tokens(m), module._limit_bytes))
+    module._use_plan(plan)
+    batch = batch_of("train", micro, train=True)
+    n = int(batch["attention_mask"].sum())
+
+    def step():
+        for _ in range(steps):
+            loss, _ = module._loss(batch)
+            (loss / steps).backward()
+
+    phases.run(f"planned training step: {micro} x {steps} accumulated, {plan.kept}/{plan.layers} layers kept", step,
+               lambda _, s: f"{n * steps:,} tokens ({steps} x the {micro} longest), {n * steps / s:,.0f} tokens/s")
+    module.model.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2.yaml")
@@ -106,7 +134,7 @@ def main() -> None:
         with torch.no_grad():
             return module._forward(evaluation)
 
-    rate = lambda n: lambda _, s: f"{n:,} tokens ({dm.eval_batch_size} longest test questions), {n / s:,.0f} tokens/s"  # noqa: E731
+    rate = lambda n: lambda _, s: f"{n:,} tokens ({dm.eval_batch_size} longest test questions), {n / s:,.0f} tokens/s"
     phases.run("scoring: forward, no gradients", score, rate(tokens))
     module.model.train()
     train = batch_of("train", dm.batch_size, train=True)
@@ -119,13 +147,15 @@ def main() -> None:
     def backward():
         holder.pop("loss").backward()
 
-    for step in range(args.steps):
-        phases.run(f"training step {step + 1}: forward", forward,
-                   lambda _, s: f"{train_tokens:,} tokens ({dm.batch_size} longest training questions), "
-                                f"{train_tokens / s:,.0f} tokens/s")
-        phases.run(f"training step {step + 1}: backward", backward)
-        module.model.zero_grad(set_to_none=True)
-    _, peak = rss()
+    if module.gradient_checkpointing == "auto":
+        planned_step(phases, module, dm, batch_of)
+    else:
+        for step in range(args.steps):
+            phases.run(f"training step {step + 1}: forward", forward,
+                       lambda _, s: f"{train_tokens:,} tokens ({dm.batch_size} longest training questions), "
+                                    f"{train_tokens / s:,.0f} tokens/s")
+            phases.run(f"training step {step + 1}: backward", backward)
+            module.model.zero_grad(set_to_none=True)
     print(f"\n{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{' '.join(extra) or 'the config as it is'}; {time.perf_counter() - began:.0f} s in all\n")
     print(phases.table())

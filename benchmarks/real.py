@@ -29,9 +29,8 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from medqa.dtypes import describe_cpu  # noqa: E402  (the checkout's medqa, whatever is installed)
-
+sys.path.insert(0, str(ROOT))  # the checkout's medqa, whatever is installed
+from medqa.dtypes import describe_cpu
 
 PEAKS: dict[str, int] = {}
 """Each command's peak resident memory in bytes (its process's, as `/usr/bin/time -v` reports it)."""
@@ -66,19 +65,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pubmedqa",
                         help="folder with ori_pqal.json and test_ground_truth.json")
-    parser.add_argument("--config", default="configs/smollm2.yaml")
+    parser.add_argument("--config", action="append",
+                        help="the config, or several, each over the last (default: configs/smollm2.yaml)")
     parser.add_argument("--reasoning", default="required", choices=["required", "free"])
-    parser.add_argument("--name", help="the experiment (logs/NAME); default: smollm2-reasoning-<setting>")
+    parser.add_argument("--name", help="the experiment (logs/NAME); default: <last config's name>-reasoning-<setting>")
     args, extra = parser.parse_known_args()  # the rest goes to every command, e.g. --trainer.max_epochs=3
+    configs = args.config or ["configs/smollm2.yaml"]
     pqal, truth = args.data / "ori_pqal.json", args.data / "test_ground_truth.json"
     for path in (pqal, truth):
         if not path.is_file():
             sys.exit(f"real.py: {path} not found; pass --data FOLDER holding ori_pqal.json and test_ground_truth.json "
                      "(the PubMedQA repository's data/ folder)")
-    name = args.name or f"smollm2-reasoning-{args.reasoning}"
+    name = args.name or f"{Path(configs[-1]).stem}-reasoning-{args.reasoning}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     medqa = [sys.executable, "-m", "medqa"]
-    common = ["--config", args.config, "--data.source", str(pqal), "--data.reasoning", args.reasoning,
+    common = [*(a for c in configs for a in ("--config", c)), "--data.source", str(pqal), "--data.reasoning", args.reasoning,
               "--trainer.logger.init_args.name", name, *extra]
     wrote = r"Wrote \d+ predictions to (\S+predictions\.json)"
     began, times = time.perf_counter(), {}
@@ -101,7 +102,7 @@ def main() -> None:
     total = time.perf_counter() - began
 
     machine = f"{cpu} at the start, {os.getloadavg()[0]:.1f} at the end"
-    header = (f"{name}: {args.config}, reasoning {args.reasoning}, best checkpoint {best[-1].name}; "
+    header = (f"{name}: {' + '.join(configs)}, reasoning {args.reasoning}, best checkpoint {best[-1].name}; "
               f"{datetime.now():%Y-%m-%d}, {machine}")
     timing = (", ".join(f"{k} {v / 60:.1f} min (peak {PEAKS[k] / 2**30:.2f} GiB)" for k, v in times.items())
               + f"; whole comparison {total / 60:.1f} min; largest process {max(PEAKS.values()) / 2**30:.2f} GiB")
