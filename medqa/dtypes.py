@@ -41,23 +41,24 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def probe_speedup(size: tuple[int, int, int] = (512, 576, 1536), reps: int = 3) -> float:
+def probe_speedup(size: tuple[int, int, int] = (512, 576, 1536), reps: int = 7) -> float:
     """How many times faster a bfloat16 matmul of `size` runs than a float32 one, on this
-    process's threads (the best of `reps` each; well under a second on any CPU)."""
+    process's threads: the best of `reps` each, the two dtypes taking turns so that other
+    work on the machine slows both alike (a probe beside a busy process once read 1.13x where
+    an idle one reads 2.2-2.5x). Well under a second on any CPU."""
     m, k, n = size
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    pairs = {dtype: (torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, float("inf"))
+    for a, b in pairs.values():
         a @ b  # the first call picks and loads kernels
-        best = float("inf")
-        for _ in range(reps):
+    for _ in range(reps):
+        for dtype, (a, b) in pairs.items():
             began = time.perf_counter()
             a @ b
-            best = min(best, time.perf_counter() - began)
-            if best > 0.25:  # emulated bf16 is 50x slower: nothing more to learn
-                break
-        timings[dtype] = best
-    return timings[torch.float32] / timings[torch.bfloat16]
+            best[dtype] = min(best[dtype], time.perf_counter() - began)
+        if best[torch.bfloat16] > 0.25:  # emulated bf16 is 50x slower: nothing more to learn
+            break
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def choose_cpu(flags: set[str], speedup: Callable[[], float] | None = None) -> tuple[torch.dtype, str]:
