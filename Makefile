@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 
 DATA ?= $(or $(MEDQA_PUBMEDQA),../shared/data/pubmedqa)
 
-.PHONY: demo test test-fast real real-quick install gpu-kit
+.PHONY: demo test test-fast coverage real real-quick install gpu-kit
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -40,6 +40,10 @@ TEST_ENV := OMP_WAIT_POLICY=PASSIVE
 ## Run the test suite on the CPU, two test files at a time.
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile
+
+## The test suite with line coverage of medqa/ (the CLI's own processes included).
+coverage: install
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile --cov --cov-report=term
 
 ## The contributors' inner loop: every test but the slow ones (those that train or run the CLI end to end).
 test-fast: install

@@ -31,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 GiB = 2**30
@@ -123,3 +124,48 @@ def needs(model: Any, dtype: torch.dtype, longest_batch_tokens: int) -> tuple[li
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     inputs = len(adapted) * longest_batch_tokens * hidden * dtype.itemsize
     return adapted, per_layer, 3 * lora + per_layer + inputs
+
+
+class ReturnFreedMemory(L.Callback):
+    """Without a GPU: hand memory freed by the batches back to the system (glibc's
+    `malloc_trim`) once the process holds `GROWTH` times what it held after the last time.
+    A batch's activations are blocks of 100 KB to tens of MB whose sizes change with its
+    length; glibc raises its mmap threshold after the first large free, serves the later ones
+    from its heap, and the freed gaps fragment it. On SmolLM2-135M with LoRA on the top 2
+    layers (frozen states read from the cache, 2 epochs, bf16, AMD EPYC with AVX-512 BF16, 2
+    cores), the fit's peak resident memory was 5.3 GiB without trimming (5,600-6,700 tokens/s
+    over two runs), 3.6 GiB at a growth of 2.0 (5,850), 2.9 GiB at 1.5 (5,070), 2.6 GiB at
+    1.25 (5,100) and 2.3 GiB trimming after every batch (5,200): each trim costs the pages
+    faulted in again. Fixing the threshold instead (`MALLOC_MMAP_THRESHOLD_`) held 2.0 GiB at
+    half the speed."""
+
+    GROWTH = 1.5
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        self.trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None  # glibc only
+        self.floor: int | None = None
+
+    def _after_batch(self) -> None:
+        if self.trim is None:
+            return
+        held = resident_bytes()
+        if self.floor is None or held > self.floor * self.GROWTH:
+            if self.floor is not None:
+                self.trim(0)
+            self.floor = resident_bytes()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._after_batch()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self._after_batch()
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        self._after_batch()
+
+    def on_predict_batch_end(self, *args: Any) -> None:
+        self._after_batch()

@@ -18,6 +18,7 @@ from medqa.backends import Backend, decoder_and_head, keep_activations, load
 from medqa.lora import LoraSettings
 from medqa.checkpoints import base_fingerprint, misfits, starting_weights
 from medqa.dequantize import keep_dequantized
+from medqa.memory_cpu import ReturnFreedMemory
 from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, first_plan, limit_memory
 from medqa.frozen import FrozenLayers, frozen_layers
 from medqa.metrics import StageScores, answer_loss, write_hparams
@@ -178,7 +179,8 @@ class MedQALoRA(Scoring, L.LightningModule):
         self.frozen = frozen_layers(model, self.lora, self.cache_frozen, backend)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
+        callbacks = [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
+        return callbacks if torch.cuda.is_available() else [*callbacks, ReturnFreedMemory()]
 
     def _use_plan(self, plan: Plan) -> None:
         keep_activations(self.model, plan.kept_layers())

@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_PUBMEDQA = Path(os.environ.get("MEDQA_PUBMEDQA") or ROOT.parent / "shared" / "data" / "pubmedqa")
 
 
+# Fixtures that train, or build the real model, before their tests run: a test that uses one
+# is slow (`make test-fast` leaves it out) whatever its own marks say.
+TRAINING_FIXTURES = {"demo_fit", "demo_run", "smollm2", "ddp_checkpoint", "smollm2_shaped", "checkpoint",
+                     "whole_runs", "trained", "synthetic_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def medqa_cache(tmp_path_factory):
     """Build the tiny Llama once per session, in a cache of the tests' own."""

@@ -10,6 +10,7 @@ import torch
 from medqa.bases import SMOLLM2, BaseModelError, gguf_folder, resolve
 
 
+@pytest.mark.slow
 def test_a_gguf_base_gives_transformers_own_gguf_logits(smollm2):
     from pathlib import Path
 
@@ -26,6 +27,7 @@ def test_a_gguf_base_gives_transformers_own_gguf_logits(smollm2):
     assert not hasattr(ours.config, "quantization_config")  # an ordinary folder: saves, merges, exports
 
 
+@pytest.mark.slow
 def test_the_folder_is_built_once_and_a_damaged_one_rebuilt(smollm2):
     from pathlib import Path
 

@@ -48,6 +48,7 @@ def same_as_tokenizing(dm: QADataModule) -> None:
         assert [e.id for e in cached[1:7:2]] == [r.id for r in recs[1:7:2]] and cached[-1].id == recs[-1].id
 
 
+@pytest.mark.slow
 def test_examples_are_those_of_tokenizing_and_a_second_setup_maps_them(tmp_path, source, caplog):
     caplog.set_level(logging.INFO)
     first = module(tmp_path, max_length=160)  # some passages cut
@@ -62,6 +63,7 @@ def test_examples_are_those_of_tokenizing_and_a_second_setup_maps_them(tmp_path,
     same_as_tokenizing(second)
 
 
+@pytest.mark.slow
 def test_real_pqal_examples_are_those_of_tokenizing(tmp_path, pubmedqa_dir):
     dm = module(tmp_path, source=str(pubmedqa_dir / "ori_pqal.json"))
     same_as_tokenizing(dm)
@@ -73,6 +75,7 @@ def test_real_pqal_examples_are_those_of_tokenizing(tmp_path, pubmedqa_dir):
     {"instruction": "Yes, no or maybe?"}, {"fold": 3}, {"file": "one record's abstract edited"},
     {"train_source": "a training file"}, {"tokenizer": "one token more"},
 ])
+@pytest.mark.slow
 def test_any_change_to_what_the_examples_depend_on_builds_anew(tmp_path, source, change):
     base, original = module(tmp_path), source.read_text()
     settings = {k: v for k, v in change.items() if k not in ("file", "train_source", "tokenizer")}
@@ -127,6 +130,7 @@ def damage(folder, how):
 
 @pytest.mark.parametrize("how", ["bytes flipped", "file cut short", "manifest not JSON", "another key",
                                  "token ids out of range, digest matching"])
+@pytest.mark.slow
 def test_a_damaged_or_foreign_cache_is_rebuilt_and_never_used(tmp_path, source, caplog, how):
     folder = module(tmp_path).cache.folder
     damage(folder, how)
@@ -144,6 +148,7 @@ def _setup_in_a_process(tmp_path, queue):
     queue.put(module(tmp_path).built_cache)
 
 
+@pytest.mark.slow
 def test_two_processes_build_once_and_both_map_it(tmp_path, source, medqa_cache):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

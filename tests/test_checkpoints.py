@@ -91,6 +91,7 @@ def wait_until_stalled(run: subprocess.Popen, seconds: float = 3.0, deadline: fl
     return False
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     args = [sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir",
             str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "4",
@@ -142,6 +143,7 @@ def _fit(logs: Path, name: str, *extra: str):
                  "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name, *extra])
 
 
+@pytest.mark.slow
 def test_phase_two_starts_from_phase_ones_adapter_with_a_fresh_optimizer_and_schedule(tmp_path):
     """The PubMedQA paper's recipe on small files: phase 1 trains, phase 2 starts from its
     adapter (checkpoint or exported PEFT folder) as a new run: step 0, a fresh optimizer."""

@@ -38,6 +38,7 @@ def demo_run(demo_fit):
     return logs, run
 
 
+@pytest.mark.slow
 def test_demo_learns_and_leaves_curves(demo_run):
     _, run = demo_run
     curves = scalars(run)
@@ -64,6 +65,7 @@ def test_checkpoints_hold_only_the_adapter(demo_run):
     assert base < 50_000  # the LoRA weights alone; the tiny base has ~230k parameters
 
 
+@pytest.mark.slow
 def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
     logs, run = demo_run
     best = next((run / "checkpoints").glob("best*.ckpt"))
@@ -93,6 +95,7 @@ def test_validate_test_and_predict_from_the_checkpoint(demo_run, tmp_path):
         assert scoring["tokens"] == sum(len(e.input_ids) for e in done.datamodule.examples["test"])
 
 
+@pytest.mark.slow
 def test_fit_can_score_the_test_split_in_the_same_process(tmp_path, capsys):
     """`fit --test_after_fit last`: the scores a separate `test` of the last checkpoint gives,
     in the run's metrics.json, and the scoring time beside the fit's figures."""
@@ -113,6 +116,7 @@ def test_fit_can_score_the_test_split_in_the_same_process(tmp_path, capsys):
         cli("test", "--test_after_fit", "last", logs=tmp_path / "three")
 
 
+@pytest.mark.slow
 def test_predict_answers_every_question_once(demo_run, tmp_path):
     _, run = demo_run
     predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.predict_split", "all",
@@ -194,6 +198,7 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
         main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path, capsys):
     """The card's transformers + peft snippet, run as written, gives `ask`'s probabilities;
     the card names the base, data and the test scores measured with that checkpoint."""
@@ -241,6 +246,7 @@ def test_export_knows_a_base_saved_in_4bit_from_its_config(tmp_path):
         saved_quantized("no-such-org/no-such-llama", trust_remote_code=False)
 
 
+@pytest.mark.slow
 def test_evaluate_agrees_with_scikit_learn_on_demo_predictions(demo_run, tmp_path):
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -268,6 +274,7 @@ def test_evaluate_agrees_with_scikit_learn_on_demo_predictions(demo_run, tmp_pat
             main(["evaluate", str(tmp_path / f"{name}.json"), "--source", "synthetic"])
 
 
+@pytest.mark.slow
 def test_predict_can_add_a_generated_rationale(demo_run, tmp_path):
     _, run = demo_run
     last = str(run / "checkpoints" / "last.ckpt")
@@ -280,11 +287,13 @@ def test_predict_can_add_a_generated_rationale(demo_run, tmp_path):
     assert [{k: v for k, v in r.items() if k != "rationale"} for r in explained] == plain
 
 
+@pytest.mark.slow
 def test_zero_shot_test_without_a_checkpoint(tmp_path):
     tested = cli("test", logs=tmp_path)
     assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) < 0.9  # the untrained base
 
 
+@pytest.mark.slow
 def test_predict_on_the_real_pqal_file_covers_the_official_test_set(demo_run, tmp_path, pubmedqa_dir):
     _, run = demo_run
     predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
@@ -333,6 +342,7 @@ def test_model_hub_unreachable_says_how_to_work_offline():
         load_tokenizer("no-such-org/no-such-llama")
 
 
+@pytest.mark.slow
 def test_help_imports_no_gpu_or_model_code():
     # Lightning imports torchmetrics, which imports transformers' auto classes (not model code).
     code = (

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from medqa.crossval import format_summary, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +23,7 @@ def cv_command(cv_dir: Path) -> list[str]:
             "--trainer.enable_model_summary", "false"]
 
 
+@pytest.mark.slow
 def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
     cv_dir = tmp_path / "cv"
     first = subprocess.Popen(cv_command(cv_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -69,6 +72,7 @@ def test_cv_refuses_the_settings_it_sets_per_fold(tmp_path):
             main(["--config", str(ROOT / "configs" / "demo.yaml"), f"{flag}=3", "--cv_dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_a_fold_trained_to_the_end_but_not_scored_is_scored_not_refused(tmp_path):
     from medqa.cli import main
     from medqa.crossval import run_fold

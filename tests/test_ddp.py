@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import inprocess
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -16,14 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def medqa(command: str, logs: Path, *args: str) -> Path:
-    """Run a medqa command in its own process (DDP launches its workers from it); return
-    the run directory it wrote."""
+    """Run a medqa command, in its own process where it runs two (DDP launches its workers
+    from it), else in this one (`inprocess`: the single-process runs they are compared
+    with); return the run directory it wrote."""
     before = set((logs / "demo").glob("*-*"))
-    done = subprocess.run(
-        [sys.executable, "-m", "medqa", command, "--config", str(ROOT / "configs" / "demo.yaml"),
-         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    argv = [command, "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger.init_args.save_dir", str(logs),
+            "--trainer.enable_progress_bar", "false", *args]
+    if "ddp" in args:
+        done = subprocess.run([sys.executable, "-m", "medqa", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    else:
+        done = inprocess.run(argv)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (run,) = set((logs / "demo").glob("*-*")) - before
     return run
@@ -77,6 +81,7 @@ def ddp_checkpoint(tmp_path_factory):
     return logs, run / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_ddp_training_saves_a_checkpoint_of_the_steps_of_both_processes(ddp_checkpoint):
     import torch
 
@@ -88,6 +93,7 @@ def test_ddp_training_saves_a_checkpoint_of_the_steps_of_both_processes(ddp_chec
     assert (position["epoch"], position["batches"], position["processes"]) == (0, 4, 2)
 
 
+@pytest.mark.slow
 def test_ddp_test_and_predict_equal_the_single_process_run(ddp_checkpoint):
     logs, last = ddp_checkpoint
     one = ["--ckpt_path", str(last), "--trainer.devices", "1"]
@@ -112,6 +118,7 @@ def test_ddp_test_and_predict_equal_the_single_process_run(ddp_checkpoint):
         assert a["label"] == b["label"] and abs(a["p_yes"] - b["p_yes"]) < 1e-5 and abs(a["p_no"] - b["p_no"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_two_nodes_train_and_predict_every_question_once_as_one_process_does(tmp_path):
     import torch
 
@@ -125,16 +132,17 @@ def test_two_nodes_train_and_predict_every_question_once_as_one_process_does(tmp
     assert state["global_step"] == 4 and (position["epoch"], position["batches"], position["processes"]) == (0, 4, 2)
     assert json.loads((run / "speed.json").read_text())["processes"] == 2
 
-    # The 500 test questions in batches of 7: the last batch is short, the nodes' shares differ.
-    extra = ["--ckpt_path", str(last), "--data.eval_batch_size", "7"]
+    # The 50 dev questions in batches of 7: the last batch is short, the nodes' shares differ.
+    extra = ["--ckpt_path", str(last), "--data.predict_split", "dev", "--data.eval_batch_size", "7"]
     shared = rows(medqa_on_nodes("predict", logs, *extra))
     alone = rows(medqa("predict", logs, *extra, "--trainer.devices", "1"))
     ids = [r["id"] for r in shared]
-    assert len(ids) == len(set(ids)) == 500 and ids == [r["id"] for r in alone]
+    assert len(ids) == len(set(ids)) == 50 and ids == [r["id"] for r in alone]
     for a, b in zip(alone, shared):
         assert a["label"] == b["label"] and abs(a["p_yes"] - b["p_yes"]) < 1e-5 and abs(a["p_no"] - b["p_no"]) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["skip", "error"])
 def test_a_nonfinite_loss_in_one_process_stops_or_skips_in_every_process(mode, medqa_cache, tmp_path):
     """Process 1 alone gets a NaN loss. Both processes skip that update (the weights stay

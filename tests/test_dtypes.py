@@ -62,6 +62,7 @@ def test_dtype_names_are_checked():
             compute_dtype(bad)
 
 
+@pytest.mark.slow
 def test_auto_says_once_what_it_chose_and_why(tmp_path):
     """Through the CLI, on a CPU held to AVX2: float32, and the reason, in one line."""
     done = subprocess.run([sys.executable, "-m", "medqa", "test", "--config", DEMO, "--model.dtype", "auto",
@@ -72,6 +73,7 @@ def test_auto_says_once_what_it_chose_and_why(tmp_path):
     assert len(said) == 1 and "--model.dtype auto: float32, as the CPU " in said[0], said
 
 
+@pytest.mark.slow
 def test_answers_do_not_depend_on_the_dtype_beyond_the_last_digits(tmp_path):
     """The tiny model's test split predicted in float32 and in bfloat16: the same decision where
     float32's is not a near tie, probabilities within bfloat16's precision."""

@@ -125,6 +125,7 @@ def test_cache_frozen_true_is_refused_where_nothing_is_frozen(medqa_cache):
         tiny_module(cache_frozen=True)
 
 
+@pytest.mark.slow
 def test_training_with_the_states_computed_once_is_the_same_training(tmp_path):
     """Two epochs of the demo with LoRA on the top layer: the frozen layer computed once (and read
     back in the second epoch, and by the test that follows) or in every step give the same weights
@@ -147,6 +148,7 @@ def test_training_with_the_states_computed_once_is_the_same_training(tmp_path):
     assert config["layers_to_transform"] == [1]
 
 
+@pytest.mark.slow
 def test_best_passes_over_runs_of_another_lora_layers(tmp_path):
     cli("fit", "--model.lora_layers", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         logs=tmp_path)
@@ -155,6 +157,7 @@ def test_best_passes_over_runs_of_another_lora_layers(tmp_path):
     cli("validate", "--ckpt_path", "best", "--model.lora_layers", "1", logs=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_lora_layers_is_refused(tmp_path):
     from medqa.model import CheckpointMismatch
 

@@ -44,6 +44,7 @@ def test_run_options_keep_what_chose_the_run_and_drop_the_rest():
     assert hints.medqa("test", ["--data.source", "my file.json"]).endswith("test --data.source 'my file.json'")
 
 
+@pytest.mark.slow
 def test_the_printed_next_steps_work_pasted_into_a_shell_that_activated_nothing(tmp_path):
     # A decoy experiment first: "Next" must not lead to its checkpoint.
     decoy = run(["fit", "--config", DEMO, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path)])
@@ -78,6 +79,7 @@ def test_fast_dev_run_ends_cleanly_and_keeps_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing in the current directory, no empty run
 
 
+@pytest.mark.slow
 def test_without_a_logger_fit_trains_and_drops_what_needs_one(tmp_path):
     done = run(["fit", "--config", DEMO, *SHORT, "--trainer.logger", "false"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,6 +108,7 @@ def test_without_checkpointing_fit_trains_and_says_nothing_was_kept(tmp_path):
     assert not (tmp_path / "demo" / "fit-0" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_continue_and_that_command_resumes(tmp_path):
     args = ["fit", "--config", DEMO, "--trainer.max_epochs", "50", "--trainer.val_check_interval", "3",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
@@ -135,6 +138,7 @@ def test_ctrl_c_says_how_to_continue_and_that_command_resumes(tmp_path):
     assert "--ckpt_path last -> " + str(last) in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_stays_within_the_commands_task(tmp_path):
     logs = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     for task in ("pubmedqa", "medqa_usmle"):  # the USMLE run is the newest
@@ -181,6 +185,7 @@ def test_a_wrong_value_names_what_the_option_takes(kind, value, said):
     assert short(str(error.value)) == said
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path):
     env = {**fresh_shell_env(), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens: refused at once
     for offline in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -195,6 +200,7 @@ def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_test_without_a_checkpoint_says_it_scored_the_untrained_base(tmp_path):
     done = run(["test", "--config", DEMO, "--trainer.limit_test_batches", "1", "--trainer.logger.init_args.save_dir",
                 str(tmp_path), "--trainer.enable_progress_bar", "false"])

@@ -89,3 +89,31 @@ def test_a_memory_limit_shrinks_the_micro_batch_then_recomputes_on_the_cpu(tmp_p
     assert tight.plan.kept == 0 and tight.plan.limited
     assert "Micro-batch auto: 1 questions x 4 accumulated (configured 4 x 1" in caplog.text
     assert "every layer recomputed in backward" in caplog.text and "allowed by --model.memory_limit_gib" in caplog.text
+
+
+def test_freed_memory_is_handed_back_once_the_process_has_grown():
+    """`ReturnFreedMemory` trims only after the process has grown `GROWTH` times past what it
+    held after the last trim (each trim costs the next batch its page faults), and a CPU
+    fit gets it."""
+    from medqa.memory_cpu import ReturnFreedMemory, resident_bytes
+    from medqa.model import MedQALoRA
+
+    callback = ReturnFreedMemory()
+    assert callback.trim is not None, "glibc's malloc_trim should be found on Linux"
+    trims = []
+    callback.trim = lambda pad: trims.append(pad)  # glibc's own effect is the OS's business; when is ours
+    callback.on_train_batch_end()
+    floor = callback.floor
+    assert trims == [] and floor is not None and abs(floor - resident_bytes()) < 64 * MiB
+    callback.on_train_batch_end()
+    assert trims == []  # no growth, no trim
+    held = torch.ones(int(floor * (callback.GROWTH - 1)) // 4 + 64 * MiB, dtype=torch.float32)  # past the growth
+    callback.on_validation_batch_end()
+    assert trims == [0] and callback.floor >= floor + held.numel() * 4 - 64 * MiB
+    del held
+
+    answers = {"labels": ["yes", "no", "maybe"], "label_ids": [[5], [6], [7]], "pad_id": 0,
+               "rationale_suffix": [[8], [8], [8]]}
+    module = MedQALoRA(pretrained="builtin:tiny-llama", backend="hf", load_in_4bit=False, dtype="float32",
+                       answer_tokens=answers)
+    assert any(isinstance(c, ReturnFreedMemory) for c in module.configure_callbacks())

@@ -36,6 +36,7 @@ def test_the_gpu_config_without_a_gpu_points_to_the_demo(tmp_path):
     assert not (tmp_path / "lora").exists()  # nothing left behind
 
 
+@pytest.mark.slow
 def test_bad_settings_and_paths_say_what_and_how(tmp_path):
     empty = tmp_path / "model"
     empty.mkdir()
@@ -65,6 +66,7 @@ def test_evaluate_without_its_truth_says_where_to_get_it(tmp_path):
     assert "--truth test_ground_truth.json (the PubMedQA repository's data/ folder)" in message
 
 
+@pytest.mark.slow
 def test_runs_scores_best_across_runs_summary_and_ask(demo_fit, tmp_path):
     # Two runs of one experiment; the second is worse (one step, a tiny learning rate).
     logs, _, good = demo_fit  # the demo as shipped, into an experiment of this test's own
@@ -97,6 +99,7 @@ def test_runs_scores_best_across_runs_summary_and_ask(demo_fit, tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["fit-0", "fit-1", "test-2"]  # ask leaves none
 
 
+@pytest.mark.slow
 def test_ask_gives_predicts_probabilities_for_the_same_question(tmp_path):
     from medqa.tasks.pubmedqa import official_split
     from medqa.tasks.pubmedqa import synthetic_records
@@ -133,6 +136,7 @@ def test_ask_refuses_a_negative_rationale_and_names_a_record_file_that_is_not_te
     assert message == "--rationale_tokens must be 0 or more, got -1"
 
 
+@pytest.mark.slow
 def test_predict_keeps_an_existing_predictions_file_and_says_so_in_one_line(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

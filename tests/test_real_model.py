@@ -44,6 +44,7 @@ def test_label_words_and_prompt_under_the_chatml_template(pqal):
     assert example.labels[example.answer_pos :] == example.input_ids[example.answer_pos :]  # the loss covers both
 
 
+@pytest.mark.slow
 def test_the_untrained_model_puts_its_answer_on_the_label_words(pqal):
     """The real model, asked as medqa asks, answers with one of the three words as medqa
     writes them: they carry most of the next token's probability (the lower-case words had
@@ -67,6 +68,7 @@ def test_the_untrained_model_puts_its_answer_on_the_label_words(pqal):
     assert mass.min() > 0.3 and mass.mean() > 3 * lower_mass.mean(), (mass, lower_mass)
 
 
+@pytest.mark.slow
 def test_fit_moves_the_adapter_and_exports_answer_as_the_checkpoint(pqal, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -76,9 +78,9 @@ def test_fit_moves_the_adapter_and_exports_answer_as_the_checkpoint(pqal, tmp_pa
     from medqa.data import QADataModule
     from medqa.tokens import collate
 
-    # Two steps of 4 real PQA-L questions.
+    # Two steps of 4 real PQA-L questions (no dev scoring: the predict below scores the dev set).
     fitted = cli("fit", "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--data.batch_size", "4",
-                 "--trainer.limit_val_batches", "1", logs=tmp_path, pqal=pqal)
+                 "--trainer.limit_val_batches", "0", logs=tmp_path, pqal=pqal)
     last = Path(fitted.trainer.log_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     lora_b = [v for k, v in state.items() if "lora_B" in k]
@@ -107,6 +109,7 @@ def test_fit_moves_the_adapter_and_exports_answer_as_the_checkpoint(pqal, tmp_pa
     assert load_file(out / "adapter_model.safetensors").keys()  # the adapter's own file, not empty
 
 
+@pytest.mark.slow
 def test_a_real_model_explains_its_answer_in_words(pqal, capsys):
     record = json.dumps({"question": "Does regular aspirin use reduce the risk of colorectal cancer?",
                          "contexts": ["In a cohort of 80,000 adults followed for 20 years, regular aspirin users had "

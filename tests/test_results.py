@@ -75,6 +75,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return logs / "demo" / "fit-0" / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, name", [("predict", "predictions.json"), ("test", "metrics.json")])
 def test_a_kill_while_a_command_writes_its_result_leaves_no_half_file(checkpoint, tmp_path, command, name):
     proc = subprocess.Popen([sys.executable, "-c", STALLED_MEDQA, command, "--config", DEMO, "--ckpt_path", str(checkpoint),
@@ -92,6 +93,7 @@ def test_a_kill_while_a_command_writes_its_result_leaves_no_half_file(checkpoint
     assert not (run / name).exists()  # no half-written file under the real name
 
 
+@pytest.mark.slow
 def test_without_a_logger_test_never_writes_over_the_users_metrics_file(checkpoint, tmp_path):
     mine = tmp_path / "metrics.json"
     mine.write_text('{"mine": true}\n')

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import inprocess
 from test_checkpoints import wait_until_stalled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def whole_runs(tmp_path_factory):
     def whole(accumulate: int, every: int) -> Path:
         if (accumulate, every) not in made:
             logs = tmp_path_factory.mktemp(f"whole-{accumulate}-{every}")
-            done = subprocess.run(fit_args(logs, accumulate, every), cwd=ROOT, capture_output=True, text=True)
+            done = inprocess.run(fit_args(logs, accumulate, every)[3:])  # needs no process of its own
             assert done.returncode == 0, done.stderr[-3000:]
             made[accumulate, every] = logs / "demo" / "fit-0"
         return made[accumulate, every]
@@ -69,6 +70,7 @@ def assert_same_run(whole: Path, resumed: Path, total: int) -> None:
         assert got_losses[step] == pytest.approx(value, rel=1e-6), f"step {step}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate, every, kill_after", [(1, 4, 16), (2, 3, 9)], ids=["plain", "accumulate2"])
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, whole_runs, accumulate, every, kill_after):
     steps_per_epoch = 12 // accumulate
@@ -99,6 +101,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, whole_runs, accumulate
     assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", 3 * steps_per_epoch)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(tmp_path, whole_runs):
     """SIGTERM mid-fit (accumulating 2 batches a step): the run finishes the optimizer step in
     progress, saves last.ckpt there, exits 143 with one line naming the command that continues,

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from medqa.runs import claim_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def _demo(command: str, logs: Path, *extra: str) -> subprocess.Popen:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_commands_started_at_once_in_one_experiment_each_get_their_own_run(tmp_path):
     short = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1")
     fits = [_demo("fit", tmp_path, *short) for _ in range(2)]

@@ -70,6 +70,7 @@ def with_settings(checkpoint: Path, out: Path, **hparams) -> Path:
 # ------------------------------------------------------------------ 1. a checkpoint chooses code
 
 
+@pytest.mark.slow
 def test_export_takes_the_base_and_remote_code_from_the_user_not_the_checkpoint(trained, tmp_path):
     _, last = trained
     folder, marker = hostile_model_dir(tmp_path)
@@ -118,6 +119,7 @@ def test_the_users_remote_code_flag_is_what_lets_a_model_run_its_code(trained, t
 # ------------------------------------------------------------------ 2. a resume crosses runs or data
 
 
+@pytest.mark.slow
 def test_resume_on_another_fold_or_max_length_is_refused(trained, tmp_path):
     logs, last = trained
     more = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2")
@@ -139,6 +141,7 @@ def lora_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_given_more_epochs_trains_on_with_its_schedule_replanned(trained, tmp_path):
     _, last = trained
     run = shutil.copytree(last.parent.parent, tmp_path / "demo" / "fit-0")
@@ -153,6 +156,7 @@ def test_a_finished_run_given_more_epochs_trains_on_with_its_schedule_replanned(
     assert all(not torch.equal(before[k], after[k]) for k in before)  # at learning rate 0 none would move
 
 
+@pytest.mark.slow
 def test_a_new_fit_never_continues_an_earlier_runs_schedule(trained, tmp_path):
     _, last = trained
     shutil.copytree(last.parent.parent, tmp_path / "demo" / "fit-0")
@@ -185,6 +189,7 @@ def test_another_base_with_the_same_name_and_shape_is_refused(trained, tmp_path)
 # ------------------------------------------------------------------ 3. a stale adapter
 
 
+@pytest.mark.slow
 def test_a_stale_or_missing_adapter_is_rewritten_from_its_checkpoint(trained, tmp_path):
     logs, last = trained
     copy = tmp_path / "copy.ckpt"
@@ -250,6 +255,7 @@ def test_a_checkpoint_trained_under_another_prompt_is_refused(trained, tmp_path)
     assert "this run 'You are a terse assistant.'" in error and "--data.system_prompt" in error
 
 
+@pytest.mark.slow
 def test_export_and_ask_use_the_checkpoints_prompt_not_todays(tmp_path):
     from medqa.ask import main as ask
 
@@ -290,6 +296,7 @@ def test_damaged_or_foreign_checkpoints_get_one_line(trained, tmp_path, name, ma
         assert done.stderr.strip().splitlines()[-1].startswith("medqa validate: error: ")
 
 
+@pytest.mark.slow
 def test_lora_targets_in_another_order_are_the_same_targets(trained, tmp_path):
     _, last = trained
     targets = ["down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_proj"]
@@ -301,6 +308,7 @@ def test_lora_targets_in_another_order_are_the_same_targets(trained, tmp_path):
 # ------------------------------------------------------------------ 5 and 6 as a user meets them
 
 
+@pytest.mark.slow
 def test_fooling_files_are_refused_in_one_line_by_the_commands(tmp_path):
     from medqa.tasks.pubmedqa import official_split
     from medqa.tasks.pubmedqa import synthetic_records
@@ -348,6 +356,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(trained, tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["fit-0"]
 
 
+@pytest.mark.slow
 def test_a_refused_export_writes_nothing_and_keeps_a_linked_folder_a_link(trained, tmp_path):
     _, last = trained
     wrong = with_settings(last, tmp_path / "r.ckpt", lora_r="8")
@@ -397,6 +406,7 @@ def test_best_passes_over_a_run_whose_saved_targets_are_not_names(trained, tmp_p
     assert "fit-0/checkpoints/best" in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_more_refusals_in_one_line(trained, tmp_path):
     _, last = trained
     one_line_refusal(run_cli("validate", "--ckpt_path", str(last), "--model.target_modules", '["no_such_proj"]', logs=tmp_path),

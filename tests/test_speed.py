@@ -90,6 +90,7 @@ def test_a_fit_counts_every_batch_and_times_only_those_after_warm_up(tmp_path):
     assert "speed/tokens_per_s" in trainer.logged_metrics
 
 
+@pytest.mark.slow
 def test_process_seconds_counts_from_the_process_start():
     code = "import time; time.sleep(1.5); from medqa.speed import process_seconds; print(process_seconds())"
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -180,6 +181,7 @@ def test_a_busy_machine_gets_advice_on_threads_and_a_free_one_none():
     assert busy_note(threads=8, load=3.6, cores=8) is None and "load 9.0 on 8 cores" in busy_note(8, 9.0, 8)
 
 
+@pytest.mark.slow
 def test_the_sync_sites_benchmark_runs_a_medqa_command_and_counts_its_batches(medqa_cache, tmp_path):
     """benchmarks/sync_sites.py runs the medqa command in its own process and reports the
     training batches it watched after the warm-up (on a CPU nothing synchronises)."""

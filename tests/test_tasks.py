@@ -99,6 +99,7 @@ def synthetic_run(tmp_path_factory):
     return logs
 
 
+@pytest.mark.slow
 def test_synthetic_set_is_learned_and_scored_over_the_letters(synthetic_run, tmp_path):
     tested = cli("test", "--ckpt_path", "best", logs=synthetic_run)
     metrics = tested.trainer.callback_metrics
@@ -112,6 +113,7 @@ def test_synthetic_set_is_learned_and_scored_over_the_letters(synthetic_run, tmp
     assert scores["accuracy"] == pytest.approx(float(metrics["test/acc"]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fit_test_predict_evaluate_on_the_published_files(medqa_folder, tmp_path):
     source = ["--data.source", str(medqa_folder), "--trainer.max_epochs", "1"]
     fitted = cli("fit", *source, logs=tmp_path)
@@ -172,6 +174,7 @@ def test_a_file_of_ones_own_gets_ids_of_its_own_and_trains_beside_the_official_s
     assert done.returncode == 0, done.stderr[-3000:]  # not refused as test leakage: no question overlaps
 
 
+@pytest.mark.slow
 def test_commands_that_would_train_nothing_refuse_in_one_line(medqa_folder, tmp_path):
     test_file = str(medqa_folder / "phrases_no_exclude_test.jsonl")
     done = medqa_cli("fit", "--data.source", test_file, logs=tmp_path)
