@@ -39,7 +39,7 @@ TEST_ENV := OMP_WAIT_POLICY=PASSIVE
 
 ## Run the test suite on the CPU, two test files at a time.
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 ## The test suite with line coverage of medqa/ (the CLI's own processes included).
 coverage: install
