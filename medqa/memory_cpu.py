@@ -148,9 +148,14 @@ class ReturnFreedMemory(L.Callback):
         name = ctypes.util.find_library("c")
         self.trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None  # glibc only
         self.floor: int | None = None
+        self.on_cpu = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a GPU's activations are not the host's: nothing to hand back there
+        self.on_cpu = trainer.strategy.root_device.type == "cpu"
 
     def _after_batch(self) -> None:
-        if self.trim is None:
+        if self.trim is None or not self.on_cpu:
             return
         held = resident_bytes()
         if self.floor is None or held > self.floor * self.GROWTH:

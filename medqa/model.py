@@ -180,7 +180,7 @@ class MedQALoRA(Scoring, L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         callbacks = [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
-        return callbacks if torch.cuda.is_available() else [*callbacks, ReturnFreedMemory()]
+        return [*callbacks, ReturnFreedMemory()]  # active where the trainer runs on the CPU
 
     def _use_plan(self, plan: Plan) -> None:
         keep_activations(self.model, plan.kept_layers())
