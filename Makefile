@@ -47,7 +47,7 @@ coverage: install
 
 ## The contributors' inner loop: every test but the slow ones (those that train or run the CLI end to end).
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 ## A real instruct model, zero-shot against fine-tuned on the real PQA-L (2 CPU cores, about 55 minutes).
 ## DATA: the folder with ori_pqal.json and test_ground_truth.json; REASONING=free for the paper's reasoning-free setting.
