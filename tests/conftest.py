@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def session_dir(tmp_path_factory) -> Path:
+    """The session's temporary folder that pytest-xdist's workers share (each has its own below it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def medqa_cache(tmp_path_factory):
-    """Build the tiny Llama once per session, in a cache of the tests' own."""
-    os.environ["MEDQA_CACHE"] = str(tmp_path_factory.mktemp("medqa-cache"))
-    return Path(os.environ["MEDQA_CACHE"])
+    """Build the tiny Llama, convert SmolLM2's GGUF file and tokenize PQA-L once per session,
+    in a cache of the tests' own that the test processes share (medqa's cache is built for
+    processes that start together: one builds, the others wait or build aside and rename)."""
+    cache = session_dir(tmp_path_factory) / "medqa-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["MEDQA_CACHE"] = str(cache)
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +74,25 @@ def smollm2(medqa_cache) -> str:
 @pytest.fixture(scope="session")
 def demo_fit(tmp_path_factory, medqa_cache):
     """`python -m medqa fit --config configs/demo.yaml`, the README's demo exactly as shipped,
-    trained once for every test that reads a trained demo: (its logs folder, its run
-    directory, what it printed). Tests that change the experiment copy the folder first."""
+    trained once in the session for every test that reads a trained demo: (its logs folder,
+    its run directory, what it printed). The first test process to need it trains it; another
+    waits for it. Tests that change the experiment copy the folder first."""
+    import json
+    import subprocess
+
+    from filelock import FileLock
+
     import inprocess
 
-    logs = tmp_path_factory.mktemp("demo-logs")
-    done = inprocess.run(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger.init_args.save_dir",
-                          str(logs), "--trainer.enable_progress_bar", "false"])
+    root = session_dir(tmp_path_factory)
+    logs, printed = root / "demo-logs", root / "demo-fit.json"
+    args = ["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger.init_args.save_dir", str(logs),
+            "--trainer.enable_progress_bar", "false"]
+    with FileLock(str(root / "demo-fit.lock")):
+        if not printed.exists():
+            done = inprocess.run(args)
+            printed.write_text(json.dumps([done.returncode, done.stdout, done.stderr]))
+    done = subprocess.CompletedProcess([sys.executable, "-m", "medqa", *args], *json.loads(printed.read_text()))
     assert done.returncode == 0, done.stderr[-3000:]
     return logs, logs / "demo" / "fit-0", done
 

@@ -28,19 +28,33 @@ def test_a_gguf_base_gives_transformers_own_gguf_logits(smollm2):
 
 
 @pytest.mark.slow
-def test_the_folder_is_built_once_and_a_damaged_one_rebuilt(smollm2):
+def test_the_folder_is_built_once_and_a_damaged_one_rebuilt(medqa_cache, tmp_path):
     from pathlib import Path
 
-    folder = Path(resolve(SMOLLM2))
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")  # converted in seconds; SmolLM2's file takes half a minute
+    folder = Path(resolve(str(path)))
     weights = folder / "model.safetensors"
     built = weights.stat().st_mtime_ns
-    assert Path(resolve(SMOLLM2)) == folder and weights.stat().st_mtime_ns == built  # loaded, not rebuilt
+    assert Path(resolve(str(path))) == folder and weights.stat().st_mtime_ns == built  # loaded, not rebuilt
     record = json.loads((folder / "medqa-gguf.json").read_text())
     assert len(record["sha256"]) == 64 and record["sha256"][:16] in folder.name
 
     (folder / "medqa-gguf.json").unlink()  # as a conversion killed before its record was written leaves it
-    assert Path(resolve(SMOLLM2)) == folder and weights.stat().st_mtime_ns != built
+    assert Path(resolve(str(path))) == folder and weights.stat().st_mtime_ns != built
     assert (folder / "medqa-gguf.json").is_file()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medqa.tiny import tiny_llama
+
+    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # Q8_0 read back: near the tiny Llama's
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)
+    for name, tensor in tiny.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], tensor, atol=tensor.abs().max().item() / 100, rtol=0)
+    text = "Does the drug lower blood pressure?"
+    assert AutoTokenizer.from_pretrained(folder)(text).input_ids == AutoTokenizer.from_pretrained(tiny_llama())(text).input_ids
 
 
 def test_smollm2_tokenizer_takes_the_files_own_special_tokens(smollm2):

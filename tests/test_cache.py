@@ -15,6 +15,7 @@ from medqa.data import QADataModule
 from medqa.tasks.pubmedqa import synthetic_records
 from test_data import as_original
 
+RECORDS = 200  # the official split's procedure: 100 test, 11 dev, 89 training questions
 FIELDS = ("id", "input_ids", "labels", "prompt_len", "answer_pos", "label", "truncated")
 
 
@@ -28,7 +29,7 @@ def module(tmp_path, **settings) -> QADataModule:
 @pytest.fixture
 def source(tmp_path):
     path = tmp_path / "ori.json"
-    path.write_text(json.dumps(as_original(synthetic_records(1000))))
+    path.write_text(json.dumps(as_original(synthetic_records(RECORDS))))
     return path
 
 
@@ -58,7 +59,7 @@ def test_examples_are_those_of_tokenizing_and_a_second_setup_maps_them(tmp_path,
     caplog.clear()
     second = module(tmp_path, max_length=160)
     assert not second.built_cache and f"tokenized, from {second.cache.folder}" in caplog.text
-    assert "  train: 450 records from" in caplog.text  # the build's counts are said again
+    assert "  train: 89 records from" in caplog.text  # the build's counts are said again
     assert second.identity() == first.identity()
     same_as_tokenizing(second)
 
@@ -80,7 +81,7 @@ def test_any_change_to_what_the_examples_depend_on_builds_anew(tmp_path, source,
     base, original = module(tmp_path), source.read_text()
     settings = {k: v for k, v in change.items() if k not in ("file", "train_source", "tokenizer")}
     if "file" in change:
-        records = synthetic_records(1000)
+        records = synthetic_records(RECORDS)
         records[7] = replace(records[7], contexts=[records[7].contexts[0] + " Edited.", *records[7].contexts[1:]])
         source.write_text(json.dumps(as_original(records)))
     if "train_source" in change:

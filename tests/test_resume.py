@@ -16,12 +16,13 @@ from test_checkpoints import wait_until_stalled
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
+EPOCHS = 2  # of 12 batches: a kill in the second epoch resumes mid-epoch, after an epoch's end was saved
 
 
 def fit_args(logs: Path, accumulate: int, every: int) -> list[str]:
     return [sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
-            "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "12",
-            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", str(EPOCHS),
+            "--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
             "--trainer.accumulate_grad_batches", str(accumulate), "--last_checkpoint.every_n_train_steps", str(every)]
 
 
@@ -95,10 +96,10 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, whole_runs, accumulate
     (ckpts / "last.ckpt.tmp").unlink()
     assert global_step(ckpts / "last.ckpt") == kill_after
 
-    resumed = subprocess.run(args + ["--ckpt_path", "last"], cwd=ROOT, capture_output=True, text=True)
+    resumed = inprocess.run(args[3:] + ["--ckpt_path", "last"])  # the kill needed a process; the resume does not
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", 3 * steps_per_epoch)
+    assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", EPOCHS * steps_per_epoch)
 
 
 @pytest.mark.slow
@@ -125,7 +126,7 @@ def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(tmp_path, whole_
     said = [line for line in stderr.splitlines() if line.startswith("medqa fit: stopped by SIGTERM")]
     assert len(said) == 1, stderr[-3000:]
     step = int(said[0].split("after step ")[1].split(";")[0])
-    assert every <= step < 3 * 12 // accumulate  # stopped before the end, at a step boundary it counted
+    assert every <= step < EPOCHS * 12 // accumulate  # stopped before the end, at a step boundary it counted
     assert f"saved {ckpts / 'last.ckpt'}. Continue with: " in said[0] and said[0].endswith("--ckpt_path last")
     assert global_step(ckpts / "last.ckpt") == step  # saved where it stopped, not at the last periodic save
     assert not list(ckpts.glob("*.tmp"))
@@ -133,4 +134,4 @@ def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(tmp_path, whole_
     command = said[0].split("Continue with: ")[1]
     resumed = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", 3 * 12 // accumulate)
+    assert_same_run(whole_runs(accumulate, every), logs / "demo" / "fit-0", EPOCHS * 12 // accumulate)

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -317,8 +316,7 @@ def test_fooling_files_are_refused_in_one_line_by_the_commands(tmp_path):
     first = next(iter(truth))
     predictions = tmp_path / "predictions.json"
     predictions.write_text(json.dumps(truth)[:-1] + f', "{first}": "maybe"}}')  # one id answered twice
-    done = subprocess.run([sys.executable, "-m", "medqa", "evaluate", str(predictions), "--source", "synthetic"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = inprocess.run(["evaluate", str(predictions), "--source", "synthetic"])
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"predictions.json: key '{first}' appears more than once" in done.stderr
 
@@ -361,8 +359,7 @@ def test_a_refused_export_writes_nothing_and_keeps_a_linked_folder_a_link(traine
     _, last = trained
     wrong = with_settings(last, tmp_path / "r.ckpt", lora_r="8")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "medqa", "export", "--ckpt_path", str(wrong), "--pretrained",
-                           "builtin:tiny-llama", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = inprocess.run(["export", "--ckpt_path", str(wrong), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
     one_line_refusal(done, "export", "saved setting lora_r='8' is not of type int")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.ckpt"]
     state = torch.load(last, map_location="cpu", weights_only=True)
@@ -414,7 +411,6 @@ def test_more_refusals_in_one_line(trained, tmp_path):
                      "its are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
     one_line_refusal(run_cli("predict", "--ckpt_path", str(last), "--trainer.limit_predict_batches", "2", logs=tmp_path),
                      "predict", "none was written. Leave out --trainer.limit_predict_batches")
-    done = subprocess.run([sys.executable, "-m", "medqa", "cv", "--config", DEMO, "--data.task", "medqa_usmle",
-                           "--cv_dir", str(tmp_path / "cv")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = inprocess.run(["cv", "--config", DEMO, "--data.task", "medqa_usmle", "--cv_dir", str(tmp_path / "cv")])
     one_line_refusal(done, "cv", "medqa_usmle has one fixed dev set and nothing to cross-validate")
     assert not (tmp_path / "cv").exists()
