@@ -6,6 +6,10 @@ Lightning's own handler stops after any batch, mid-accumulation too (a checkpoin
 would lose the step's accumulated gradients, so a resume could not be exact), and saves
 nothing. This callback takes SIGTERM over once training starts; Lightning puts its own
 handlers back at the end of the run.
+
+A fit that ends normally also ends with `last.ckpt` at its last step: Lightning saves it after
+validation, or at an epoch's end, so one stopped by `--trainer.max_steps` between validations
+would otherwise keep an earlier step.
 """
 
 from __future__ import annotations
@@ -62,16 +66,29 @@ class StopOnSigterm(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
-        last = next((c for c in trainer.checkpoint_callbacks[1:2] if isinstance(c, ModelCheckpoint)), None)
-        saved = None
-        if last is not None:
-            if last._last_global_step_saved != trainer.global_step:
-                last._save_topk_checkpoint(trainer, last._monitor_candidates(trainer))
-                last._last_global_step_saved = trainer.global_step
-            saved = last.best_model_path or None
+        saved = save_last(trainer)
         # Raised before the next batch, not here: Lightning logs this step's values after this hook.
         self._stop = StoppedBySignal(self.received or signal.SIGTERM, trainer.global_step, saved)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._stop is not None:
             raise self._stop
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fit that reached --trainer.max_steps mid-epoch, between validations (an integer
+        # --trainer.val_check_interval), saved nothing at its end: its last steps would be lost
+        # to test, predict, export and a resume.
+        save_last(trainer, at_end=True)
+
+
+def save_last(trainer: L.Trainer, at_end: bool = False) -> str | None:
+    """Write `last.ckpt` (the second checkpoint callback, `--last_checkpoint`) at this step
+    unless it holds it already (`at_end`: nor where Lightning saves nothing, as in
+    `fast_dev_run`); returns its path, or None where there is none."""
+    last = next((c for c in trainer.checkpoint_callbacks[1:2] if isinstance(c, ModelCheckpoint)), None)
+    if last is None or (at_end and last._should_skip_saving_checkpoint(trainer)):
+        return None
+    if last._last_global_step_saved != trainer.global_step:
+        last._save_topk_checkpoint(trainer, last._monitor_candidates(trainer))
+        last._last_global_step_saved = trainer.global_step
+    return last.best_model_path or None

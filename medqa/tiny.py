@@ -122,13 +122,17 @@ def tiny_llama() -> Path:
     """The directory of the built-in tiny Llama, built on first use (a few seconds). Its
     name holds a digest of the tokenizer's training text, so a change to any task's prompt
     or synthetic set builds a new one instead of reusing a stale tokenizer."""
+    from filelock import FileLock
+
     out = cache_dir() / f"tiny-llama-v{_VERSION}-{_corpus_digest()}"
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out.parent))
-        build_tiny_llama(tmp)
-        try:
-            tmp.rename(out)  # atomic: another process may have built it meanwhile
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with FileLock(str(out.parent / f"{out.name}.lock")):  # processes that start together build it once
+            if not (out / "model.safetensors").is_file():
+                tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out.parent))
+                build_tiny_llama(tmp)
+                try:
+                    tmp.rename(out)  # atomic: never seen half-written
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
     return out

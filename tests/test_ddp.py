@@ -78,8 +78,8 @@ def rows(run: Path) -> list[dict]:
 def ddp_checkpoint(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ddp")
     run = medqa("fit", logs, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
-                "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
-                "--last_checkpoint.every_n_train_steps", "4", "--test_after_fit", "last")
+                "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2", "--trainer.max_steps", "4",
+                "--test_after_fit", "last")  # ends mid-epoch, between validations: last.ckpt saved at the end
     return logs, run / "checkpoints" / "last.ckpt"
 
 

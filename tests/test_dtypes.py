@@ -66,7 +66,8 @@ def test_dtype_names_are_checked():
 def test_auto_says_once_what_it_chose_and_why(tmp_path):
     """Through the CLI, on a CPU held to AVX2: float32, and the reason, in one line."""
     done = subprocess.run([sys.executable, "-m", "medqa", "test", "--config", DEMO, "--model.dtype", "auto",
-                           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
+                           "--trainer.limit_test_batches", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                           "--trainer.enable_progress_bar", "false"],
                           env={**os.environ, **AVX2_ONLY}, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     said = [line for line in (done.stdout + done.stderr).splitlines() if "--model.dtype auto:" in line]
@@ -75,13 +76,14 @@ def test_auto_says_once_what_it_chose_and_why(tmp_path):
 
 @pytest.mark.slow
 def test_answers_do_not_depend_on_the_dtype_beyond_the_last_digits(tmp_path):
-    """The tiny model's test split predicted in float32 and in bfloat16: the same decision where
-    float32's is not a near tie, probabilities within bfloat16's precision."""
+    """The tiny model's dev split predicted in float32 and in bfloat16 (emulated, 7x slower, on
+    a CPU without bf16 units): the same decision where float32's is not a near tie,
+    probabilities within bfloat16's precision."""
     rows = {}
     for dtype in ("float32", "bfloat16"):
-        done = cli("predict", "--model.dtype", dtype, logs=tmp_path / dtype)
+        done = cli("predict", "--model.dtype", dtype, "--data.predict_split", "dev", logs=tmp_path / dtype)
         rows[dtype] = {r["id"]: r for r in read_rows(Path(done.trainer.log_dir))}
-    assert rows["float32"].keys() == rows["bfloat16"].keys() and len(rows["float32"]) == 500
+    assert rows["float32"].keys() == rows["bfloat16"].keys() and len(rows["float32"]) == 50
     probs = lambda row: torch.tensor([row["p_yes"], row["p_no"], row["p_maybe"]])  # noqa: E731
     for qid, exact in rows["float32"].items():
         p32, p16 = probs(exact), probs(rows["bfloat16"][qid])
@@ -89,4 +91,5 @@ def test_answers_do_not_depend_on_the_dtype_beyond_the_last_digits(tmp_path):
         top2 = p32.topk(2).values
         if top2[0] - top2[1] > 0.05:
             assert p32.argmax() == p16.argmax(), qid
-    assert sum(probs(r).argmax() != probs(rows["bfloat16"][q]).argmax() for q, r in rows["float32"].items()) <= 5
+    flips = sum(probs(r).argmax() != probs(rows["bfloat16"][q]).argmax() for q, r in rows["float32"].items())
+    assert flips <= 1  # near ties may go either way

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 
 import inprocess
 from medqa import hints
@@ -133,9 +134,11 @@ def test_ctrl_c_says_how_to_continue_and_that_command_resumes(tmp_path):
     hint = err.split(f"Continue from {last} with:\n", 1)[1].splitlines()[0].strip()
     # the whole command line, so the run continues as it was going (here: 50 epochs, not the config's 10)
     assert hint.endswith("--ckpt_path last") and "--trainer.max_epochs 50" in hint
-    resumed = subprocess.run(hint + " --trainer.max_epochs 1", shell=True, cwd=ROOT, capture_output=True, text=True,
-                             timeout=600, env=fresh_shell_env())
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    resumed = subprocess.run(hint + f" --trainer.max_steps {step + 1}", shell=True, cwd=ROOT, capture_output=True,
+                             text=True, timeout=600, env=fresh_shell_env())  # one step more, then it ends
     assert "--ckpt_path last -> " + str(last) in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 1
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import inprocess
 import pytest
 
 from medqa.results import write_json, write_result
@@ -67,10 +68,9 @@ STALLED_MEDQA = (  # `python -m medqa ...` whose sync of the file named in $STAL
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     logs = tmp_path_factory.mktemp("logs")
-    fit = subprocess.run([sys.executable, "-m", "medqa", "fit", "--config", DEMO, "--trainer.logger.init_args.save_dir",
-                          str(logs), "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
-                          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    fit = inprocess.run(["fit", "--config", DEMO, "--trainer.logger.init_args.save_dir", str(logs),
+                         "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+                         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])
     assert fit.returncode == 0, fit.stderr[-3000:]
     return logs / "demo" / "fit-0" / "checkpoints" / "last.ckpt"
 

@@ -94,8 +94,9 @@ def cli(*args: str, logs: Path):
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
+    """The demo's 10 epochs on the synthetic USMLE set, 20 batches of 8 questions each."""
     logs = tmp_path_factory.mktemp("logs")
-    cli("fit", logs=logs)
+    cli("fit", "--trainer.limit_train_batches", "20", logs=logs)
     return logs
 
 
