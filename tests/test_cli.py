@@ -310,6 +310,11 @@ def test_predict_on_other_data_with_a_training_checkpoint(demo_run, tmp_path):
                     logs=tmp_path)
     answers = json.loads((Path(predicted.trainer.log_dir) / "predictions.json").read_text())
     assert sorted(answers) == sorted(r.id for r in official_split(records)["test"])
+    # every record of the file, in batches of 7 (the last one short): none lost or answered twice
+    predicted = cli("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.source", str(source),
+                    "--data.predict_split", "all", "--data.eval_batch_size", "7", logs=tmp_path)
+    rows = read_rows(Path(predicted.trainer.log_dir))
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)
 
 
 def test_mismatched_checkpoint_is_refused(demo_run, tmp_path):

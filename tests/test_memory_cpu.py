@@ -2,6 +2,7 @@
 training step at SmolLM2-135M's shapes holds, which CI guards: a regression fails here."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from medqa.memory import Plan, shrink, smaller_micro_batches
-from medqa.memory_cpu import ALLOCATOR_OVERHEAD, available_bytes
+from medqa.memory_cpu import available_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -39,18 +40,22 @@ def smollm2_shaped(tmp_path_factory, medqa_cache) -> Path:
 def test_a_step_at_smollm2_shapes_holds_what_autograd_keeps(smollm2_shaped, medqa_cache):
     """make real's setting (LoRA on the top 2 layers, the frozen 28 computed once) at the
     longest PQA-L question, 2 x 889 tokens, and LoRA on every layer at 1 x 512: each step's
-    peak rise in resident memory is within what the plan counts for the adapted layers (the
-    probe's bytes times the allocator's overhead) and above what the probe alone counts, and
-    the top-2 step keeps nothing of the 28 layers below (they would hold 15x more)."""
+    peak rise in resident memory is what the plan's probe counts for the adapted layers, and
+    the top-2 step keeps nothing of the 28 layers below (they would hold 15x more).
+
+    glibc's malloc is held to return every block above 128 KiB when freed: with its default,
+    freed blocks stay in the heap and the peak of the 30-layer step varied from 1.70x to 1.91x
+    of what autograd keeps between runs (the plan counts `ALLOCATOR_OVERHEAD` for that); held,
+    it measures what the step keeps, the same to 0.1% in every run (1.008x; 0.79x at 2 x 889)."""
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_step.py"), str(smollm2_shaped), "2:2x889",
-                           "all:1x512"], capture_output=True, text=True, timeout=600)
+                           "all:1x512"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     assert done.returncode == 0, done.stderr[-3000:]
     top, every = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert top["frozen"] and top["adapted"] == 2 and every["adapted"] == 30 and not every["frozen"]
     for row in (top, every):
         kept = row["per_token"] * row["tokens"] * row["adapted"]
-        assert row["peak_rise"] <= ALLOCATOR_OVERHEAD * kept + 32 * MiB, row
-        assert row["peak_rise"] >= 0.8 * kept, row  # the probe does not over-count either
+        assert 0.7 * kept <= row["peak_rise"] <= 1.15 * kept + 32 * MiB, row  # neither more kept nor over-counted
     assert top["peak_rise"] < 0.15 * top["per_token"] * top["tokens"] * 30
 
 
