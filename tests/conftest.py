@@ -36,8 +36,8 @@ def session_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def medqa_cache(tmp_path_factory):
     """Build the tiny Llama, convert SmolLM2's GGUF file and tokenize PQA-L once per session,
-    in a cache of the tests' own that the test processes share (medqa's cache is built for
-    processes that start together: one builds, the others wait or build aside and rename)."""
+    in a cache of the tests' own that the test processes share (medqa builds each cache folder
+    under a file lock: one process builds it while the others wait, as DDP's processes do)."""
     cache = session_dir(tmp_path_factory) / "medqa-cache"
     cache.mkdir(exist_ok=True)
     os.environ["MEDQA_CACHE"] = str(cache)
