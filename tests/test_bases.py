@@ -49,10 +49,10 @@ def test_the_folder_is_built_once_and_a_damaged_one_rebuilt(medqa_cache, tmp_pat
 
     from medqa.tiny import tiny_llama
 
-    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # Q8_0 read back: near the tiny Llama's
-    tiny = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()  # Q8_0 read back:
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)          # near the tiny Llama's
     for name, tensor in tiny.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[name], tensor, atol=tensor.abs().max().item() / 100, rtol=0)
+        torch.testing.assert_close(ours[name], tensor, atol=tensor.abs().max().item() / 100, rtol=0)
     text = "Does the drug lower blood pressure?"
     assert AutoTokenizer.from_pretrained(folder)(text).input_ids == AutoTokenizer.from_pretrained(tiny_llama())(text).input_ids
 
