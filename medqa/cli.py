@@ -311,7 +311,7 @@ class MedQACLI(LightningCLI):
 
 
 COMMANDS = {"evaluate": "medqa.evaluate", "compare": "medqa.compare", "cv": "medqa.crossval", "export": "medqa.export",
-            "ask": "medqa.ask"}
+            "ask": "medqa.ask", "priors": "medqa.priors"}
 """Commands beside Lightning's, each a module with its own `main(argv)`."""
 MedQAParser.commands = ("fit", "validate", "test", "predict", *COMMANDS)
 
@@ -343,7 +343,7 @@ def main(args: list[str] | None = None, print_next: bool = True) -> Any:
     argv = sys.argv[1:] if args is None else list(args)
     quiet(argv[0] if argv else "")
     if argv[:1] in (["-h"], ["--help"]):
-        print("medqa commands: fit, validate, test, predict (below), and evaluate, compare, cv, export, ask "
+        print("medqa commands: fit, validate, test, predict (below), and evaluate, compare, cv, export, ask, priors "
               "(python -m medqa evaluate --help, ...).\n")
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]])

@@ -6,8 +6,11 @@ For each official fold k (0-9) it trains on the other nine folds with dev = fold
 fold k. Each fold's run lives in DIR/fold{k}/ (curves, checkpoints) and its result in
 DIR/fold{k}/result.json, written when the fold is done; at the end DIR/summary.json and
 DIR/summary.md hold every fold's dev accuracy and macro-F1 and their mean and standard
-deviation. Run again after a crash, it skips the folds with a result and resumes an
-unfinished fold from its last checkpoint.
+deviation. Each fold's best checkpoint also answers its dev questions with their label
+probabilities (DIR/fold{k}/oof/): together, DIR/oof.jsonl answers every training question out
+of fold, and DIR/label_bias.yaml is the class-prior correction fitted on them (`medqa.priors`;
+`test --config DIR/label_bias.yaml` applies it). Run again after a crash, it skips the folds
+with a result and resumes an unfinished fold from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from medqa import hints
+from medqa.predictions import PredictionWriter
 from medqa.results import write_json, write_result
 
 FOLDS = range(10)
@@ -29,6 +33,28 @@ FOLDS = range(10)
 
 def fold_result(cv_dir: Path, fold: int) -> Path:
     return cv_dir / f"fold{fold}" / "result.json"
+
+
+def oof_dir(cv_dir: Path, fold: int) -> Path:
+    """Where fold `fold`'s dev questions are answered by its best checkpoint."""
+    return cv_dir / f"fold{fold}" / "oof"
+
+
+def out_of_fold(cv_dir: Path, labels: list[str]) -> dict[str, Any]:
+    """Every fold's held-out answers in one file, CV_DIR/oof.jsonl, and the class-prior
+    correction fitted on them, CV_DIR/label_bias.yaml (`medqa.priors`)."""
+    from medqa.priors import fit_file
+
+    files = [oof_dir(cv_dir, fold) / "predictions.jsonl" for fold in FOLDS]
+    missing = [f.parent.parent.name for f in files if not f.is_file()]
+    if missing:  # results of a medqa that wrote none
+        print(f"Note: {', '.join(missing)} of {cv_dir} have no held-out predictions (fold{{k}}/oof/); remove "
+              "those folds' result.json and run cv again to fit the class-prior correction.")
+        return {}
+    lines = [f.read_text() for f in files]
+    oof = write_result(cv_dir / "oof.jsonl", "".join(lines), replace=True)  # cv's own file, rebuilt whole
+    (cv_dir / "label_bias.yaml").unlink(missing_ok=True)
+    return fit_file([oof], labels, cv_dir / "label_bias.yaml")
 
 
 def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
@@ -54,6 +80,15 @@ def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
                                        weights_only=True)[0]
     result = {"fold": fold, "dev_acc": float(metrics["val/acc"]), "dev_macro_f1": float(metrics["val/macro_f1"]),
               "dev_questions": len(cli.datamodule.examples["dev"]), "checkpoint": str(best)}
+    held_out = oof_dir(cv_dir, fold)
+    for name in ("predictions.json", "predictions.jsonl"):  # left by a run stopped before its result
+        (held_out / name).unlink(missing_ok=True)
+    # The fold's dev questions answered by its best checkpoint, probabilities and all: with the
+    # other folds', every training question answered by a model that did not train on it.
+    writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
+    writer.output_dir, cli.datamodule.predict_split = str(held_out), "dev"
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(best), weights_only=True,
+                        return_predictions=False)
     del cli
     gc.collect()
     if torch.cuda.is_available():
@@ -116,11 +151,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(result)
 
     summary = summarize(results)
+    summary["out_of_fold"] = out_of_fold(cv_dir, list(task.labels))
     write_json(cv_dir / "summary.json", summary, replace=True)
     table = format_summary(summary)
     write_result(cv_dir / "summary.md", table + "\n", replace=True)
     options = hints.run_options(argv)
+    bias = cv_dir / "label_bias.yaml"
     print(f"\n10-fold cross-validation of {data.source} ({cv_dir}):\n\n{table}\n\n"
-          "Next, train with the chosen settings (dev: fold 0) and score the test split:\n"
-          f"  {hints.medqa('fit', options)}\n  {hints.medqa('test', options, '--ckpt_path', 'best')}")
+          f"Every training question answered out of fold: {cv_dir / 'oof.jsonl'}; the class-prior correction "
+          f"fitted on them: {bias}.\n"
+          "Next, train with the chosen settings (dev: fold 0) and score the test split, with the correction:\n"
+          f"  {hints.medqa('fit', options)}\n  {hints.medqa('test', options, '--ckpt_path', 'best', '--config', str(bias))}")
     return summary

@@ -4,6 +4,7 @@ over the task's label words, and checkpoints that hold only what was trained."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,10 @@ class MedQALoRA(Scoring, L.LightningModule):
         init_adapter: Start `fit` from this trained adapter (a medqa checkpoint or a PEFT
             folder) instead of a fresh one: a new run, with a fresh optimizer and schedule
             (the PubMedQA paper's PQA-A, then PQA-L). Its base and LoRA shape must be this run's.
+        label_bias: Added to the label words' log-probabilities before each decision in
+            validation, test, predict and ask (a class-prior correction: one number a label, in
+            the task's label order). `python -m medqa priors` fits it on held-out predictions
+            and writes it as a config (`cv` does, into CV_DIR/label_bias.yaml). None: no change.
         rationale_tokens: `predict` only: after the scored decision, generate up to this many
             tokens of explanation (greedy), written to predictions.jsonl. 0 (the default)
             generates nothing. Set by `predict --generate_rationale true`.
@@ -113,6 +118,7 @@ class MedQALoRA(Scoring, L.LightningModule):
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
         init_adapter: str | None = None,
+        label_bias: list[float] | None = None,
         rationale_tokens: int = 0,
         answer_tokens: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -155,6 +161,10 @@ class MedQALoRA(Scoring, L.LightningModule):
         self.pad_id: int = answer_tokens["pad_id"]
         # On the model's device once: a copy for each batch would wait for the GPU.
         self.register_buffer("label_first_ids", torch.tensor([ids[0] for ids in self.label_ids]), persistent=False)
+        if label_bias is not None and (len(label_bias) != len(self.labels) or not all(map(math.isfinite, label_bias))):
+            raise SettingsError(f"--model.label_bias needs one finite number for each of {', '.join(self.labels)}, "
+                                f"got {label_bias}")
+        self.register_buffer("label_bias", None if label_bias is None else torch.tensor(label_bias), persistent=False)
         self.rationale_suffix: list[list[int]] = [list(ids) for ids in answer_tokens["rationale_suffix"]]  # a label
         n = len(self.labels)
         self.val_scores, self.test_scores = StageScores("val", n), StageScores("test", n)

@@ -30,6 +30,8 @@ class Scoring:
             self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id,
             self.label_first_ids,
         )
+        if self.label_bias is not None:  # a class-prior correction (`medqa.priors`)
+            logp = (logp + self.label_bias).log_softmax(-1)
         return loss, logp
 
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
