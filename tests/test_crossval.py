@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cv_command(cv_dir: Path) -> list[str]:
     return [sys.executable, "-m", "medqa", "cv", "--config", str(ROOT / "configs" / "demo.yaml"),
             "--cv_dir", str(cv_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-            "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false"]
 
 
@@ -52,9 +52,26 @@ def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
     assert summary["dev_acc_mean"] == statistics.fmean(f["dev_acc"] for f in folds)
     assert summary["dev_macro_f1_std"] == statistics.stdev(f["dev_macro_f1"] for f in folds)
     assert (cv_dir / "summary.md").read_text().strip() == format_summary(summary)
+
+    # Every training question answered once, by the fold model that did not train on it: each
+    # fold's rows score what its validation scored.
+    rows = [json.loads(line) for line in (cv_dir / "oof.jsonl").read_text().splitlines()]
+    assert len(rows) == 500 and len({r["id"] for r in rows}) == 500
+    for fold in folds:
+        held = [json.loads(line) for line in (cv_dir / f"fold{fold['fold']}" / "oof" / "predictions.jsonl")
+                .read_text().splitlines()]
+        assert len(held) == 50 and all(r in rows for r in held)
+        assert abs(sum(r["label"] == r["truth"] for r in held) / 50 - fold["dev_acc"]) < 1e-6
+    import yaml
+
+    bias = yaml.safe_load((cv_dir / "label_bias.yaml").read_text())["model"]["label_bias"]
+    assert summary["out_of_fold"]["label_bias"] == bias and len(bias) == 3 and bias[0] == 0.0
+    assert summary["out_of_fold"]["questions"] == 500
+    assert summary["out_of_fold"]["macro_f1_after"] >= summary["out_of_fold"]["macro_f1_before"]
     assert "10-fold cross-validation of synthetic" in log and "PQA-L" not in log  # the data it ran on
     assert log.count("Next") == 1 and "Run directory" not in log  # one hint at the end, not one a fold
     assert " -m medqa fit --config " in log and " -m medqa test --config " in log and "--cv_dir" not in log.split("Next")[1]
+    assert f"--config {cv_dir / 'label_bias.yaml'}" in log.split("Next")[1]
 
 
 def test_summary_mean_and_std():
@@ -86,3 +103,5 @@ def test_a_fold_trained_to_the_end_but_not_scored_is_scored_not_refused(tmp_path
     result = run_fold(args, cv_dir, 3)
     assert result["fold"] == 3 and result["dev_questions"] == 50 and 0 <= result["dev_acc"] <= 1
     assert "fold3/fit-0/checkpoints/best" in result["checkpoint"]
+    held = (cv_dir / "fold3" / "oof" / "predictions.jsonl").read_text().splitlines()
+    assert len(held) == 50  # its dev questions answered too
