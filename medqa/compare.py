@@ -25,7 +25,7 @@ from medqa.tasks import get_task, task_names
 DRAWS = 10_000
 
 
-def _scores(truth: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+def label_scores(truth: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
     """Accuracy, macro-F1 and per-label recall and F1 of label indices, over the last axis
     (one row per bootstrap draw). Macro-F1 averages over the labels present in the truth or
     the predictions of each row, as the official scorer does."""
@@ -64,7 +64,7 @@ def compare(base: dict[str, str], tuned: dict[str, str], truth: dict[str, str], 
     result: dict = {"questions": len(ids), "draws": draws, "labels": list(labels), "models": {}}
     boot = []
     for name, pred in zip(names, preds):
-        point, drawn = _scores(y, pred, len(labels)), _scores(y[sample], pred[sample], len(labels))
+        point, drawn = label_scores(y, pred, len(labels)), label_scores(y[sample], pred[sample], len(labels))
         boot.append(drawn)
         result["models"][name] = {
             "acc": float(point["acc"]), "acc_95": _interval(drawn["acc"]),
@@ -78,7 +78,7 @@ def compare(base: dict[str, str], tuned: dict[str, str], truth: dict[str, str], 
                  "paired_95": _interval(boot[1][metric] - boot[0][metric])}
         for metric in ("acc", "macro_f1")
     }
-    guess = _scores(y, np.full_like(y, majority), len(labels))
+    guess = label_scores(y, np.full_like(y, majority), len(labels))
     result["majority"] = {"label": labels[majority], "acc": float(guess["acc"]), "macro_f1": float(guess["macro_f1"])}
     return result
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from medqa.compare import label_scores
 from medqa.records import DataError, json_lines, read_text
 from medqa.results import write_result
 from medqa.tasks import get_task, task_names
@@ -33,19 +34,9 @@ enough for a class a model never answers, fine enough that a step moves a few de
 
 
 def macro_f1(predicted: Tensor, truth: Tensor, n: int) -> Tensor:
-    """Macro-F1 of each row of `predicted` (grid, questions) against `truth` (questions), with
-    the official scorer's semantics: averaged over the labels that occur in the truth or in
-    that row's predictions, a label with no true positive scoring 0."""
-    f1s, present = [], []
-    for k in range(n):
-        pred, true = predicted == k, (truth == k).unsqueeze(0)
-        tp = (pred & true).sum(-1).double()
-        fp = (pred & ~true).sum(-1).double()
-        fn = (~pred & true).sum(-1).double()
-        f1s.append(2 * tp / (2 * tp + fp + fn).clamp(min=1))
-        present.append(pred.any(-1) | true.any())
-    f1, counted = torch.stack(f1s, -1), torch.stack(present, -1).double()
-    return (f1 * counted).sum(-1) / counted.sum(-1)
+    """Macro-F1 of each row of `predicted` (grid, questions) against `truth` (questions), the
+    official scorer's (`medqa.compare.label_scores`)."""
+    return torch.from_numpy(label_scores(truth.numpy(), predicted.numpy(), n)["macro_f1"])
 
 
 def fit_label_bias(log_probs: Tensor, truth: Tensor) -> list[float]:
