@@ -40,7 +40,8 @@ def ask(question: str, sections: list[tuple[str, str]]) -> dict[str, float]:
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([ids + word])).logits[0].float().log_softmax(-1)
         scores.append(sum(logp[len(ids) - 1 + j, token] for j, token in enumerate(word)))
-    return dict(zip(spec["labels"], torch.stack(scores).softmax(-1).tolist()))
+    bias = torch.tensor(spec.get("label_bias") or [0.0] * len(scores))  # the class-prior correction, if any
+    return dict(zip(spec["labels"], (torch.stack(scores) + bias).softmax(-1).tolist()))
 
 
 print(ask("Does aspirin lower the risk of colorectal cancer?",

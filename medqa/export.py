@@ -19,6 +19,7 @@ from typing import Any
 
 from medqa import hints, prompts
 from medqa.card import model_card
+from medqa.priors import read_label_bias
 from medqa.records import DataError
 from medqa.results import write_json
 from medqa.tasks import Task, get_task
@@ -71,7 +72,8 @@ def trained_prompt(checkpoint: dict[str, Any]) -> tuple[prompts.PromptSettings, 
     return prompts.PromptSettings(name, system, instruction, tuple(labels)), task, True
 
 
-def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str) -> dict[str, Any]:
+def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str,
+                    label_bias: list[float] | None = None) -> dict[str, Any]:
     """Everything needed to ask the exported model a question the way medqa did."""
     from medqa.tokens import PromptFormat
 
@@ -83,6 +85,9 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str)
         raise CheckpointError(f"saved data settings target={target!r}, reasoning={reasoning!r}, max_length={max_length!r} "
                               "are not 'decision' / 'long_answer', 'required' / 'free' and a whole number")
     settings, task, saved = trained_prompt(checkpoint)
+    if label_bias is not None and len(label_bias) != len(settings.labels):
+        raise ValueError(f"--label_bias: {len(label_bias)} numbers for the {len(settings.labels)} labels "
+                            f"{', '.join(settings.labels)}")
     if not saved:
         print("Note: this checkpoint predates saved prompt settings; medqa_prompt.json shows today's built-in prompt")
     fmt = PromptFormat(tokenizer, target, max_length, task, settings, reasoning)
@@ -100,13 +105,15 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str)
         "prompt_saved_in_checkpoint": saved,
         "label_token_ids": fmt.label_token_ids(),
         "scoring": "softmax over the label words' log-probabilities at the answer position "
-                   "(a word of several tokens scores the sum of its tokens')",
+                   "(a word of several tokens scores the sum of its tokens'), each plus label_bias if set",
+        "label_bias": label_bias,
         "example_prompt": tokenizer.decode(example.input_ids[: example.answer_pos]),
     }
 
 
 def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, merged_dtype: str = "bfloat16",
-           weights_only: bool = True, backend: str = "auto", trust_remote_code: bool = False) -> Path:
+           weights_only: bool = True, backend: str = "auto", trust_remote_code: bool = False,
+           label_bias: list[float] | None = None) -> Path:
     """Write the adapter (and optionally the merged model) of `ckpt_path`, trained on the base
     `pretrained`, to `out`."""
     from medqa.backends import load_tokenizer, resolve_pretrained
@@ -121,7 +128,7 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
         print(f"Note: {ckpt_path} was trained on {trained_on!r}; exporting against --pretrained {pretrained!r}"
               + (" (the merged model checks that the weights fit)" if merged else ""))
     tokenizer = load_tokenizer(pretrained, trust_remote_code)
-    prompt = prompt_settings(checkpoint, tokenizer, pretrained)
+    prompt = prompt_settings(checkpoint, tokenizer, pretrained, label_bias)
 
     # Written into a folder beside `out`, renamed to `out` once whole: a failure (a merged
     # model that does not fit, a full disk) leaves no half export.
@@ -195,7 +202,11 @@ def main(argv: list[str] | None = None) -> Path:
                         help="dtype of the merged model with the hf backend (bfloat16, float16, float32)")
     parser.add_argument("--weights_only", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="load the checkpoint without unpickling code (default true)")
+    parser.add_argument("--label_bias", type=Path,
+                        help="a class-prior correction to ship with the adapter: the label_bias.yaml that "
+                             "`priors` or `cv` wrote (written into medqa_prompt.json; the card's snippet applies it)")
     args = parser.parse_args(argv)
     out = args.out or args.ckpt_path.resolve().parent.parent / f"adapter-{args.ckpt_path.stem}"
+    bias = None if args.label_bias is None else read_label_bias(args.label_bias)
     return export(args.ckpt_path, out, args.pretrained, args.merged, args.merged_dtype, args.weights_only,
-                  args.backend, args.trust_remote_code)
+                  args.backend, args.trust_remote_code, bias)

@@ -111,6 +111,22 @@ def bias_config(bias: Sequence[float], source: str, before: float, after: float,
             f"model:\n  label_bias: [{', '.join(repr(float(b)) for b in bias)}]\n")
 
 
+def read_label_bias(path: Path) -> list[float]:
+    """The bias of a config that `priors` wrote (`model: {label_bias: [...]}`), checked."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    bias = config.get("model", {}).get("label_bias") if isinstance(config, dict) and isinstance(config.get("model"), dict) else None
+    if not (isinstance(bias, list) and bias and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                    and math.isfinite(b) for b in bias)):
+        raise DataError(f"{path}: expected model: {{label_bias: [one finite number a label]}} as `priors` writes it, "
+                        f"got {bias!r}")
+    return [float(b) for b in bias]
+
+
 def fit_file(paths: Sequence[Path], labels: Sequence[str], out: Path | None) -> dict[str, object]:
     """Fit the bias on the predictions of `paths` together; print it with macro-F1 before and
     after; write its config to `out` (refusing to replace a file)."""

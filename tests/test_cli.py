@@ -215,6 +215,22 @@ def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path
     assert ours["decision"] == max(theirs, key=theirs.get)
     assert all(abs(theirs[w] - ours[f"p_{w}"]) < 1e-5 for w in ("yes", "no", "maybe")), (theirs, ours)
 
+    # A class-prior correction (`priors`' config) shipped with the adapter: the snippet applies it as ask does.
+    plain = ours
+    bias = tmp_path / "label_bias.yaml"
+    bias.write_text("model:\n  label_bias: [0.0, 0.7, 2.5]\n")
+    corrected = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out",
+                      str(tmp_path / "corrected"), "--label_bias", str(bias)])
+    assert json.loads((corrected / "medqa_prompt.json").read_text())["label_bias"] == [0.0, 0.7, 2.5]
+    snippet = (corrected / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    theirs = namespace["ask"](question, sections)
+    ours = main(["ask", "--config", DEMO, "--config", str(bias), "--ckpt_path", str(best), "--question", question,
+                 "--context", "Adverse events were rare in both arms."])
+    capsys.readouterr()
+    assert all(abs(theirs[w] - ours[f"p_{w}"]) < 1e-5 for w in ("yes", "no", "maybe")), (theirs, ours)
+    assert ours["p_maybe"] > plain["p_maybe"] and ours["p_yes"] < plain["p_yes"]  # moved as the bias says
+
 
 def test_export_knows_a_base_saved_in_4bit_from_its_config(tmp_path):
     # `export --merged` sends such a base to the transformers merge (Unsloth's refuses it).
