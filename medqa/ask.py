@@ -152,6 +152,7 @@ class Asker:
             self.data.check_prompt(checkpoint_prompt(checkpoint))
             self.model.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
             self.model.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.model.start_ensemble(self.ckpt_path)
         self.device = next(self.model.model.parameters()).device
         self.model.to(self.device).eval()
 

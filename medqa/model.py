@@ -17,7 +17,7 @@ from torch import Tensor
 
 from medqa.backends import Backend, decoder_and_head, keep_activations, load
 from medqa.lora import LoraSettings
-from medqa.checkpoints import base_fingerprint, misfits, starting_weights
+from medqa.checkpoints import CheckpointError, base_fingerprint, misfits, starting_weights
 from medqa.dequantize import keep_dequantized
 from medqa.memory_cpu import ReturnFreedMemory
 from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, first_plan, limit_memory
@@ -85,6 +85,9 @@ class MedQALoRA(Scoring, L.LightningModule):
             validation, test, predict and ask (a class-prior correction: one number a label, in
             the task's label order). `python -m medqa priors` fits it on held-out predictions
             and writes it as a config (`cv` does, into CV_DIR/label_bias.yaml). None: no change.
+        ensemble: Score with the best adapters of `cv`'s ten folds (this `--cv_dir`) together,
+            their label probabilities averaged (`medqa.ensemble`): validate, test, predict and
+            ask, without --ckpt_path. Costs ten forward passes a batch.
         rationale_tokens: `predict` only: after the scored decision, generate up to this many
             tokens of explanation (greedy), written to predictions.jsonl. 0 (the default)
             generates nothing. Set by `predict --generate_rationale true`.
@@ -119,6 +122,7 @@ class MedQALoRA(Scoring, L.LightningModule):
         lora_seed: int = 3407,
         init_adapter: str | None = None,
         label_bias: list[float] | None = None,
+        ensemble: str | None = None,
         rationale_tokens: int = 0,
         answer_tokens: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -165,6 +169,7 @@ class MedQALoRA(Scoring, L.LightningModule):
             raise SettingsError(f"--model.label_bias needs one finite number for each of {', '.join(self.labels)}, "
                                 f"got {label_bias}")
         self.register_buffer("label_bias", None if label_bias is None else torch.tensor(label_bias), persistent=False)
+        self.ensemble_dir, self.ensemble = ensemble, None  # the folds' adapters, loaded to score (`start_ensemble`)
         self.rationale_suffix: list[list[int]] = [list(ids) for ids in answer_tokens["rationale_suffix"]]  # a label
         n = len(self.labels)
         self.val_scores, self.test_scores = StageScores("val", n), StageScores("test", n)
@@ -336,6 +341,9 @@ class MedQALoRA(Scoring, L.LightningModule):
     def on_fit_start(self) -> None:
         """Start from `init_adapter` (a new run only: a resume restores its own weights); record
         the run's settings in TensorBoard's HPARAMS tab against its validation scores."""
+        if self.ensemble_dir is not None:
+            raise CheckpointError("--model.ensemble scores cv's fold adapters: it is for validate, test, predict and "
+                                  "ask, not fit")
         if self.init_adapter and self.trainer.ckpt_path is None:
             trainable = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
             weights = starting_weights(Path(self.init_adapter), self.lora, base_fingerprint(self.model, self.pretrained),

@@ -4,11 +4,13 @@ end (accuracy, macro-F1, per-class F1, calibration error, the confusion matrix).
 
 `Scoring` is mixed into `medqa.model.MedQALoRA`, which owns the model, its training hooks and
 its checkpoints; it reads the module's `model`, `hidden_states`, `_loss`, label words and
-their token ids, and its `val_scores` / `test_scores`.
+their token ids, its `val_scores` / `test_scores`, and the scoring settings `label_bias` (a
+class-prior correction) and `ensemble_dir` (cv's fold adapters, `medqa.ensemble`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -16,6 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from medqa.backends import continuations, decoder_and_head
+from medqa.checkpoints import CheckpointError, base_fingerprint
+from medqa.ensemble import Ensemble
 from medqa.metrics import confusion_figure, format_confusion, label_log_probs
 
 
@@ -23,16 +27,48 @@ class Scoring:
     """Validation, test and predict for a `LightningModule` that scores label words."""
 
     def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(answer loss, log-probs of the label words) for a batch, from one forward pass."""
+        """(answer loss, log-probs of the label words) for a batch, from one forward pass (one
+        a fold adapter with `--model.ensemble`), with the class-prior correction if set."""
+        if self.ensemble is not None:
+            loss, logp = self.ensemble.forward(lambda: self._scores(batch))
+        else:
+            loss, logp = self._scores(batch)
+        if self.label_bias is not None:  # a class-prior correction (`medqa.priors`)
+            logp = (logp + self.label_bias).log_softmax(-1)
+        return loss, logp
+
+    def _scores(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         loss, hidden = self._loss(batch)
         _, head = decoder_and_head(self.model)
         logp = label_log_probs(
             self.hidden_states, head, hidden, batch["input_ids"], batch["answer_pos"], self.label_ids, self.pad_id,
             self.label_first_ids,
         )
-        if self.label_bias is not None:  # a class-prior correction (`medqa.priors`)
-            logp = (logp + self.label_bias).log_softmax(-1)
         return loss, logp
+
+    def start_ensemble(self, ckpt_path: str | None) -> None:
+        """Load and check the folds' adapters of `ensemble` once, before scoring."""
+        if self.ensemble_dir is None or self.ensemble is not None:
+            return
+        if ckpt_path is not None:
+            raise CheckpointError(f"--model.ensemble scores the best adapter of each fold in {self.ensemble_dir}; "
+                                  f"leave out --ckpt_path ({ckpt_path})")
+        if self.rationale_tokens:
+            raise CheckpointError("--model.ensemble scores decisions; a rationale needs one adapter (--ckpt_path)")
+        trainable = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        self.ensemble = Ensemble(Path(self.ensemble_dir), self.lora, {"labels": self.labels, "label_ids": self.label_ids},
+                                 base_fingerprint(self.model, self.pretrained), trainable)
+        rank_zero_info(f"Scoring with the {len(self.ensemble.members)} fold adapters of {self.ensemble_dir}, "
+                       "their label probabilities averaged.")
+
+    def on_validation_start(self) -> None:
+        self.start_ensemble(self.trainer.ckpt_path)
+
+    def on_test_start(self) -> None:
+        self.start_ensemble(self.trainer.ckpt_path)
+
+    def on_predict_start(self) -> None:
+        self.start_ensemble(self.trainer.ckpt_path)
 
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logp = self._forward(batch)

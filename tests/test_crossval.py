@@ -11,6 +11,7 @@ from pathlib import Path
 
 import inprocess
 import pytest
+import torch
 
 from medqa.crossval import format_summary, summarize
 
@@ -24,9 +25,10 @@ def cv_command(cv_dir: Path) -> list[str]:
             "--trainer.enable_model_summary", "false"]
 
 
-@pytest.mark.slow
-def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
-    cv_dir = tmp_path / "cv"
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    """A cv killed after fold 1, then run again to the end: (its folder, what the restart printed)."""
+    cv_dir = tmp_path_factory.mktemp("cv") / "cv"
     first = subprocess.Popen(cv_command(cv_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not (cv_dir / "fold1" / "result.json").exists():
@@ -40,7 +42,12 @@ def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
 
     second = inprocess.run(cv_command(cv_dir)[3:])  # the kill needed a process; the restart does not
     assert second.returncode == 0, second.stderr[-3000:]
-    log = second.stdout + second.stderr
+    return cv_dir, second.stdout + second.stderr, done
+
+
+@pytest.mark.slow
+def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(cv_run):
+    cv_dir, log, done = cv_run
     assert "fold 0 already done" in log and "fold 1 already done" in log and "fold 2 already done" not in log
     assert {k: (cv_dir / f"fold{k}" / "result.json").stat().st_mtime_ns for k in (0, 1)} == done  # not redone
 
@@ -72,6 +79,51 @@ def test_cv_runs_every_fold_and_a_restart_skips_the_done_ones(tmp_path):
     assert log.count("Next") == 1 and "Run directory" not in log  # one hint at the end, not one a fold
     assert " -m medqa fit --config " in log and " -m medqa test --config " in log and "--cv_dir" not in log.split("Next")[1]
     assert f"--config {cv_dir / 'label_bias.yaml'}" in log.split("Next")[1]
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_the_folds_averages_their_probabilities(cv_run, tmp_path):
+    from medqa.checkpoints import find_checkpoint, load_checkpoint
+    from medqa.cli import cli_for
+    from medqa.tokens import collate
+
+    cv_dir = cv_run[0]
+    options = ["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+               "--data.predict_split", "dev", "--trainer.enable_progress_bar", "false"]
+    done = inprocess.run(["predict", *options, "--model.ensemble", str(cv_dir)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Scoring with the 10 fold adapters of {cv_dir}" in done.stdout + done.stderr
+    rows = [json.loads(line) for line in next(tmp_path.glob("*/predict-*/predictions.jsonl")).read_text().splitlines()]
+
+    # The same questions scored by each fold's best checkpoint alone, the probabilities averaged.
+    cli, _ = cli_for("predict", options)
+    model, data = cli.model, cli.datamodule
+    data.setup("predict")
+    model.configure_model()
+    model.eval()
+    examples = list(data.predict_dataloader().dataset)
+    batch = collate(examples, data.pad_id)
+    mean = 0
+    for fold in range(10):
+        model.load_state_dict(load_checkpoint(find_checkpoint(cv_dir / f"fold{fold}", "best"), True)["state_dict"],
+                              strict=False)
+        with torch.no_grad():
+            mean = mean + model._scores(batch)[1].softmax(-1) / 10
+    ours = {e.id: p for e, p in zip(examples, mean.tolist())}
+    assert len(rows) == len(ours) == 50
+    for row in rows:
+        assert all(abs(row[f"p_{w}"] - p) < 1e-5 for w, p in zip(("yes", "no", "maybe"), ours[row["id"]])), (row, ours[row["id"]])
+
+    refused = inprocess.run(["test", *options, "--model.ensemble", str(cv_dir), "--ckpt_path",
+                             str(find_checkpoint(cv_dir / "fold0", "best"))])
+    assert refused.returncode != 0 and "leave out --ckpt_path" in refused.stderr and "Traceback" not in refused.stderr
+    kept = cv_dir / "fold7" / "fit-0" / "checkpoints"
+    kept.rename(kept.with_name("moved"))
+    try:
+        missing = inprocess.run(["test", *options, "--model.ensemble", str(cv_dir)])
+    finally:
+        kept.with_name("moved").rename(kept)
+    assert missing.returncode != 0 and "fold7 have no best checkpoint" in missing.stderr
 
 
 def test_summary_mean_and_std():
