@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
     parser.add_argument("--out", type=Path, help="also write the comparison to this JSON file (never over one)")
     args = parser.parse_args(argv)
+    if args.names[0] == args.names[1]:
+        raise EvaluationError(f"--names {args.names[0]} {args.names[1]}: the two rows need different names")
     labels = get_task(args.task).labels
     answers = [read_answers(path, what, labels) for path, what in
                ((args.base, "predictions"), (args.tuned, "predictions"), (args.truth, "truth"))]

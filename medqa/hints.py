@@ -35,15 +35,15 @@ def in_activated_env() -> bool:
 
 def python() -> str:
     """How to call this interpreter from the user's shell: `python`, or `.venv/bin/python`
-    where its environment was never activated."""
-    return "python" if in_activated_env() else _here(Path(sys.executable))
+    where its environment was never activated, quoted (a checkout's path may hold a space or `$`)."""
+    return "python" if in_activated_env() else quote(_here(Path(sys.executable)))
 
 
 def tool(name: str) -> str:
     """A console script installed beside this interpreter (`tensorboard`), as the user can run it."""
     if in_activated_env():
         return name
-    return _here(Path(sys.executable).parent / name)
+    return quote(_here(Path(sys.executable).parent / name))
 
 
 def run_options(argv: list[str]) -> list[str]:

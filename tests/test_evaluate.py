@@ -119,3 +119,14 @@ def test_the_printed_scores_have_the_official_scripts_six_decimals(tmp_path, cap
     main([str(predictions), "--truth", str(truth)])
     out = capsys.readouterr().out
     assert "accuracy  0.666667" in out and "macro-F1  0.555556" in out  # evaluation.py prints Python floats' 6 places
+
+
+def test_compare_refuses_two_rows_of_one_name_in_one_line(tmp_path):
+    import inprocess
+
+    answers = tmp_path / "a.json"
+    answers.write_text(json.dumps({"1": "yes", "2": "no"}))
+    done = inprocess.run(["compare", str(answers), str(answers), "--truth", str(answers), "--names", "run", "run"])
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("medqa compare: error: --names run run: the two rows need "
+                                                    "different names")

@@ -45,6 +45,20 @@ def test_run_options_keep_what_chose_the_run_and_drop_the_rest():
     assert hints.medqa("test", ["--data.source", "my file.json"]).endswith("test --data.source 'my file.json'")
 
 
+def test_every_word_of_a_printed_command_is_quoted_whatever_the_checkouts_path(tmp_path, monkeypatch):
+    """A checkout under a path with a space, or with `$(...)` in it: the interpreter's path is
+    one word of the pasted command, and nothing in it runs."""
+    weird = tmp_path / "my projects" / "$(touch pwned)" / ".venv" / "bin"
+    weird.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(weird / "python"))
+    monkeypatch.setattr(hints, "in_activated_env", lambda: False)
+    line = hints.medqa("test", ["--config", "a b.yaml"], "--ckpt_path", "best")
+    assert shlex.split(line) == [str(weird / "python"), "-m", "medqa", "test", "--config", "a b.yaml", "--ckpt_path", "best"]
+    assert shlex.split(hints.tool("tensorboard")) == [str(weird / "tensorboard")]
+    echoed = subprocess.run(["bash", "-c", f"echo {line}"], cwd=tmp_path, capture_output=True, text=True)
+    assert echoed.stdout.startswith(str(weird / "python")) and not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.slow
 def test_the_printed_next_steps_work_pasted_into_a_shell_that_activated_nothing(tmp_path):
     # A decoy experiment first: "Next" must not lead to its checkpoint.
