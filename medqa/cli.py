@@ -171,6 +171,11 @@ class MedQACLI(LightningCLI):
         logger = config.trainer.logger
         if not (hasattr(logger, "class_path") and logger.class_path == LOGGER):
             return None
+        for key in ("name", "version"):  # the run's folders stay inside save_dir
+            value = logger.init_args.get(key)
+            if isinstance(value, str) and (Path(value).is_absolute() or ".." in Path(value).parts):
+                raise SettingsError(f"--trainer.logger.init_args.{key} {value!r}: runs are written under save_dir "
+                                    f"({logger.init_args.save_dir}); give a name inside it, without '..' or a leading '/'")
         return logger.init_args, Path(logger.init_args.save_dir) / (logger.init_args.name or "")
 
     def _resolve_ckpt_path(self, config: Any) -> None:

@@ -223,3 +223,13 @@ def test_a_test_without_a_checkpoint_says_it_scored_the_untrained_base(tmp_path)
                 str(tmp_path), "--trainer.enable_progress_bar", "false"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Scored the base model as loaded, without a trained adapter (zero-shot)" in done.stdout
+
+
+@pytest.mark.parametrize("option,value", [("name", "../../outside"), ("name", "/tmp/elsewhere"), ("version", "../v")])
+def test_an_experiment_name_that_leaves_save_dir_is_refused(tmp_path, option, value):
+    logs = tmp_path / "a" / "logs"
+    done = run(["fit", "--config", DEMO, *SHORT, "--trainer.logger.init_args.save_dir", str(logs),
+                f"--trainer.logger.init_args.{option}", value])
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"--trainer.logger.init_args.{option} {value!r}: runs are written under save_dir" in done.stderr
+    assert not any(p.is_dir() for p in tmp_path.rglob("*") if p.name not in ("a",)) and not Path("/tmp/elsewhere").exists()
