@@ -22,6 +22,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from medqa.lora import LoraSettings
+from medqa.records import parse_json
 from medqa.runs import runs
 
 TMP_SUFFIX = ".tmp"
@@ -343,10 +344,14 @@ def starting_weights(path: Path, lora: LoraSettings, base: dict[str, Any],
     if path.is_dir():
         from safetensors.torch import load_file
 
+        from safetensors import SafetensorError
+
         try:
-            config = json.loads((path / "adapter_config.json").read_text())
+            config = parse_json((path / "adapter_config.json").read_text(), f"{where}: adapter_config.json", CheckpointError)
             weights = load_file(str(path / ADAPTER_FILE))
-        except (OSError, ValueError) as e:
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{where}: not a PEFT adapter folder (adapter_config.json and {ADAPTER_FILE}): "
                                   f"{type(e).__name__}: {e}") from None
         if not isinstance(config, dict):

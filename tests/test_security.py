@@ -414,3 +414,22 @@ def test_more_refusals_in_one_line(trained, tmp_path):
     done = inprocess.run(["cv", "--config", DEMO, "--data.task", "medqa_usmle", "--cv_dir", str(tmp_path / "cv")])
     one_line_refusal(done, "cv", "medqa_usmle has one fixed dev set and nothing to cross-validate")
     assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.slow
+def test_a_hostile_init_adapter_folder_gets_one_line(trained, tmp_path):
+    """An adapter_config.json nested 100,000 levels, and a safetensors header that claims more
+    than the file holds: one line each, naming the folder (issue 42, class 4)."""
+    logs, last = trained
+    exported = main(["export", "--ckpt_path", str(last), "--pretrained", "builtin:tiny-llama", "--out", str(tmp_path / "a")])
+    deep = shutil.copytree(exported, tmp_path / "deep")
+    (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_refusal(run_cli("fit", *SHORT, "--model.init_adapter", str(deep), logs=tmp_path / "l1"), "fit",
+                     f"--model.init_adapter {deep}: adapter_config.json: nested too deeply to read")
+    lying = shutil.copytree(exported, tmp_path / "lying")
+    weights = lying / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    weights.write_bytes((header + 10_000_000).to_bytes(8, "little") + data[8:])
+    one_line_refusal(run_cli("fit", *SHORT, "--model.init_adapter", str(lying), logs=tmp_path / "l2"), "fit",
+                     f"--model.init_adapter {lying}: not a PEFT adapter folder")
