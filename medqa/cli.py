@@ -20,7 +20,6 @@ from typing import Any, Literal
 from unittest import mock
 
 import torch
-import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -40,7 +39,7 @@ from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
 from medqa.predictions import PartialPredictions, PredictionWriter
 from medqa.records import DataError
 from medqa.results import write_json
-from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, drop_empty_event_files, resuming, runs
+from medqa.runs import NEW_RUNS, claim_run, discard_unused_runs, drop_empty_event_files, resuming, run_fits, runs
 from medqa.speed import SpeedMonitor, busy_note
 from medqa.stopping import StopOnSigterm, StoppedBySignal
 
@@ -186,20 +185,14 @@ class MedQACLI(LightningCLI):
         model = config.model
         lora = LoraSettings.from_hparams(model)
 
+        passed: list[str] = []
+
         def compatible(run: Path) -> bool:
-            """Whether the run trained this command's task on its base (the run's hparams.yaml;
-            runs from before medqa had a second task trained PubMedQA) and, for `best`, the LoRA
-            this command builds with its reasoning setting (before `reasoning`: the official).
-            `last` passes over other tasks and bases only: a changed LoRA or setting of the same
-            run is refused by the checkpoint's own checks, naming the difference."""
-            try:
-                saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
-            except (OSError, yaml.YAMLError):
-                return False
-            if not isinstance(saved, dict) or saved.get("pretrained") != model.pretrained:
-                return False
-            return saved.get("task", "pubmedqa") == config.data.task and (config.ckpt_path == "last" or (
-                not lora.differences(saved) and saved.get("reasoning", "required") == config.data.reasoning))
+            fits, why = run_fits(run, model.pretrained, config.data, lora, check_lora=config.ckpt_path == "best",
+                                 check_settings=self.subcommand != "fit" or config.ckpt_path == "best")
+            if why:
+                passed.append(f"{run.name} ({why})")
+            return fits
 
         found = find_checkpoint(root, config.ckpt_path, compatible, newest_fit=self.subcommand == "fit")
         if found is None:
@@ -216,6 +209,10 @@ class MedQACLI(LightningCLI):
             f" among runs of {model.pretrained} on {config.data.task}" + ("" if config.ckpt_path == "last" else
                                                                           " with this LoRA shape")
         rank_zero_info(f"--ckpt_path {config.ckpt_path} -> {found} (run {found.parent.parent.name}: {which})")
+        if passed:
+            rank_zero_info(f"Note: passed over runs trained with another target or reasoning setting than this "
+                           f"command's (--data.target {config.data.target}, --data.reasoning {config.data.reasoning}): "
+                           + ", ".join(passed))
         newest = runs(root)[0]
         if config.ckpt_path == "last" and newest != found.parent.parent:
             rank_zero_info(f"Note: {found.parent.parent.name} is not the newest run under {root} ({newest.name} is another "

@@ -1,6 +1,7 @@
 """An experiment's run directories (`logs/NAME/fit-3`, `test-4`, ...): naming them, claiming
-a new one so commands started at once never share it, and leaving nothing behind where a
-command failed before it wrote anything worth keeping."""
+a new one so commands started at once never share it, leaving nothing behind where a
+command failed before it wrote anything worth keeping, and which of them serve a command's
+`--ckpt_path best|last`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 RUN_NAME = re.compile(r"^(?:(fit|validate|test|predict)-|version_)(\d+)$")
 """A run directory: `fit-3`, `test-4`, ... (the command that made it and a number counted over
@@ -114,3 +118,28 @@ def drop_empty_event_files(run: Path) -> None:
             continue
         if kinds <= {"file_version"}:
             path.unlink()
+
+
+def run_fits(run: Path, pretrained: str, data: Any, lora: Any, check_lora: bool,
+             check_settings: bool) -> tuple[bool, str]:
+    """Whether a run's checkpoints serve a command (`--ckpt_path best|last`), from the run's
+    hparams.yaml: trained on this base, on this task (runs from before medqa had a second
+    task trained PubMedQA), with `check_lora` this LoRA shape, with `check_settings` this
+    target and reasoning setting (runs from before those settings: the decision, reasoning
+    required). A resumed fit checks neither: a changed LoRA or setting of the run it resumes is
+    refused by the checkpoint's own checks, naming the difference. The second value says why a
+    run of this base and task was passed over, for the user."""
+    try:
+        saved = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False, ""
+    if not isinstance(saved, dict) or saved.get("pretrained") != pretrained or saved.get("task", "pubmedqa") != data.task:
+        return False, ""
+    if check_lora and lora.differences(saved):
+        return False, ""
+    if check_settings:
+        differs = [f"{key} {saved.get(key, default)}" for key, default in (("target", "decision"), ("reasoning", "required"))
+                   if saved.get(key, default) != data.get(key)]
+        if differs:
+            return False, ", ".join(differs)
+    return True, ""

@@ -433,3 +433,21 @@ def test_a_hostile_init_adapter_folder_gets_one_line(trained, tmp_path):
     weights.write_bytes((header + 10_000_000).to_bytes(8, "little") + data[8:])
     one_line_refusal(run_cli("fit", *SHORT, "--model.init_adapter", str(lying), logs=tmp_path / "l2"), "fit",
                      f"--model.init_adapter {lying}: not a PEFT adapter folder")
+
+
+@pytest.mark.slow
+def test_best_and_last_pass_over_runs_of_another_target_and_say_so(trained, tmp_path):
+    """A long-answer run beside decision runs of the same LoRA (its val/macro_f1 reads the gold
+    conclusion): `best` and `last` of a decision command never take it (issue 42, class 9)."""
+    logs, last = trained
+    logs = shutil.copytree(logs, tmp_path / "logs")
+    other = cli("fit", *SHORT, "--data.target", "long_answer", logs=logs)
+    other_run = Path(other.trainer.log_dir).name
+    for which in ("best", "last"):
+        done = run_cli("validate", "--ckpt_path", which, logs=logs)
+        assert done.returncode == 0, done.stderr[-3000:]
+        said = done.stdout + done.stderr
+        chosen = said.split(f"--ckpt_path {which} -> ", 1)[1].split()[0]
+        assert f"/{other_run}/" not in chosen and f"/{last.parent.parent.name}/" in chosen
+        assert f"passed over runs trained with another target or reasoning setting" in said
+        assert f"{other_run} (target long_answer)" in said
