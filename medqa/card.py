@@ -10,6 +10,8 @@ is read as text and written as text (the front matter through `yaml.safe_dump`),
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,26 @@ reasoning `required`): the prompt and scoring of `medqa.tokens` and `medqa.metri
 pass a label for clarity (medqa scores one-token labels in a single pass)."""
 
 
+def text(value: Any) -> str:
+    """Untrusted text as one short line."""
+    return " ".join(str(value).split())[:200]
+
+
+def code(value: Any) -> str:
+    """Untrusted text as a markdown code span on one line, safe inside a table: nothing in it
+    is read as markdown or HTML, and a backtick or `|` in it cannot end the span or the cell."""
+    line = text(value).replace("|", "\\|")
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", line)), default=0) + 1)
+    pad = " " if line.startswith("`") or line.endswith("`") else ""
+    return f"{ticks}{pad}{line}{pad}{ticks}"
+
+
+def fence(language: str, body: str) -> list[str]:
+    """A fenced code block that nothing in `body` can close early."""
+    ticks = "`" * max(3, max((len(run) for run in re.findall(r"`+", body)), default=0) + 1)
+    return [f"{ticks}{language}", body, ticks]
+
+
 def _scores(run: Path, ckpt: Path) -> list[str]:
     """The scores measured with `ckpt`: each `metrics.json` of its experiment that names it."""
     lines = []
@@ -64,7 +86,7 @@ def _scores(run: Path, ckpt: Path) -> list[str]:
             continue
         for key, value in sorted(metrics.items()):
             if isinstance(value, (int, float)) and key.split("/")[-1] in ("acc", "macro_f1", "ece"):
-                lines.append(f"| {key} | {value:.4f} | `{path.parent.name}` |")
+                lines.append(f"| {code(key)} | {value:.4f} | {code(path.parent.name)} |")
     return lines
 
 
@@ -74,7 +96,6 @@ def model_card(checkpoint: dict[str, Any], ckpt: Path, base: str, snippet_base: 
     model = checkpoint.get("hyper_parameters", {})
     data = checkpoint.get("datamodule_hyper_parameters", {})
     data = data if isinstance(data, dict) else {}
-    text = lambda value: str(value).replace("\n", " ")[:200]  # noqa: E731  (untrusted: one short line)
     task, source = text(data.get("task", "pubmedqa")), text(data.get("source", "?"))
     run = ckpt.resolve().parent.parent
     front = {"base_model": base, "library_name": "peft", "tags": ["medqa", "lora", task],
@@ -84,34 +105,35 @@ def model_card(checkpoint: dict[str, Any], ckpt: Path, base: str, snippet_base: 
     scores = _scores(run, ckpt)
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {task} LoRA adapter for {text(base)}", "",
-        f"A LoRA adapter (r {text(model.get('lora_r'))}, alpha {text(model.get('lora_alpha'))}) trained with "
-        f"medqa to answer {task} questions, scored as medqa scores them: one forward pass, "
+        f"# {code(task)} LoRA adapter for {code(base)}", "",
+        f"A LoRA adapter (r {code(model.get('lora_r'))}, alpha {code(model.get('lora_alpha'))}) trained with "
+        f"medqa to answer {code(task)} questions, scored as medqa scores them: one forward pass, "
         "the probabilities of the label words at the answer position.", "",
         "| | |", "|---|---|",
-        f"| base | `{text(base)}` ({'4-bit' if model.get('load_in_4bit') else '16/32-bit'} while training) |",
-        f"| data | `{source}`, task `{task}`, dev fold {text(data.get('fold', 0))}, target `{text(data.get('target'))}`, "
-        f"reasoning `{text(data.get('reasoning', 'required'))}` |",
-        f"| checkpoint | `{ckpt.name}`, step {text(checkpoint.get('global_step'))}, run `{run.name}` |",
-        f"| labels | {', '.join(map(text, prompt['labels']))} |", "",
+        f"| base | {code(base)} ({'4-bit' if model.get('load_in_4bit') else '16/32-bit'} while training) |",
+        f"| data | {code(source)}, task {code(task)}, dev fold {code(data.get('fold', 0))}, target {code(data.get('target'))}, "
+        f"reasoning {code(data.get('reasoning', 'required'))} |",
+        f"| checkpoint | {code(ckpt.name)}, step {code(checkpoint.get('global_step'))}, run {code(run.name)} |",
+        f"| labels | {', '.join(map(code, prompt['labels']))} |", "",
         "## Scores", "",
     ]
     if scores:
         lines += ["| metric | value | measured by |", "|---|---|---|", *scores]
     else:
         lines.append("No test or validation scores of this checkpoint were found in its experiment; "
-                     f"measure them with `python -m medqa test --ckpt_path {ckpt}`.")
+                     f"measure them with {code(f'python -m medqa test --ckpt_path {shlex.quote(str(ckpt))}')}.")
     lines += ["", "## How it was trained", ""]
     if (run / "config.yaml").is_file():
-        lines += ["The run's full settings are in `medqa_config.yaml`:", "", "```bash",
-                  "python -m medqa fit --config medqa_config.yaml", "```"]
+        lines += ["The run's full settings are in `medqa_config.yaml`:", "",
+                  *fence("bash", "python -m medqa fit --config medqa_config.yaml")]
     lines += ["", "## Use it", "",
               "With transformers and peft, as medqa scores it (`medqa_prompt.json` holds the prompt it was trained "
-              "with):", "", "```python", SNIPPET.format(adapter=str(out), base=snippet_base).strip(), "```", "",
-              "Share it on the Hugging Face Hub (after `hf auth login`):", "", "```bash",
-              f"hf upload YOUR_NAME/{task}-lora {out} .", "```", "",
+              "with):", "", *fence("python", SNIPPET.format(adapter=str(out), base=snippet_base).strip()), "",
+              "Share it on the Hugging Face Hub (after `hf auth login`):", "",
+              *fence("bash", f"hf upload {shlex.quote(f'YOUR_NAME/{text(task)}-lora')} {shlex.quote(text(out))} ."), "",
               "Serve it with vLLM (not tested by medqa; ask for the label words' log-probabilities of the first "
-              "generated token, `max_tokens 1` and `logprobs 20`, to score as above):", "", "```bash",
-              f"vllm serve {base} --enable-lora --max-lora-rank {text(model.get('lora_r'))} "
-              f"--lora-modules {task}={out}", "```", ""]
+              "generated token, `max_tokens 1` and `logprobs 20`, to score as above):", "",
+              *fence("bash", f"vllm serve {shlex.quote(text(base))} --enable-lora --max-lora-rank "
+                             f"{shlex.quote(text(model.get('lora_r')))} --lora-modules "
+                             f"{shlex.quote(f'{text(task)}={text(out)}')}"), ""]
     return "\n".join(lines)

@@ -202,8 +202,8 @@ def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path
     assert out == run / f"adapter-{best.stem}"  # the default: beside its run
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: builtin:tiny-llama\nlibrary_name: peft\n")
-    assert "| data | `synthetic`, task `pubmedqa`, dev fold 0" in card and (out / "medqa_config.yaml").is_file()
-    assert re.search(r"\| test/macro_f1 \| \d\.\d{4} \| `test-\d+` \|", card)
+    assert "| data | `synthetic`, task `pubmedqa`, dev fold `0`" in card and (out / "medqa_config.yaml").is_file()
+    assert re.search(r"\| `test/macro_f1` \| \d\.\d{4} \| `test-\d+` \|", card)
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # as a user would paste it

@@ -2,6 +2,7 @@
 crosses runs, data or base models, adapters never go stale, damaged files get one line."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -451,3 +452,33 @@ def test_best_and_last_pass_over_runs_of_another_target_and_say_so(trained, tmp_
         assert f"/{other_run}/" not in chosen and f"/{last.parent.parent.name}/" in chosen
         assert f"passed over runs trained with another target or reasoning setting" in said
         assert f"{other_run} (target long_answer)" in said
+
+
+def test_the_model_card_writes_paths_and_keys_as_one_escaped_line(tmp_path):
+    """A run directory, checkpoint name or metrics key holding newlines, `---`, backticks or
+    HTML: each stays one code span in its table row, nothing opens a new block (issue 42, class 6)."""
+    from medqa.card import model_card
+
+    run = tmp_path / "exp" / "fit-0\n---\n<script>x</script>"
+    ckpt = run / "checkpoints" / "best`|`\n# heading.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    (run.parent / "test-1").mkdir()
+    (run.parent / "test-1" / "metrics.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt), "test/acc\n\n<img src=x onerror=alert(1)>": 0.5}))
+    prompt = {"labels": ["yes", "no", "may`be"]}
+    card = model_card({"hyper_parameters": {"lora_r": 8}, "datamodule_hyper_parameters": {"source": "a\n---\nb"}},
+                      ckpt, "base```\nmodel", "base", tmp_path / "out\n```", prompt)
+    body = card.split("---\n", 2)[2]  # after the front matter
+    assert "\n---\n" not in body and "\n# heading" not in body and "\n<script>" not in body and "\n<img" not in body
+    for row in [line for line in body.splitlines() if line.startswith("| ")]:
+        cells = [c for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+        assert len(cells) in (2, 3), row  # no cell split by a | from a path
+    lines, i, blocks = body.splitlines(), 0, 0
+    while i < len(lines):  # each fenced block closes on its own fence, its text (paths included) inside
+        opening = re.match(r"(`{3,})\w*$", lines[i])
+        if opening:
+            close = next(j for j in range(i + 1, len(lines)) if lines[j] == opening.group(1))
+            assert all(not line.startswith(opening.group(1)) for line in lines[i + 1 : close])
+            blocks, i = blocks + 1, close
+        i += 1
+    assert blocks == 3 and "## Use it" in body and "## Scores" in body
