@@ -19,8 +19,6 @@ import functools
 import hashlib
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,28 +84,21 @@ def file_sha256(path: Path) -> str:
 def gguf_folder(path: Path) -> Path:
     """The cached folder holding `path` dequantized, built on first use (25 s for
     SmolLM2-135M on 2 CPU cores). Processes that start together (DDP's, or several commands)
-    convert it once: one converts under a file lock while the others wait, then all load it.
-    The folder is written aside and renamed, never seen half-written."""
-    from filelock import FileLock
+    convert it once (`medqa.folders.build_once`); the folder is written aside and renamed,
+    never seen half-written."""
+    from medqa.folders import build_once
 
     digest = file_sha256(path)
     out = cache_dir() / f"gguf-{path.stem[:48]}-{digest[:16]}"
     if _is_built(out, digest):
         return out
     fields = check_gguf(path)  # before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f"{out.name}.lock")):
-        if _is_built(out, digest):  # another process converted it while this one waited
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            _convert(path, fields, tmp)
-            (tmp / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION}))
-            if out.exists():
-                shutil.rmtree(out)  # an older conversion's folder (another _GGUF_VERSION), or one whose record is gone
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(aside: Path) -> None:
+        _convert(path, fields, aside)
+        (aside / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION}))
+
+    build_once(out, lambda folder: _is_built(folder, digest), build, f"conversion of {path.name}")
     return out
 
 

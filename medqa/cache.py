@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from array import array
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from medqa.folders import build_once
 from medqa.tokens import Example
 
 log = logging.getLogger(__name__)
@@ -191,50 +191,41 @@ class ExampleCache:
             log.warning(f"The tokenized-example cache {self.folder} is damaged or foreign ({e}); building it again.")
             return None
 
-    def build(self, make: Callable[[], dict[str, tuple[Iterable[Example], dict[str, Any]]]],
-              limits: dict[str, int]) -> tuple[dict[str, TokenizedSplit], dict[str, Any]]:
-        """Write every split that `make` gives (examples, and counts to keep), then move the
-        folder into place; its splits, memory-mapped."""
-        aside = self.root / f".{self.folder.name}.{os.getpid()}.partial"
-        shutil.rmtree(aside, ignore_errors=True)
-        aside.mkdir(parents=True)
+    def write(self, make: Callable[[], dict[str, tuple[Iterable[Example], dict[str, Any]]]], aside: Path) -> None:
+        """Write every split that `make` gives (examples, and counts to keep) and the manifest
+        into `aside`, the folder that `medqa.folders.build_once` then moves into place."""
         entries = {}
-        try:
-            for name, (examples, counts) in make().items():
-                path = aside / f"{name}.arrow"
-                if (counts.get("records") or PROGRESS_FROM) >= PROGRESS_FROM:  # None: a stream, of unknown size
-                    from tqdm import tqdm
+        for name, (examples, counts) in make().items():
+            path = aside / f"{name}.arrow"
+            if (counts.get("records") or PROGRESS_FROM) >= PROGRESS_FROM:  # None: a stream, of unknown size
+                from tqdm import tqdm
 
-                    tqdm.write(f"Tokenizing the {name} records into {self.folder} (once).", file=sys.stderr)
-                    examples = tqdm(examples, total=counts["records"], desc=f"Tokenizing {name}", unit=" records",
-                                    mininterval=2, smoothing=0.1)
-                written = write_split(path, examples)
-                entries[name] = {**counts, **written, "bytes": path.stat().st_size, "sha256": file_digest(path)}
-            manifest = {"key": self.key, "splits": entries, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
-            (aside / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            if self.folder.exists():  # damaged or foreign: checked by `load` before
-                shutil.rmtree(self.folder)
-            aside.rename(self.folder)
-        finally:  # a refused record, Ctrl-C: nothing half-written stays
-            shutil.rmtree(aside, ignore_errors=True)
-        loaded = self.load(limits, written=True)
-        if loaded is None:
-            raise RuntimeError(f"the tokenized-example cache {self.folder} did not read back as written")
-        return loaded
+                tqdm.write(f"Tokenizing the {name} records into {self.folder} (once).", file=sys.stderr)
+                examples = tqdm(examples, total=counts["records"], desc=f"Tokenizing {name}", unit=" records",
+                                mininterval=2, smoothing=0.1)
+            written = write_split(path, examples)
+            entries[name] = {**counts, **written, "bytes": path.stat().st_size, "sha256": file_digest(path)}
+        manifest = {"key": self.key, "splits": entries, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
+        (aside / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     def get(self, make: Callable[[], dict[str, tuple[Iterable[Example], dict[str, Any]]]],
             limits: dict[str, int]) -> tuple[dict[str, TokenizedSplit], dict[str, Any], bool]:
-        """(splits, counts, whether this process built them): the folder's, else built under a
-        lock, so that of several processes one builds and the others then map its files."""
-        from filelock import FileLock
+        """(splits, counts, whether this process built them): the folder's, else built once
+        (`medqa.folders.build_once`: of several processes one builds and the others then map
+        its files)."""
+        found = None
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        if (found := self.load(limits)) is not None:
-            return *found, False
-        with FileLock(str(self.root / f"{self.folder.name}.lock")):
-            if (found := self.load(limits)) is not None:  # another process built it while this one waited
-                return *found, False
-            return *self.build(make, limits), True
+        def ready(_: Path) -> bool:
+            nonlocal found
+            found = self.load(limits)
+            return found is not None
+
+        built = build_once(self.folder, ready, lambda aside: self.write(make, aside), "tokenized examples")
+        if built:
+            found = self.load(limits, written=True)
+            if found is None:
+                raise RuntimeError(f"the tokenized-example cache {self.folder} did not read back as written")
+        return *found, built
 
 
 def _check(split: TokenizedSplit, limits: dict[str, int], name: str) -> None:

@@ -36,6 +36,7 @@ from medqa.data import QADataModule
 from medqa.memory import TrainingOutOfMemory
 from medqa.messages import MedQAParser, explain, quiet
 from medqa.model import CheckpointMismatch, MedQALoRA, SettingsError
+from medqa.folders import CacheError
 from medqa.predictions import PartialPredictions, PredictionWriter
 from medqa.records import DataError
 from medqa.results import write_json
@@ -318,7 +319,7 @@ COMMANDS = {"evaluate": "medqa.evaluate", "compare": "medqa.compare", "cv": "med
 MedQAParser.commands = ("fit", "validate", "test", "predict", *COMMANDS)
 
 USER_ERRORS = (DataError, CheckpointError, CheckpointMismatch, BackendError, BaseModelError, SettingsError, FloatingPointError,
-               TrainingOutOfMemory, MisconfigurationException, FileExistsError, PartialPredictions)
+               TrainingOutOfMemory, MisconfigurationException, FileExistsError, PartialPredictions, CacheError)
 """What a user can act on: printed as one line (set MEDQA_DEBUG=1 for the traceback)."""
 
 

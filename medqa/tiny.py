@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from medqa.tasks import get_task, task_names
@@ -122,17 +120,8 @@ def tiny_llama() -> Path:
     """The directory of the built-in tiny Llama, built on first use (a few seconds). Its
     name holds a digest of the tokenizer's training text, so a change to any task's prompt
     or synthetic set builds a new one instead of reusing a stale tokenizer."""
-    from filelock import FileLock
+    from medqa.folders import build_once
 
     out = cache_dir() / f"tiny-llama-v{_VERSION}-{_corpus_digest()}"
-    if not (out / "model.safetensors").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(out.parent / f"{out.name}.lock")):  # processes that start together build it once
-            if not (out / "model.safetensors").is_file():
-                tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out.parent))
-                build_tiny_llama(tmp)
-                try:
-                    tmp.rename(out)  # atomic: never seen half-written
-                except OSError:
-                    shutil.rmtree(tmp, ignore_errors=True)
+    build_once(out, lambda folder: (folder / "model.safetensors").is_file(), build_tiny_llama, "built-in tiny Llama")
     return out

@@ -482,3 +482,33 @@ def test_the_model_card_writes_paths_and_keys_as_one_escaped_line(tmp_path):
             blocks, i = blocks + 1, close
         i += 1
     assert blocks == 3 and "## Use it" in body and "## Scores" in body
+
+
+@pytest.mark.slow
+def test_cache_folders_replaced_by_links_or_unwritable_get_one_line(tmp_path):
+    """A tokenized-example folder replaced by a link to a user's folder is neither followed
+    nor deleted; an unwritable cache is named; a build killed part-way is cleaned up by the
+    next one (issue 42, class 3)."""
+    def score(cache: Path) -> subprocess.CompletedProcess:
+        return run_cli("test", "--data.cache_dir", str(cache), "--trainer.limit_test_batches", "1", logs=tmp_path / "logs")
+
+    cache = tmp_path / "cache"
+    assert score(cache).returncode == 0
+    folder = next(p for p in cache.iterdir() if p.is_dir())
+    shutil.rmtree(folder)
+    stale = cache / f".{folder.name}.99999.partial"
+    stale.mkdir()
+    (stale / "train.arrow").write_bytes(b"half")
+    assert score(cache).returncode == 0 and folder.is_dir() and not stale.exists()
+
+    users = tmp_path / "my-notes"
+    users.mkdir()
+    (users / "precious.txt").write_text("keep me")
+    shutil.rmtree(folder)
+    folder.symlink_to(users)
+    one_line_refusal(score(cache), "test", f"{folder} is a symbolic link, not the tokenized examples medqa built")
+    assert (users / "precious.txt").read_text() == "keep me" and folder.is_symlink()
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    one_line_refusal(score(blocked / "cache"), "test", f"{blocked / 'cache'}: cannot keep the tokenized examples there")
