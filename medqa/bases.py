@@ -96,18 +96,29 @@ def gguf_folder(path: Path) -> Path:
 
     def build(aside: Path) -> None:
         _convert(path, fields, aside)
-        (aside / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION}))
+        files = {f.name: file_sha256(f) for f in sorted(aside.iterdir())}
+        (aside / _RECORD).write_text(json.dumps({"sha256": digest, "file": path.name, "version": _GGUF_VERSION,
+                                                 "files": files}))
 
     build_once(out, lambda folder: _is_built(folder, digest), build, f"conversion of {path.name}")
     return out
 
 
 def _is_built(folder: Path, digest: str) -> bool:
+    """Whether `folder` holds the conversion of the file of `digest` as it was written: its
+    record names that file, and every file there is one the record lists, with its digest
+    (weights replaced, or a pickled `pytorch_model.bin` put beside them, make it a folder to
+    build again, as the tokenized-example cache checks its files)."""
     try:
         record = json.loads((folder / _RECORD).read_text())
+        if not (isinstance(record, dict) and record.get("sha256") == digest and record.get("version") == _GGUF_VERSION
+                and isinstance(record.get("files"), dict)):
+            return False
+        present = {f.name for f in folder.iterdir()} - {_RECORD}
+        return present == set(record["files"]) and all(
+            not (folder / name).is_symlink() and file_sha256(folder / name) == sha for name, sha in record["files"].items())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("sha256") == digest and record.get("version") == _GGUF_VERSION
 
 
 def _readable() -> tuple[set[str], set[str]]:
@@ -162,8 +173,9 @@ def _convert(path: Path, fields: dict[str, Any], out: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError, OSError) as e:
+        loaded, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                            output_loading_info=True)
+    except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as e:
         raise BaseModelError(f"{path}: transformers could not read it: {type(e).__name__}: {e}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -171,7 +183,19 @@ def _convert(path: Path, fields: dict[str, Any], out: Path) -> None:
     config.name_or_path = path.name
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), assign=True)
+    # transformers fills a tensor the file lacks with random values ("newly initialized") and
+    # keeps one of another shape: a half-random model would be cached and scored as the file.
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    expected = plain.state_dict()
+    weights = loaded.state_dict()
+    misshapen = [f"{k} {tuple(v.shape)} where the file's settings imply {tuple(expected[k].shape)}"
+                 for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    if missing or misshapen:
+        problems = ([f"{len(missing)} tensor(s) the {config.model_type} architecture needs are missing "
+                     f"(e.g. {', '.join(missing[:3])})"] if missing else []) + misshapen[:3]
+        raise BaseModelError(f"{path}: not a whole model: {'; '.join(problems)}")
+    plain.load_state_dict(weights, assign=True)
     plain.tie_weights()
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         token_id = fields[f"tokenizer.ggml.{key}"]

@@ -2,12 +2,15 @@
 errors for files that cannot be read."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from medqa.bases import SMOLLM2, BaseModelError, gguf_folder, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -88,3 +91,44 @@ def test_files_that_are_not_readable_gguf_get_one_line_naming_them(tmp_path):
         resolve(str(tmp_path / "missing.gguf"))
     with pytest.raises(BaseModelError, match="the built-in models are builtin:tiny-llama, builtin:smollm2"):
         resolve("builtin:gpt-5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change,said", [
+    ({"leave_out": ("blk.1.attn_q.weight",)}, "1 tensor(s) the llama architecture needs are missing (e.g. "
+                                               "model.layers.1.self_attn.q_proj.weight)"),
+    ({"cut": ("blk.0.ffn_down.weight",)}, "model.layers.0.mlp.down_proj.weight (")])
+def test_a_gguf_file_that_is_not_a_whole_model_is_refused_and_nothing_cached(medqa_cache, tmp_path, change, said):
+    import inprocess
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "broken.gguf", **change)
+    before = set(medqa_cache.iterdir())
+    done = inprocess.run(["test", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.pretrained", str(path),
+                          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"medqa test: error: {path}: not a whole model: ") and said in last, last
+    assert not [p for p in set(medqa_cache.iterdir()) - before if p.name.startswith("gguf-broken") and p.is_dir()]
+
+
+@pytest.mark.slow
+def test_a_converted_folder_is_trusted_by_its_files_digests_not_its_record_alone(medqa_cache, tmp_path):
+    """Other weights put in place of the conversion's, or a pickled pytorch_model.bin beside
+    them: the folder is converted again from the file before anything is scored (issue 42, class 2)."""
+    import inprocess
+    from safetensors.torch import load_file, save_file
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "digested.gguf")
+    folder = Path(resolve(str(path)))
+    weights = folder / "model.safetensors"
+    original = {k: v.clone() for k, v in load_file(weights).items()}
+    save_file({k: torch.zeros_like(v) for k, v in original.items()}, str(weights))  # same names and size
+    done = inprocess.run(["test", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.pretrained", str(path),
+                          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.limit_test_batches", "1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(torch.equal(v, original[k]) for k, v in load_file(weights).items())  # the file's weights again
+
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle")
+    assert Path(resolve(str(path))) == folder and not (folder / "pytorch_model.bin").exists()

@@ -25,7 +25,9 @@ def permuted(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(path: Path) -> Path:
+def write_tiny_gguf(path: Path, leave_out: tuple[str, ...] = (), cut: tuple[str, ...] = ()) -> Path:
+    """The tiny Llama as a GGUF file; `leave_out` names GGUF tensors not to write (a file missing
+    a layer), `cut` tensors written one row short (a shape the metadata does not imply)."""
     folder = tiny_llama()
     config = json.loads((folder / "config.json").read_text())
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
@@ -58,7 +60,11 @@ def write_tiny_gguf(path: Path) -> Path:
         names.update({f"model.layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
                       for ours, theirs in LAYER_TENSORS.items()})
     for name, tensor in load_file(folder / "model.safetensors").items():
+        if names[name] in leave_out:
+            continue
         data = tensor.float().numpy()
+        if names[name] in cut:
+            data = data[:-32] if data.ndim == 2 else data[:-1]
         if name.endswith("q_proj.weight"):
             data = permuted(data, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
