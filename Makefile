@@ -49,7 +49,7 @@ coverage: install
 test-fast: install
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-## A real instruct model, zero-shot against fine-tuned on the real PQA-L (2 CPU cores, about 55 minutes).
+## A real instruct model, zero-shot against fine-tuned on the real PQA-L (2 CPU cores, 1.5-2 hours: README).
 ## DATA: the folder with ori_pqal.json and test_ground_truth.json; REASONING=free for the paper's reasoning-free setting.
 real: install
 	$(PY) benchmarks/real.py --data $(DATA) --reasoning $(or $(REASONING),required)
