@@ -32,6 +32,20 @@ def fresh_shell_env() -> dict[str, str]:
     return env
 
 
+def odd_environment(venv: Path) -> Path:
+    """This virtual environment seen from another path (links to its interpreter and packages,
+    its own pyvenv.cfg): the python of a checkout under `venv`'s path."""
+    real = Path(sys.prefix)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    (venv / "lib").symlink_to(real / "lib")
+    (venv / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    for tool in ("tensorboard", "hf"):
+        if (real / "bin" / tool).exists():
+            (venv / "bin" / tool).symlink_to(real / "bin" / tool)
+    return venv / "bin" / "python"
+
+
 def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`python -m medqa *args` from a new user's shell (in this process: `inprocess`)."""
     return inprocess.run(args, cwd=cwd, env=fresh_shell_env())
@@ -64,10 +78,15 @@ def test_the_printed_next_steps_work_pasted_into_a_shell_that_activated_nothing(
     # A decoy experiment first: "Next" must not lead to its checkpoint.
     decoy = run(["fit", "--config", DEMO, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert decoy.returncode == 0, decoy.stderr[-3000:]
-    fit = run(["fit", "--config", DEMO, *SHORT, "--trainer.logger.init_args.save_dir", str(tmp_path),
-               "--trainer.logger.init_args.name", "ref", "--threads", "1"])
+    # The checkout's environment at a path with a space and a `$(...)` in it: every printed
+    # command must still paste as one word a path, and run nothing.
+    python = odd_environment(tmp_path / "my projects" / "$(touch pwned)" / ".venv")
+    fit = subprocess.run([str(python), "-m", "medqa", "fit", "--config", DEMO, *SHORT, "--trainer.logger.init_args.save_dir",
+                          str(tmp_path), "--trainer.logger.init_args.name", "ref", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, env=fresh_shell_env())
     assert fit.returncode == 0, fit.stderr[-3000:]
     out = fit.stdout
+    assert f"Next: {shlex.quote(str(python))} -m medqa test" in out
     curves = next(line for line in out.splitlines() if line.startswith("Curves: "))
     tensorboard = shlex.split(curves.removeprefix("Curves: "))[0]
     assert (ROOT / tensorboard).is_file() or subprocess.run(["which", tensorboard], env=fresh_shell_env()).returncode == 0
@@ -84,6 +103,7 @@ def test_the_printed_next_steps_work_pasted_into_a_shell_that_activated_nothing(
     adapter = tmp_path / "ref" / "fit-0" / f"adapter-{best.stem}"
     assert (adapter / "adapter_config.json").is_file()  # beside its run, not in the repo
     assert f"upload YOUR_NAME/REPO {adapter} ." in exported.stdout
+    assert not (ROOT / "pwned").exists() and not (tmp_path / "pwned").exists()  # nothing in the path ran
 
 
 def test_fast_dev_run_ends_cleanly_and_keeps_nothing(tmp_path):

@@ -454,22 +454,25 @@ def test_best_and_last_pass_over_runs_of_another_target_and_say_so(trained, tmp_
         assert f"{other_run} (target long_answer)" in said
 
 
-def test_the_model_card_writes_paths_and_keys_as_one_escaped_line(tmp_path):
-    """A run directory, checkpoint name or metrics key holding newlines, `---`, backticks or
-    HTML: each stays one code span in its table row, nothing opens a new block (issue 42, class 6)."""
-    from medqa.card import model_card
-
-    run = tmp_path / "exp" / "fit-0\n---\n<script>x</script>"
+@pytest.mark.slow
+def test_the_model_card_writes_paths_and_keys_as_one_escaped_line(trained, tmp_path):
+    """`export` of a run whose experiment folder and checkpoint names hold newlines, `---`,
+    backticks or HTML, beside a metrics.json with such a key: each stays one code span in its
+    table row, nothing opens a new block (issue 42, class 6)."""
+    _, last = trained
+    run = shutil.copytree(last.parent.parent, tmp_path / "exp\n---\n<script>x</script>" / "fit-0")
     ckpt = run / "checkpoints" / "best`|`\n# heading.ckpt"
-    ckpt.parent.mkdir(parents=True)
+    shutil.copyfile(last, ckpt)
     (run.parent / "test-1").mkdir()
     (run.parent / "test-1" / "metrics.json").write_text(json.dumps(
-        {"checkpoint": str(ckpt), "test/acc\n\n<img src=x onerror=alert(1)>": 0.5}))
-    prompt = {"labels": ["yes", "no", "may`be"]}
-    card = model_card({"hyper_parameters": {"lora_r": 8}, "datamodule_hyper_parameters": {"source": "a\n---\nb"}},
-                      ckpt, "base```\nmodel", "base", tmp_path / "out\n```", prompt)
+        {"checkpoint": str(ckpt), "<img src=x onerror=alert(1)>\n\n---\ntest/acc": 0.5}))
+    done = inprocess.run(["export", "--ckpt_path", str(ckpt), "--pretrained", "builtin:tiny-llama",
+                          "--out", str(tmp_path / "out")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = (tmp_path / "out" / "README.md").read_text()
     body = card.split("---\n", 2)[2]  # after the front matter
     assert "\n---\n" not in body and "\n# heading" not in body and "\n<script>" not in body and "\n<img" not in body
+    assert "| `<img src=x onerror=alert(1)> --- test/acc` | 0.5000 |" in body  # the key, one escaped line
     for row in [line for line in body.splitlines() if line.startswith("| ")]:
         cells = [c for c in re.split(r"(?<!\\)\|", row)[1:-1]]
         assert len(cells) in (2, 3), row  # no cell split by a | from a path
@@ -481,7 +484,7 @@ def test_the_model_card_writes_paths_and_keys_as_one_escaped_line(tmp_path):
             assert all(not line.startswith(opening.group(1)) for line in lines[i + 1 : close])
             blocks, i = blocks + 1, close
         i += 1
-    assert blocks == 3 and "## Use it" in body and "## Scores" in body
+    assert blocks == 4 and "## Use it" in body and "## Scores" in body  # training, python, upload, vLLM
 
 
 @pytest.mark.slow
