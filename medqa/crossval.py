@@ -31,13 +31,18 @@ from medqa.results import write_json, write_result
 FOLDS = range(10)
 
 
+def fold_dir(cv_dir: Path, fold: int) -> Path:
+    """Fold `fold`'s experiment: its runs, result and held-out answers."""
+    return cv_dir / f"fold{fold}"
+
+
 def fold_result(cv_dir: Path, fold: int) -> Path:
-    return cv_dir / f"fold{fold}" / "result.json"
+    return fold_dir(cv_dir, fold) / "result.json"
 
 
 def oof_dir(cv_dir: Path, fold: int) -> Path:
     """Where fold `fold`'s dev questions are answered by its best checkpoint."""
-    return cv_dir / f"fold{fold}" / "oof"
+    return fold_dir(cv_dir, fold) / "oof"
 
 
 def out_of_fold(cv_dir: Path, labels: list[str]) -> dict[str, Any]:

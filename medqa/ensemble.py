@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from medqa.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, misfits
+from medqa.crossval import FOLDS, fold_dir
 from medqa.lora import LoraSettings
-
-FOLDS = range(10)
 
 
 def fold_checkpoints(cv_dir: Path) -> list[Path]:
@@ -33,7 +32,7 @@ def fold_checkpoints(cv_dir: Path) -> list[Path]:
     or a `CheckpointError` naming the folds that have none."""
     if not cv_dir.is_dir():
         raise CheckpointError(f"--model.ensemble {cv_dir}: no such folder (a `python -m medqa cv --cv_dir` folder)")
-    found = {fold: find_checkpoint(cv_dir / f"fold{fold}", "best") for fold in FOLDS}
+    found = {fold: find_checkpoint(fold_dir(cv_dir, fold), "best") for fold in FOLDS}
     missing = [f"fold{fold}" for fold, path in found.items() if path is None]
     if missing:
         raise CheckpointError(f"--model.ensemble {cv_dir}: {', '.join(missing)} have no best checkpoint; run "
@@ -49,8 +48,7 @@ class Ensemble:
         self.trainable = trainable
         shapes = {name: p.shape for name, p in trainable.items()}
         self.members: list[dict[str, Tensor]] = []
-        self.paths = fold_checkpoints(cv_dir)
-        for path in self.paths:
+        for path in fold_checkpoints(cv_dir):
             checkpoint = load_checkpoint(path, weights_only=True)
             differs = misfits(checkpoint, lora, answers, base, shapes)
             if differs:
