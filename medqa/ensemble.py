@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 from medqa.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, misfits
-from medqa.crossval import FOLDS, fold_dir
 from medqa.lora import LoraSettings
+
+FOLDS = range(10)
+"""`cv`'s folds, each in CV_DIR/fold{k} (`medqa.crossval`, which imports the CLI, so not imported here)."""
 
 
 def fold_checkpoints(cv_dir: Path) -> list[Path]:
@@ -32,7 +34,7 @@ def fold_checkpoints(cv_dir: Path) -> list[Path]:
     or a `CheckpointError` naming the folds that have none."""
     if not cv_dir.is_dir():
         raise CheckpointError(f"--model.ensemble {cv_dir}: no such folder (a `python -m medqa cv --cv_dir` folder)")
-    found = {fold: find_checkpoint(fold_dir(cv_dir, fold), "best") for fold in FOLDS}
+    found = {fold: find_checkpoint(cv_dir / f"fold{fold}", "best") for fold in FOLDS}
     missing = [f"fold{fold}" for fold, path in found.items() if path is None]
     if missing:
         raise CheckpointError(f"--model.ensemble {cv_dir}: {', '.join(missing)} have no best checkpoint; run "
