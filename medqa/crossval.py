@@ -74,7 +74,7 @@ def run_fold(fit_args: list[str], cv_dir: Path, fold: int) -> dict[str, Any]:
         cli = main(["fit", *fit_args, *where, "--ckpt_path", "last"], print_next=False)
     except FinishedRun:  # trained to the end, stopped before its result was written
         cli = None
-    best = find_checkpoint(cv_dir / f"fold{fold}", "best")
+    best = find_checkpoint(fold_dir(cv_dir, fold), "best")
     if best is None:
         raise RuntimeError(f"fold {fold}: the fit saved no best checkpoint (did it validate?) under {cv_dir / f'fold{fold}'}")
     if cli is None:
