@@ -205,3 +205,24 @@ def _convert(path: Path, fields: dict[str, Any], out: Path) -> None:
             setattr(plain.generation_config, f"{role}_token_id", token_id)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def base_reference(pretrained: str) -> dict[str, Any]:
+    """How an export names its base without this machine's paths: `hub_id` where it has one
+    (given as one, or a folder of the Hugging Face cache), else the built-in name, the GGUF
+    file's name and SHA-256, or the folder's name. `name` is what the card and
+    `adapter_config.json` show; its last part is what `--model.init_adapter` compares."""
+    if pretrained in BUILTINS:
+        ref = {"kind": "builtin", "name": pretrained, "hub_id": None, "file": None, "sha256": None}
+        if pretrained == SMOLLM2:
+            ref.update(file=_SMOLLM2_FILE, sha256=file_sha256(smollm2_file()))
+        return ref
+    path = Path(pretrained).expanduser()
+    if pretrained.lower().endswith(".gguf"):
+        return {"kind": "gguf", "name": path.name, "hub_id": None, "file": path.name,
+                "sha256": file_sha256(path) if path.is_file() else None}
+    if not path.exists():
+        return {"kind": "hub", "name": pretrained, "hub_id": pretrained, "file": None, "sha256": None}
+    cached = [p for p in path.resolve().parts if p.startswith("models--")]  # <cache>/models--ORG--NAME/snapshots/REV
+    hub_id = cached[-1].removeprefix("models--").replace("--", "/", 1) if cached else None
+    return {"kind": "folder", "name": hub_id or path.resolve().name, "hub_id": hub_id, "file": None, "sha256": None}

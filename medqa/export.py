@@ -11,7 +11,9 @@ the prompt and scores the answer, so the adapter is used with the prompt it was 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -111,24 +113,30 @@ def prompt_settings(checkpoint: dict[str, Any], tokenizer: Any, base_model: str,
     }
 
 
-def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, merged_dtype: str = "bfloat16",
+def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, merged_dtype: str | None = None,
            weights_only: bool = True, backend: str = "auto", trust_remote_code: bool = False,
-           label_bias: list[float] | None = None) -> Path:
-    """Write the adapter (and optionally the merged model) of `ckpt_path`, trained on the base
-    `pretrained`, to `out`."""
-    from medqa.backends import load_tokenizer, resolve_pretrained
+           label_bias: list[float] | None = None, gguf: tuple[str, ...] = (), hub_id: str | None = None) -> Path:
+    """Write the adapter (and optionally the merged model, and GGUF files of it) of
+    `ckpt_path`, trained on the base `pretrained`, to `out`."""
+    from medqa.backends import load_tokenizer
+    from medqa.bases import base_reference
+    from medqa.gguf_out import check_type
 
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: write into the folder, keep the link
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty folder; remove it or choose another directory")
+    if hub_id is not None and not HUB_ID.fullmatch(hub_id):
+        raise ValueError(f"--hub_id {hub_id!r}: expected NAME/REPO, the Hugging Face repository to upload to")
+    gguf = tuple(dict.fromkeys(check_type(kind) for kind in gguf))
     checkpoint = load_checkpoint(ckpt_path, weights_only)
     shape = shape_settings(checkpoint, ckpt_path)  # every check before the first write: a refusal leaves nothing
     trained_on = checkpoint["hyper_parameters"].get("pretrained")
     if isinstance(trained_on, str) and Path(trained_on.rstrip("/")).name != Path(pretrained.rstrip("/")).name:
-        print(f"Note: {ckpt_path} was trained on {trained_on!r}; exporting against --pretrained {pretrained!r}"
-              + (" (the merged model checks that the weights fit)" if merged else ""))
+        print(f"Note: {ckpt_path} was trained on {trained_on!r}; exporting against --model.pretrained {pretrained!r}"
+              + (" (the merged model checks that the weights fit)" if merged or gguf else ""))
+    base = base_reference(pretrained)
     tokenizer = load_tokenizer(pretrained, trust_remote_code)
-    prompt = prompt_settings(checkpoint, tokenizer, pretrained, label_bias)
+    prompt = prompt_settings(checkpoint, tokenizer, base["name"], label_bias)
 
     # Written into a folder beside `out`, renamed to `out` once whole: a failure (a merged
     # model that does not fit, a full disk) leaves no half export.
@@ -136,20 +144,22 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         save_adapter(checkpoint, staging)
+        _name_base(staging / "adapter_config.json", base["name"])  # not this machine's path to it
         tokenizer.save_pretrained(staging)
         write_json(staging / "medqa_prompt.json", prompt)
         run_config = ckpt_path.resolve().parent.parent / "config.yaml"
         if run_config.is_file():
             shutil.copyfile(run_config, staging / "medqa_config.yaml")
-        card = model_card(checkpoint, ckpt_path, pretrained, resolve_pretrained(pretrained), out.resolve(), prompt)
-        (staging / "README.md").write_text(card)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        settings = {**shape, "pretrained": pretrained, "backend": backend, "trust_remote_code": trust_remote_code,
+                    "answer_tokens": {"labels": prompt["labels"], "label_ids": prompt["label_token_ids"], "pad_id": pad,
+                                      "rationale_suffix": []}}
         if merged:
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            answers = {"labels": prompt["labels"], "label_ids": prompt["label_token_ids"], "pad_id": pad,
-                       "rationale_suffix": []}
-            settings = {**shape, "pretrained": pretrained, "backend": backend, "trust_remote_code": trust_remote_code,
-                        "answer_tokens": answers}
-            _export_merged(checkpoint, settings, tokenizer, staging / "merged", merged_dtype)
+            _export_merged(checkpoint, dict(settings), tokenizer, staging / "merged", merged_dtype or "bfloat16")
+        written = _export_gguf(checkpoint, dict(settings), tokenizer, staging / "gguf", gguf,
+                               merged_dtype or "float32", prompt, base) if gguf else []
+        card = model_card(checkpoint, ckpt_path, base, prompt, hub_id, written)
+        (staging / "README.md").write_text(card)
         os.replace(staging, out)  # onto an empty folder too
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -157,10 +167,39 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
     print(f"Wrote the adapter of {ckpt_path} to {out} (PEFT format, tokenizer, medqa_prompt.json, a model card "
           "README.md with a transformers + peft snippet)")
     if merged:
-        print(f"Wrote the merged {merged_dtype} model to {out / 'merged'}")
+        print(f"Wrote the merged {merged_dtype or 'bfloat16'} model to {out / 'merged'}")
+    for name in written:
+        print(f"Wrote {out / name}" + (" and an Ollama Modelfile beside it (FROM the first GGUF file): "
+                                       f"cd {hints.quote(str(out / 'gguf'))} && ollama create medqa -f Modelfile"
+                                       if name == written[0] else ""))
     print(f"Share it on the Hugging Face Hub: {hints.tool('hf')} auth login, then "
-          f"{hints.tool('hf')} upload YOUR_NAME/REPO {hints.quote(str(out))} .")
+          f"{hints.tool('hf')} upload {hub_id or 'YOUR_NAME/REPO'} {hints.quote(str(out))} ."
+          + ("" if hub_id else " (export --hub_id NAME/REPO writes that name into the card)"))
     return out
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def _name_base(config_file: Path, name: str) -> None:
+    """PEFT's adapter_config.json names the base by how this run loaded it, a local path
+    maybe: name it as the card does."""
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _merged_module(checkpoint: dict[str, Any], settings: dict[str, Any], dtype: str) -> Any:
+    """The trained model on the transformers + peft backend, its base in `dtype`, ready to
+    merge: the weights the adapter was trained on, dequantized where it was trained on 4-bit."""
+    from medqa.model import MedQALoRA
+
+    settings.update(backend="hf", load_in_4bit=False, dtype=dtype)
+    module = MedQALoRA(**settings)
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    return module
 
 
 def _export_merged(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer: Any, out: Path, dtype: str) -> None:
@@ -177,36 +216,81 @@ def _export_merged(checkpoint: dict[str, Any], settings: dict[str, Any], tokeniz
     if backend == "hf":
         # Merging into 4-bit weights would round the result to 4 bits again: merge into the
         # base in 16/32-bit (`dtype`) instead.
-        settings.update(backend="hf", load_in_4bit=False, dtype=dtype)
-    module = MedQALoRA(**settings)
-    module.configure_model()
-    module.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
+        module = _merged_module(checkpoint, settings, dtype)
+    else:
+        module = MedQALoRA(**settings)
+        module.configure_model()
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
     save_merged(module.model, tokenizer, out, backend, dtype)
 
 
+def _export_gguf(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer: Any, out: Path, kinds: tuple[str, ...],
+                 dtype: str, prompt: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """The merged model as one GGUF file per type in `out`, and a Modelfile for the first.
+    Returns the files' paths in the export. Not beside the adapter: transformers reads a folder
+    with an adapter_config.json as an adapter, even when told to read a GGUF file in it."""
+    from medqa.gguf_out import modelfile, source_fields, write_gguf
+
+    module = _merged_module(checkpoint, settings, dtype)
+    merged = module.model.merge_and_unload()
+    source = source_fields(settings["pretrained"])
+    stem = Path(base["name"].split("/")[-1]).stem.removeprefix("builtin:")
+    out.mkdir()
+    names = []
+    for kind in kinds:
+        name = f"{stem}-medqa-{prompt['task']}-{kind}.gguf"
+        write_gguf(merged, tokenizer, out / name, kind, prompt, f"{stem} medqa {prompt['task']}", source)
+        names.append(f"{out.name}/{name}")
+    (out / "Modelfile").write_text(modelfile(Path(names[0]).name, tokenizer, prompt))
+    return names
+
+
+OWN_FLAGS = {"--pretrained": "--model.pretrained", "--backend": "--model.backend"}
+"""export's flags from before it read configs, and the model settings they now stand for."""
+
+
+def renamed(arg: str) -> str:
+    """`--pretrained X` and `--pretrained=X` as `--model.pretrained`; other arguments as given."""
+    flag, eq, value = arg.partition("=")
+    return OWN_FLAGS.get(flag, flag) + eq + value
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m medqa export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", type=Path, required=True, help="a medqa checkpoint (.ckpt)")
-    parser.add_argument("--pretrained", required=True,
-                        help="the base model the checkpoint was trained on (hub id or local directory); "
-                             "taken from you, never from the checkpoint")
-    parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
-                        help="backend for --merged (auto: unsloth with CUDA, else transformers + peft)")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="let the base model's own Python code run (only for a model you trust)")
+    from medqa.cli import cli_for
+
+    parser = argparse.ArgumentParser(
+        prog="python -m medqa export", description=__doc__.split("\n\n")[0],
+        epilog="Every other option is predict's, read the same way: --config CONFIG gives the base model "
+               "(--model.pretrained) and the run folders that --ckpt_path best|last are resolved in.")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="a medqa checkpoint (.ckpt), or best / last as for test and predict")
     parser.add_argument("--out", type=Path, help="directory to write (must not exist or be empty); default: "
                                                  "adapter-<checkpoint name> in the checkpoint's run directory")
     parser.add_argument("--merged", action="store_true", help="also write the merged 16-bit model to OUT/merged")
-    parser.add_argument("--merged_dtype", default="bfloat16",
-                        help="dtype of the merged model with the hf backend (bfloat16, float16, float32)")
-    parser.add_argument("--weights_only", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
-                        help="load the checkpoint without unpickling code (default true)")
+    parser.add_argument("--merged_dtype", help="dtype the adapter is merged in on the transformers backend: bfloat16 "
+                                               "(the default for --merged), float16, float32 (the default for --gguf)")
+    parser.add_argument("--gguf", nargs="+", default=[], metavar="TYPE",
+                        help="also write the merged model as GGUF files (f16, q8_0) for llama.cpp, Ollama and LM "
+                             "Studio, with an Ollama Modelfile")
+    parser.add_argument("--hub_id", help="the Hugging Face repository NAME/REPO the folder will be uploaded to; "
+                                         "the card's snippet loads the adapter from it (default: YOUR_NAME/REPO)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="let the base model's own Python code run (only for a model you trust)")
     parser.add_argument("--label_bias", type=Path,
                         help="a class-prior correction to ship with the adapter: the label_bias.yaml that "
                              "`priors` or `cv` wrote (written into medqa_prompt.json; the card's snippet applies it)")
-    args = parser.parse_args(argv)
-    out = args.out or args.ckpt_path.resolve().parent.parent / f"adapter-{args.ckpt_path.stem}"
+    args, rest = parser.parse_known_args(argv)
+    rest = [renamed(a) for a in rest]
+    if args.trust_remote_code:
+        rest += ["--model.trust_remote_code", "true"]
+    # best / last are resolved as predict resolves them; a path is read by `export` alone, which
+    # checks it before writing anything (predict would also repair the adapter folder beside it)
+    named = args.ckpt_path in ("best", "last")
+    cli, ckpt_path = cli_for("predict", [*rest, *(["--ckpt_path", args.ckpt_path] if named else [])])
+    model, weights_only = cli.model, cli.config.predict.weights_only
+    ckpt = Path(ckpt_path if named else args.ckpt_path)
+    out = args.out or ckpt.resolve().parent.parent / f"adapter-{ckpt.stem}"
     bias = None if args.label_bias is None else read_label_bias(args.label_bias)
-    return export(args.ckpt_path, out, args.pretrained, args.merged, args.merged_dtype, args.weights_only,
-                  args.backend, args.trust_remote_code, bias)
+    return export(ckpt, out, model.pretrained, args.merged, args.merged_dtype, weights_only, model.backend,
+                  model.trust_remote_code, bias, tuple(args.gguf), args.hub_id)

@@ -189,6 +189,17 @@ def test_export_round_trip_adapter_and_merged_model(demo_run, tmp_path):
         main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out", str(out)])
 
 
+def filled_in(card: str, adapter: Path) -> str:
+    """The card's snippet with its two placeholders filled in as a user would: the adapter's
+    folder, and the tiny Llama's (a base without a Hub id)."""
+    from medqa.backends import resolve_pretrained
+
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "ADAPTER = 'YOUR_NAME/REPO'" in snippet and "BASE = 'PATH/TO/tiny-llama'" in snippet
+    return snippet.replace("ADAPTER = 'YOUR_NAME/REPO'", f"ADAPTER = {str(adapter)!r}").replace(
+        "BASE = 'PATH/TO/tiny-llama'", f"BASE = {resolve_pretrained('builtin:tiny-llama')!r}")
+
+
 @pytest.mark.slow
 def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path, capsys):
     """The card's transformers + peft snippet, run as written, gives `ask`'s probabilities;
@@ -201,12 +212,11 @@ def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path
     out = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama"])
     assert out == run / f"adapter-{best.stem}"  # the default: beside its run
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: builtin:tiny-llama\nlibrary_name: peft\n")
+    assert card.startswith("---\nlibrary_name: peft\n")  # base_model names a Hub id; the tiny Llama has none
     assert "| data | `synthetic`, task `pubmedqa`, dev fold `0`" in card and (out / "medqa_config.yaml").is_file()
     assert re.search(r"\| `test/macro_f1` \| \d\.\d{4} \| `test-\d+` \|", card)
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)  # as a user would paste it
+    exec(compile(filled_in(card, out), "README.md", "exec"), namespace)  # as a user would paste it
     question, sections = "Is the new drug safe for children?", [("", "Adverse events were rare in both arms.")]
     theirs = namespace["ask"](question, sections)
     ours = main(["ask", "--config", DEMO, "--ckpt_path", str(best), "--question", question,
@@ -222,8 +232,7 @@ def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path
     corrected = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--out",
                       str(tmp_path / "corrected"), "--label_bias", str(bias)])
     assert json.loads((corrected / "medqa_prompt.json").read_text())["label_bias"] == [0.0, 0.7, 2.5]
-    snippet = (corrected / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(filled_in((corrected / "README.md").read_text(), corrected), "README.md", "exec"), namespace)
     theirs = namespace["ask"](question, sections)
     ours = main(["ask", "--config", DEMO, "--config", str(bias), "--ckpt_path", str(best), "--question", question,
                  "--context", "Adverse events were rare in both arms."])
