@@ -189,22 +189,20 @@ def _name_base(config_file: Path, name: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _merged_module(checkpoint: dict[str, Any], settings: dict[str, Any], dtype: str) -> Any:
-    """The trained model on the transformers + peft backend, its base in `dtype`, ready to
-    merge: the weights the adapter was trained on, dequantized where it was trained on 4-bit."""
+def _trained_module(checkpoint: dict[str, Any], settings: dict[str, Any]) -> Any:
+    """The base with the checkpoint's adapter, built from `settings` (the user's base and backend,
+    the checkpoint's LoRA shape); refuses a checkpoint that does not fit, naming why."""
     from medqa.model import MedQALoRA
 
-    settings.update(backend="hf", load_in_4bit=False, dtype=dtype)
     module = MedQALoRA(**settings)
     module.configure_model()
-    module.on_load_checkpoint(checkpoint)  # refuses a checkpoint that does not fit, naming why
+    module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     return module
 
 
 def _export_merged(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer: Any, out: Path, dtype: str) -> None:
     from medqa.backends import resolve_backend, save_merged, saved_quantized
-    from medqa.model import MedQALoRA
 
     backend = resolve_backend(settings["backend"])
     if backend == "unsloth" and saved_quantized(settings["pretrained"], settings["trust_remote_code"]):
@@ -216,13 +214,8 @@ def _export_merged(checkpoint: dict[str, Any], settings: dict[str, Any], tokeniz
     if backend == "hf":
         # Merging into 4-bit weights would round the result to 4 bits again: merge into the
         # base in 16/32-bit (`dtype`) instead.
-        module = _merged_module(checkpoint, settings, dtype)
-    else:
-        module = MedQALoRA(**settings)
-        module.configure_model()
-        module.on_load_checkpoint(checkpoint)
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
-    save_merged(module.model, tokenizer, out, backend, dtype)
+        settings.update(backend="hf", load_in_4bit=False, dtype=dtype)
+    save_merged(_trained_module(checkpoint, settings).model, tokenizer, out, backend, dtype)
 
 
 def _export_gguf(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer: Any, out: Path, kinds: tuple[str, ...],
@@ -232,8 +225,8 @@ def _export_gguf(checkpoint: dict[str, Any], settings: dict[str, Any], tokenizer
     with an adapter_config.json as an adapter, even when told to read a GGUF file in it."""
     from medqa.gguf_out import modelfile, source_fields, write_gguf
 
-    module = _merged_module(checkpoint, settings, dtype)
-    merged = module.model.merge_and_unload()
+    settings.update(backend="hf", load_in_4bit=False, dtype=dtype)  # merged into 16/32-bit weights, as --merged
+    merged = _trained_module(checkpoint, settings).model.merge_and_unload()
     source = source_fields(settings["pretrained"])
     stem = Path(base["name"].split("/")[-1]).stem.removeprefix("builtin:")
     out.mkdir()

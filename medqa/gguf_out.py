@@ -107,14 +107,19 @@ def tokenizer_fields(tokenizer: Any, vocab_size: int, source: dict[str, Any]) ->
     listed = [tokens.get(i, f"[PAD{i}]") for i in range(count)]
     types = [kinds.get(i, int(TokenType.UNUSED)) for i in range(count)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"].get("merges", [])]
-    probe = tokenizer("a").input_ids
     fields = {"model": "gpt2", "pre": _pre_tokenizer(state, source), "tokens": listed, "types": types, "merges": merges,
-              "add_bos": bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id,
-              "chat_template": getattr(tokenizer, "chat_template", None)}
+              "add_bos": adds_bos(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
     for role in ("bos", "eos", "pad", "unk"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         fields[f"{role}_id"] = token_id if isinstance(token_id, int) and 0 <= token_id < count else None
     return fields
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS token before a text by itself (Llama 3's does,
+    SmolLM2's does not): llama.cpp then adds it too."""
+    probe = tokenizer("a").input_ids
+    return bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
 
 
 def source_fields(pretrained: str) -> dict[str, Any]:
@@ -251,8 +256,8 @@ def modelfile(gguf_name: str, tokenizer: Any, prompt: dict[str, Any]) -> str:
                               "TEMPLATE cannot be made from it")
     template = rendered.replace(marker_system, "{{ .System }}").replace(marker_user, "{{ .Prompt }}")
     bos = tokenizer.bos_token
-    if bos and template.startswith(bos):
-        template = template[len(bos):]  # llama.cpp adds the file's BOS token itself where the tokenizer does
+    if bos and adds_bos(tokenizer) and template.startswith(bos):
+        template = template[len(bos):]  # llama.cpp adds the file's BOS token itself, as the tokenizer did
     system = prompt["system_prompt"]
     stops = [t for t in {tokenizer.eos_token, getattr(tokenizer, "pad_token", None)} if t]
     lines = [f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(template)}", f"SYSTEM {_quoted(system)}",
