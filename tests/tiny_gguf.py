@@ -8,21 +8,15 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 from safetensors.torch import load_file
 
+from medqa.gguf_out import permuted  # llama.cpp's row order, as export writes it
 from medqa.tiny import tiny_llama
 
 LAYER_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                  "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down"}
-
-
-def permuted(weight: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's order of a query or key projection's rows (its `convert_hf_to_gguf.py`):
-    transformers' GGUF reader undoes it."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def write_tiny_gguf(path: Path, leave_out: tuple[str, ...] = (), cut: tuple[str, ...] = ()) -> Path:
