@@ -3,7 +3,10 @@ checkpoint, exported, then the same questions scored three ways through `python 
 predict`: the base with the adapter, and each GGUF file given as the base (no adapter).
 
     python benchmarks/gguf_agreement.py --config configs/smollm2.yaml --ckpt_path CKPT \\
-        --data ../shared/data/pubmedqa/ori_pqal.json --out OUT
+        --data ../shared/data/pubmedqa/ori_pqal.json --out OUT [--model.dtype float32 ...]
+
+Options it does not know itself (`--model.dtype float32`, `--trainer.accelerator gpu`) go to
+every `python -m medqa` command it runs, export included.
 
 Prints one table row a file: its size, the share of questions answered alike, the largest
 difference in a label probability, and accuracy / macro-F1 against the truth beside the
@@ -58,9 +61,9 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["f16", "q8_0"])
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", default="2")
-    args = parser.parse_args()
+    args, passed = parser.parse_known_args()
     common = ["--config", args.config, "--data.source", args.data, "--threads", args.threads,
-              "--trainer.logger.init_args.save_dir", str(args.out / "logs"), "--trainer.enable_progress_bar", "false"]
+              "--trainer.logger.init_args.save_dir", str(args.out / "logs"), "--trainer.enable_progress_bar", "false", *passed]
     seconds = {"export": medqa("export", *common, "--ckpt_path", args.ckpt_path, "--gguf", *args.types,
                                "--out", str(args.out / "export"))}
     seconds["adapter"] = medqa("predict", *common, "--ckpt_path", args.ckpt_path, "--data.predict_split", args.split,
