@@ -24,15 +24,32 @@ HiddenFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def answer_loss(hidden: Tensor, head: torch.nn.Module, loss_pos: Tensor, loss_targets: Tensor,
-                weight: Tensor | None = None) -> Tensor:
+                weight: Tensor | None = None, smoothing: float = 0.0, labels: Tensor | None = None,
+                decision_pos: Tensor | None = None) -> Tensor:
     """Mean next-token cross-entropy over the answer tokens, projecting only those positions.
 
     `loss_pos` indexes the flattened (batch * time) positions whose next token is an answer
     token, `loss_targets` holds those tokens; both come from `collate`, so selecting them
     needs no device-to-host sync (a boolean mask would). `weight`, one per example, makes it
     the weighted mean (each answer token weighs what its example does).
+
+    `smoothing` > 0 is label smoothing among the labels: where the next token is the decision
+    (a position of `decision_pos` whose target is one of `labels`, the label words' first
+    tokens), the target gives that share of its weight to the other labels' words, equally,
+    instead of keeping all of it on the gold one. Other answer tokens keep their one target.
     """
     logits = head(hidden.flatten(0, 1)[loss_pos]).float()
+    if smoothing:
+        nll = F.cross_entropy(logits, loss_targets, reduction="none")
+        label_nll = logits.logsumexp(-1, keepdim=True) - logits[:, labels]  # (answer tokens, labels)
+        gold = labels[None, :] == loss_targets[:, None]
+        others = (label_nll * ~gold).sum(-1) / (len(labels) - 1)
+        decision = torch.isin(loss_pos, decision_pos) & gold.any(-1)
+        nll = torch.where(decision, (1 - smoothing) * nll + smoothing * others, nll)
+        if weight is None:
+            return nll.mean()
+        w = weight.to(logits.device)[loss_pos // hidden.size(1)]
+        return (nll * w).sum() / w.sum()
     if weight is None:
         return F.cross_entropy(logits, loss_targets)
     w = weight.to(logits.device)[loss_pos // hidden.size(1)]

@@ -78,6 +78,9 @@ class MedQALoRA(Scoring, L.LightningModule):
             naming the step and the questions in the batch; `skip` leaves the batch out of its
             step (a step of no other batch changes nothing) and counts it (`train/skipped_batches`).
         lora_seed: Seed for the LoRA initialisation.
+        label_smoothing: In training, move this share of the decision word's target to the
+            other labels' words, equally (label smoothing among the labels, `medqa.metrics.
+            answer_loss`); 0 (the default): the gold word alone. Validation losses are unsmoothed.
         init_adapter: Start `fit` from this trained adapter (a medqa checkpoint or a PEFT
             folder) instead of a fresh one: a new run, with a fresh optimizer and schedule
             (the PubMedQA paper's PQA-A, then PQA-L). Its base and LoRA shape must be this run's.
@@ -120,6 +123,7 @@ class MedQALoRA(Scoring, L.LightningModule):
         trust_remote_code: bool = False,
         nonfinite: Literal["error", "skip"] = "error",
         lora_seed: int = 3407,
+        label_smoothing: float = 0.0,
         init_adapter: str | None = None,
         label_bias: list[float] | None = None,
         ensemble: str | None = None,
@@ -133,6 +137,7 @@ class MedQALoRA(Scoring, L.LightningModule):
             ("lora_r", lora_r, lora_r >= 1, "1 or more"), ("lora_alpha", lora_alpha, lora_alpha > 0, "above 0"),
             ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
             ("lora_layers", lora_layers, lora_layers is None or lora_layers >= 1, "1 or more (or null: every layer)"),
+            ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
             ("rationale_tokens", rationale_tokens, rationale_tokens >= 0, "0 or more"),
             ("memory_limit_gib", memory_limit_gib, memory_limit_gib is None or memory_limit_gib > 0, "above 0"),
             *((name, value, value in (True, False, "auto"), "true, false or auto") for name, value in
@@ -152,6 +157,7 @@ class MedQALoRA(Scoring, L.LightningModule):
         self._window = [0, 0]  # this optimizer step's batches: kept, skipped for a non-finite loss
         self._planned_steps: int | None = None  # this run's schedule length, set with the optimizer
         self.rationale_tokens, self.init_adapter = rationale_tokens, init_adapter
+        self.label_smoothing = label_smoothing
         # Adapter-only checkpoints: the frozen base is not in them, so loading is not strict.
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
@@ -252,21 +258,24 @@ class MedQALoRA(Scoring, L.LightningModule):
         out = decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
         return out[0]
 
-    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def _loss(self, batch: dict[str, Any], train: bool = False) -> tuple[Tensor, Tensor]:
         """(answer loss, last hidden states) of a batch; the hidden states are read only at the
-        answer tokens and where each label word is scored (`answer_pos` - 1)."""
+        answer tokens and where each label word is scored (`answer_pos` - 1). `train`: with
+        `label_smoothing`."""
         _, head = decoder_and_head(self.model)
         ids = batch["input_ids"]
         scored = torch.arange(ids.size(0), device=ids.device) * ids.size(1) + batch["answer_pos"].to(ids.device) - 1
         rows = torch.cat([batch["loss_pos"].to(ids.device), scored])
         hidden = self.hidden_states(ids, batch["attention_mask"], rows)
-        return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"], batch.get("weight")), hidden
+        smoothing = self.label_smoothing if train else 0.0
+        return answer_loss(hidden, head, batch["loss_pos"], batch["loss_targets"], batch.get("weight"), smoothing,
+                           self.label_first_ids, scored), hidden
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self._batch = batch  # for a retry after an out-of-memory error in backward
         while True:
             try:
-                loss, _ = self._loss(batch)
+                loss, _ = self._loss(batch, train=True)
                 break
             except torch.OutOfMemoryError as e:
                 error = str(e)  # handled outside the except: its traceback holds the activations
@@ -323,7 +332,7 @@ class MedQALoRA(Scoring, L.LightningModule):
             for p, grad in zip(params, before):
                 p.grad = grad
             self._out_of_memory(error)
-            loss = self._loss(self._batch)[0] * scale
+            loss = self._loss(self._batch, train=True)[0] * scale
 
     def _trainable_params(self) -> list[Tensor]:
         if self._trainable is None:  # once: the model has thousands of parameters to walk

@@ -105,3 +105,27 @@ def test_weighted_answer_loss_weighs_each_example_as_told(llama, tokenizer):
     torch.testing.assert_close(answer_loss(*args, batch["loss_targets"], weight), want)
     torch.testing.assert_close(answer_loss(*args, batch["loss_targets"], torch.ones(5)),
                                answer_loss(*args, batch["loss_targets"]))
+
+
+@torch.no_grad()
+def test_label_smoothing_moves_the_decision_targets_share_to_the_other_labels(llama, tokenizer):
+    batch = batch_of(tokenizer)
+    hidden = hidden_fn(llama)(batch["input_ids"], batch["attention_mask"])
+    labels = torch.tensor([ids[0] for ids in PromptFormat(tokenizer, "decision", 512).label_token_ids()])
+    t = hidden.size(1)
+    decision = torch.arange(len(batch["ids"])) * t + batch["answer_pos"] - 1
+    weight = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0])
+    # By hand: a soft target at each decision token (0.9 gold, 0.05 each other label), one-hot elsewhere.
+    logp = llama.lm_head(hidden.flatten(0, 1)[batch["loss_pos"]]).float().log_softmax(-1)
+    target = torch.nn.functional.one_hot(batch["loss_targets"], logp.size(-1)).float()
+    at = torch.isin(batch["loss_pos"], decision)
+    assert int(at.sum()) == len(batch["ids"]) and bool(torch.isin(batch["loss_targets"][at], labels).all())
+    for row in at.nonzero().flatten():
+        target[row, labels] = 0.05
+        target[row, batch["loss_targets"][row]] = 0.9
+    w = weight[batch["loss_pos"] // t]
+    want = ((-(target * logp).sum(-1)) * w).sum() / w.sum()
+    got = answer_loss(hidden, llama.lm_head, batch["loss_pos"], batch["loss_targets"], weight, 0.1, labels, decision)
+    torch.testing.assert_close(got, want)
+    plain = answer_loss(hidden, llama.lm_head, batch["loss_pos"], batch["loss_targets"], weight)
+    assert not torch.isclose(got, plain)
