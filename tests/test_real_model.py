@@ -1,7 +1,7 @@
 """What only a real model can check: SmolLM2-135M-Instruct (real weights, ChatML template)
 on real PQA-L questions. The prompt and label words are right under a real chat template,
-training moves the adapter, explanations are sentences, and the exported adapter, merged
-model and GGUF file answer as the checkpoint does."""
+training moves the adapter, explanations are sentences, and the exported adapter and GGUF
+file answer as the checkpoint does."""
 
 import json
 from pathlib import Path
@@ -102,7 +102,7 @@ def test_fit_moves_the_adapter_and_exports_answer_as_the_checkpoint(short_pqal, 
                     logs=tmp_path, pqal=short_pqal)  # all of it: predict refuses to write a partial answer set
     rows = {r["id"]: r for r in map(json.loads, (Path(predicted.trainer.log_dir) / "predictions.jsonl").open())}
     out = main(["export", "--ckpt_path", str(last), "--pretrained", SMOLLM2, "--out", str(tmp_path / "export"),
-                "--merged", "--merged_dtype", "float32", "--gguf", "f16"])
+                "--gguf", "f16"])  # the merged model as GGUF (test_export checks --merged on the tiny model)
     gguf = out / "gguf" / "smollm2-135m-instruct-medqa-pubmedqa-f16.gguf"
 
     dm = QADataModule(source=short_pqal, pretrained=SMOLLM2)
@@ -113,8 +113,7 @@ def test_fit_moves_the_adapter_and_exports_answer_as_the_checkpoint(short_pqal, 
     words = [ids[0] for ids in dm.answer_tokens["label_ids"]]
     base = AutoModelForCausalLM.from_pretrained(resolve_pretrained(SMOLLM2), dtype=torch.float32)
     from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    for model, close in ((PeftModel.from_pretrained(base, out), 2e-5), (AutoModelForCausalLM.from_pretrained(out / "merged"), 2e-5),
-                         (from_gguf, 1e-2)):  # the GGUF file's weights are float16
+    for model, close in ((PeftModel.from_pretrained(base, out), 2e-5), (from_gguf, 1e-2)):  # the GGUF's are float16
         with torch.no_grad():  # plain transformers: the whole forward, no medqa code
             logits = model.eval()(input_ids=batch["input_ids"]).logits
         probs = logits[torch.arange(len(dev)), batch["answer_pos"] - 1][:, words].float().softmax(-1)
