@@ -5,6 +5,10 @@ predict`: the base with the adapter, and each GGUF file given as the base (no ad
     python benchmarks/gguf_agreement.py --config configs/smollm2.yaml --ckpt_path CKPT \\
         --data ../shared/data/pubmedqa/ori_pqal.json --out OUT [--model.dtype float32 ...]
 
+With `--llama_cpp N` (llama-cpp-python installed), llama.cpp also reads each GGUF file and
+answers the first N test questions from the label words' logits, fed medqa's own token ids:
+the count that match medqa's answers from the same file, and the adapter's.
+
 Options it does not know itself (`--model.dtype float32`, `--trainer.accelerator gpu`) go to
 every `python -m medqa` command it runs, export included.
 
@@ -32,7 +36,10 @@ from medqa.compare import label_scores  # noqa: E402
 LABELS = ("yes", "no", "maybe")
 
 
-def medqa(*args: str) -> float:
+def medqa(*args: str, done: Path | None = None) -> float:
+    """Seconds `python -m medqa ARGS` took; NaN where `done` (what it writes) is already there."""
+    if done is not None and done.exists():
+        return float("nan")
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "medqa", *args], cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -52,36 +59,76 @@ def scores(answers: dict[str, dict]) -> tuple[float, float]:
     return float(measured["acc"]), float(measured["macro_f1"])
 
 
+def llama_cpp_answers(path: Path, data: str, n: int, threads: int) -> dict[str, str]:
+    """llama.cpp's answers to the first `n` test questions, as medqa tokenizes them."""
+    import llama_cpp
+
+    from medqa.data import QADataModule
+
+    dm = QADataModule(source=data, pretrained=str(path))
+    dm.setup("test")
+    words = [ids[0] for ids in dm.answer_tokens["label_ids"]]
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=threads)
+    answers = {}
+    for example in dm.examples["test"][:n]:
+        prompt = list(example.input_ids[: example.answer_pos])
+        llm.reset()
+        llm.eval(prompt)
+        scores = np.asarray(llm.scores[len(prompt) - 1])[words]
+        answers[example.id] = LABELS[int(scores.argmax())]
+    return answers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, action="append", help="once or more, as medqa takes it")
     parser.add_argument("--ckpt_path", required=True)
     parser.add_argument("--data", required=True, help="ori_pqal.json (or any --data.source)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--types", nargs="+", default=["f16", "q8_0"])
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", default="2")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep what an earlier run into --out wrote (its export and answers): seconds show nan")
+    parser.add_argument("--llama_cpp", type=int, default=0, help="questions llama.cpp answers from each file")
     args, passed = parser.parse_known_args()
-    common = ["--config", args.config, "--data.source", args.data, "--threads", args.threads,
+    common = [*(f for c in args.config for f in ("--config", c)), "--data.source", args.data, "--threads", args.threads,
               "--trainer.logger.init_args.save_dir", str(args.out / "logs"), "--trainer.enable_progress_bar", "false", *passed]
+
+    def reuse(written: Path) -> Path | None:
+        return written if args.reuse else None
+
     seconds = {"export": medqa("export", *common, "--ckpt_path", args.ckpt_path, "--gguf", *args.types,
-                               "--out", str(args.out / "export"))}
+                               "--out", str(args.out / "export"), done=reuse(args.out / "export"))}
     seconds["adapter"] = medqa("predict", *common, "--ckpt_path", args.ckpt_path, "--data.predict_split", args.split,
-                               "--predictions.output_dir", str(args.out / "adapter"))
+                               "--predictions.output_dir", str(args.out / "adapter"),
+                               done=reuse(args.out / "adapter" / "predictions.jsonl"))
     ours = rows(args.out / "adapter")
     acc, f1 = scores(ours)
     table = ["| scored with | size (MB) | same answer | largest probability gap | accuracy | macro-F1 | seconds |",
              "|---|---|---|---|---|---|---|",
              f"| the adapter on its base | - | - | - | {acc:.3f} | {f1:.3f} | {seconds['adapter']:.0f} |"]
+    llama = []
     for path in sorted((args.out / "export" / "gguf").glob("*.gguf")):
         took = medqa("predict", *common, "--model.pretrained", str(path), "--data.predict_split", args.split,
-                     "--predictions.output_dir", str(args.out / path.stem))
+                     "--predictions.output_dir", str(args.out / path.stem),
+                     done=reuse(args.out / path.stem / "predictions.jsonl"))
         theirs = rows(args.out / path.stem)
         same = sum(theirs[i]["label"] == ours[i]["label"] for i in ours)
         gap = max(abs(theirs[i][f"p_{w}"] - ours[i][f"p_{w}"]) for i in ours for w in LABELS)
         acc, f1 = scores(theirs)
         table.append(f"| {path.name} | {path.stat().st_size / 1e6:.1f} | {same}/{len(ours)} ({same / len(ours):.1%}) "
                      f"| {gap:.4f} | {acc:.3f} | {f1:.3f} | {took:.0f} |")
+        if args.llama_cpp:
+            began = time.perf_counter()
+            said = llama_cpp_answers(path, args.data, args.llama_cpp, int(args.threads))
+            took = time.perf_counter() - began
+            alike = sum(said[i] == theirs[i]["label"] for i in said)
+            as_adapter = sum(said[i] == ours[i]["label"] for i in said)
+            llama.append(f"| {path.name} | {len(said)} | {alike}/{len(said)} | {as_adapter}/{len(said)} | {took:.0f} |")
+    if llama:
+        table += ["", "| llama.cpp reading | questions | same answer as medqa reading the file | as the adapter | seconds |",
+                  "|---|---|---|---|---|", *llama]
     print("\n".join(table))
     print(f"\nexport --gguf {' '.join(args.types)}: {seconds['export']:.0f} s")
     (args.out / "gguf_agreement.md").write_text("\n".join(table) + "\n")
