@@ -1,3 +1,4 @@
+import re
 from collections import Counter
 
 import pytest
@@ -248,3 +249,13 @@ def test_the_hf_backend_trains_in_4bit_on_the_cpu_and_takes_a_16bit_checkpoint(m
     with torch.no_grad():
         logp = four._forward(batch)[1]
     assert logp.shape == (4, 3) and torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("setting, value, expected", [("label_smoothing", 1.0, "in [0, 1)"),
+                                                       ("label_smoothing", -0.1, "in [0, 1)"),
+                                                       ("lora_dropout", 1.0, "in [0, 1)"), ("lora_layers", 0, "1 or more (or null: every layer)")])
+def test_out_of_range_settings_are_refused_naming_the_option(setting, value, expected):
+    from medqa.model import SettingsError
+
+    with pytest.raises(SettingsError, match=rf"--model\.{setting} must be {re.escape(expected)}, got {value}"):
+        MedQALoRA(pretrained="builtin:tiny-llama", answer_tokens=answers(), **{setting: value})
