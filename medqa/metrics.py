@@ -39,21 +39,19 @@ def answer_loss(hidden: Tensor, head: torch.nn.Module, loss_pos: Tensor, loss_ta
     instead of keeping all of it on the gold one. Other answer tokens keep their one target.
     """
     logits = head(hidden.flatten(0, 1)[loss_pos]).float()
+    if weight is None and not smoothing:
+        return F.cross_entropy(logits, loss_targets)
+    nll = F.cross_entropy(logits, loss_targets, reduction="none")
     if smoothing:
-        nll = F.cross_entropy(logits, loss_targets, reduction="none")
         label_nll = logits.logsumexp(-1, keepdim=True) - logits[:, labels]  # (answer tokens, labels)
         gold = labels[None, :] == loss_targets[:, None]
         others = (label_nll * ~gold).sum(-1) / (len(labels) - 1)
         decision = torch.isin(loss_pos, decision_pos) & gold.any(-1)
         nll = torch.where(decision, (1 - smoothing) * nll + smoothing * others, nll)
-        if weight is None:
-            return nll.mean()
-        w = weight.to(logits.device)[loss_pos // hidden.size(1)]
-        return (nll * w).sum() / w.sum()
     if weight is None:
-        return F.cross_entropy(logits, loss_targets)
+        return nll.mean()
     w = weight.to(logits.device)[loss_pos // hidden.size(1)]
-    return (F.cross_entropy(logits, loss_targets, reduction="none") * w).sum() / w.sum()
+    return (nll * w).sum() / w.sum()
 
 
 def _rows(hidden: Tensor, pos: Tensor) -> Tensor:
