@@ -36,9 +36,9 @@ from medqa.compare import label_scores  # noqa: E402
 LABELS = ("yes", "no", "maybe")
 
 
-def medqa(*args: str, done: Path | None = None) -> float:
-    """Seconds `python -m medqa ARGS` took; NaN where `done` (what it writes) is already there."""
-    if done is not None and done.exists():
+def medqa(*args: str, written: Path | None = None) -> float:
+    """Seconds `python -m medqa ARGS` took; NaN where `written` (what it writes) is already there."""
+    if written is not None and written.exists():
         return float("nan")
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "medqa", *args], cwd=ROOT, capture_output=True, text=True)
@@ -99,10 +99,10 @@ def main() -> None:
         return written if args.reuse else None
 
     seconds = {"export": medqa("export", *common, "--ckpt_path", args.ckpt_path, "--gguf", *args.types,
-                               "--out", str(args.out / "export"), done=reuse(args.out / "export"))}
+                               "--out", str(args.out / "export"), written=reuse(args.out / "export"))}
     seconds["adapter"] = medqa("predict", *common, "--ckpt_path", args.ckpt_path, "--data.predict_split", args.split,
                                "--predictions.output_dir", str(args.out / "adapter"),
-                               done=reuse(args.out / "adapter" / "predictions.jsonl"))
+                               written=reuse(args.out / "adapter" / "predictions.jsonl"))
     ours = rows(args.out / "adapter")
     acc, f1 = scores(ours)
     table = ["| scored with | size (MB) | same answer | largest probability gap | accuracy | macro-F1 | seconds |",
@@ -112,7 +112,7 @@ def main() -> None:
     for path in sorted((args.out / "export" / "gguf").glob("*.gguf")):
         took = medqa("predict", *common, "--model.pretrained", str(path), "--data.predict_split", args.split,
                      "--predictions.output_dir", str(args.out / path.stem),
-                     done=reuse(args.out / path.stem / "predictions.jsonl"))
+                     written=reuse(args.out / path.stem / "predictions.jsonl"))
         theirs = rows(args.out / path.stem)
         same = sum(theirs[i]["label"] == ours[i]["label"] for i in ours)
         gap = max(abs(theirs[i][f"p_{w}"] - ours[i][f"p_{w}"]) for i in ours for w in LABELS)
