@@ -143,7 +143,8 @@ def run_medqa(args) -> dict:
     model = MedQALoRA(pretrained=args.model, backend="unsloth", load_in_4bit=True, max_length=args.max_length,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"], gradient_checkpointing=CHECKPOINTING[args.medqa_checkpointing],
-                      memory_limit_gib=args.medqa_memory_limit_gib, answer_tokens=dm.answer_tokens, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
+                      memory_limit_gib=args.medqa_memory_limit_gib, load_in_fp8=args.medqa_fp8,
+                      answer_tokens=dm.answer_tokens, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))
     trainer = bench_trainer(args.precision, n, timer)
     trainer.fit(model, datamodule=dm)
     if timer.timed != args.steps:
@@ -350,7 +351,7 @@ def split_path(spec: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 PATH_SETTINGS = ("batch_size", "medqa_checkpointing", "medqa_bucket_batches", "medqa_memory_limit_gib",
-                 "unsloth_checkpointing", "max_length")
+                 "medqa_fp8", "unsloth_checkpointing", "max_length")
 """The settings a path may carry after `@` (each a command-line option of this script)."""
 
 
@@ -374,6 +375,9 @@ def main() -> None:
                         help="the medqa path's --model.gradient_checkpointing (true: as Unsloth alone's recipe)")
     parser.add_argument("--medqa_memory_limit_gib", type=float, default=None,
                         help="the medqa path's --model.memory_limit_gib (plans and holds to that much of the card)")
+    parser.add_argument("--medqa_fp8", type=lambda v: {"true": True, "false": False}.get(v, v),
+                        choices=[True, False, "auto"], default=False,
+                        help="the medqa path's --model.load_in_fp8 (the frozen base's products in FP8)")
     parser.add_argument("--unsloth_checkpointing", choices=sorted(UNSLOTH_CHECKPOINTING), default="unsloth",
                         help="Unsloth alone's use_gradient_checkpointing (unsloth: its default, offloaded)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.md"))

@@ -15,12 +15,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from medqa.backends import Backend, decoder_and_head, keep_activations, load
+from medqa.backends import Backend, decoder_and_head, load
 from medqa.lora import LoraSettings
 from medqa.checkpoints import CheckpointError, base_fingerprint, misfits, starting_weights
 from medqa.dequantize import keep_dequantized
+from medqa.fp8 import choose as choose_fp8, use_fp8
 from medqa.memory_cpu import ReturnFreedMemory
-from medqa.memory import MicroBatch, Plan, TrainingOutOfMemory, fallback, first_plan, limit_memory
+from medqa.memory import MicroBatch, Plan, limit_memory
+from medqa.plans import PlannedMemory
 from medqa.frozen import FrozenLayers, frozen_layers
 from medqa.metrics import StageScores, answer_loss, write_hparams
 from medqa.schedules import WarmupCosine
@@ -37,7 +39,7 @@ class CheckpointMismatch(RuntimeError):
     """A checkpoint whose adapter does not fit the model built for this run."""
 
 
-class MedQALoRA(Scoring, L.LightningModule):
+class MedQALoRA(Scoring, PlannedMemory, L.LightningModule):
     """LoRA fine-tuning of a (4-bit) Llama for yes/no/maybe answers.
 
     Args:
@@ -47,6 +49,10 @@ class MedQALoRA(Scoring, L.LightningModule):
         keep_dequantized: Dequantize a 4-bit base once and keep it in `dtype`: the same values,
             no dequantization in each step, 2 bytes a weight. `auto`: in `fit`, where the card
             still keeps every layer's activations with it (`medqa.dequantize`).
+        load_in_fp8: Compute the frozen base's linear layers in FP8 (e4m3, row-wise scales,
+            quantized once after loading), on cards with FP8 tensor cores (compute capability
+            8.9+); refused elsewhere. `auto`: on where FP8 training was measured faster on that
+            card (`medqa.fp8`), off elsewhere. The LoRA weights stay in `dtype`.
         dtype: The base's dtype, on a GPU or the CPU: `auto` (bfloat16 on a GPU, and on a CPU
             whose bf16 units a probe confirms; float32 on other CPUs), bfloat16 (float16 on cards
             without bf16), float32.
@@ -108,6 +114,7 @@ class MedQALoRA(Scoring, L.LightningModule):
         backend: Backend = "auto",
         load_in_4bit: bool = True,
         keep_dequantized: bool | Literal["auto"] = "auto",
+        load_in_fp8: bool | Literal["auto"] = "auto",
         dtype: str = "auto",
         max_length: int = 1024,
         lora_r: int = 16,
@@ -142,13 +149,14 @@ class MedQALoRA(Scoring, L.LightningModule):
             ("memory_limit_gib", memory_limit_gib, memory_limit_gib is None or memory_limit_gib > 0, "above 0"),
             *((name, value, value in (True, False, "auto"), "true, false or auto") for name, value in
               (("gradient_checkpointing", gradient_checkpointing), ("keep_dequantized", keep_dequantized),
-               ("cache_frozen", cache_frozen))),
+               ("cache_frozen", cache_frozen), ("load_in_fp8", load_in_fp8))),
         ):
             if not ok:
                 raise SettingsError(f"--model.{name} must be {expected}, got {value}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained, self.backend, self.load_in_4bit, self.dtype_name = pretrained, backend, load_in_4bit, dtype
         self.max_length, self.keep_dequantized, self.cache_frozen = max_length, keep_dequantized, cache_frozen
+        self.load_in_fp8 = load_in_fp8
         self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, target_modules, use_rslora, lora_layers)
         self.gradient_checkpointing, self.trust_remote_code, self.lora_seed = gradient_checkpointing, trust_remote_code, lora_seed
         self.memory_limit_gib, self._limit_bytes, self.grow_micro_batch = memory_limit_gib, None, grow_micro_batch
@@ -188,6 +196,9 @@ class MedQALoRA(Scoring, L.LightningModule):
         if self.model is not None:
             return
         self._limit_bytes = limit_memory(self.memory_limit_gib)  # before loading: the weights count too
+        # Where the base will be (backends.load puts it on this process's GPU where there is one),
+        # so a refusal comes before the load.
+        fp8, why = choose_fp8(self.load_in_fp8, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         model, backend = load(self.backend, self.pretrained, self.max_length, self.load_in_4bit, self.dtype_name,
                               self.lora, self.gradient_checkpointing is not False, self.lora_seed, self.trust_remote_code)
         self.model, self.resolved_backend = model, backend
@@ -197,47 +208,16 @@ class MedQALoRA(Scoring, L.LightningModule):
                        f"LoRA r={self.lora.r}: {trainable:,} trainable of {total:,} parameters.")
         if self.keep_dequantized is True:
             keep_dequantized(model, "--model.keep_dequantized true")
+        decoder, _ = decoder_and_head(model)
+        if fp8:
+            use_fp8(decoder, decoder.embed_tokens.weight.dtype, why)
+        elif why:
+            rank_zero_info(why)
         self.frozen = frozen_layers(model, self.lora, self.cache_frozen, backend)
 
     def configure_callbacks(self) -> list[L.Callback]:
         callbacks = [MicroBatch()] if self.gradient_checkpointing == "auto" and self.grow_micro_batch else []
         return [*callbacks, ReturnFreedMemory()]  # active where the trainer runs on the CPU
-
-    def _use_plan(self, plan: Plan) -> None:
-        keep_activations(self.model, plan.kept_layers())
-        self.plan = plan
-        rank_zero_info(plan.describe())
-
-    def _next_plan(self) -> Plan | None:
-        """The plan an out-of-memory error steps down to; None where there is none to take
-        (not `auto`, every layer recomputed already, or DDP)."""
-        return fallback(self.plan) if self.plan is not None and self.trainer.world_size == 1 else None
-
-    def _out_of_memory(self, error: str) -> None:
-        """Step down to the next `auto` plan after an out-of-memory error in training, or end
-        the run saying what to change."""
-        nxt = self._next_plan()
-        where = f"step {self.global_step}"
-        if nxt is None:
-            why = ("with every layer's activations recomputed" if self.plan is not None and self.plan.kept == 0
-                   else "under DDP, where the processes cannot change plan together" if self.plan is not None
-                   else f"with --model.gradient_checkpointing {str(self.gradient_checkpointing).lower()}")
-            raise TrainingOutOfMemory(
-                f"out of GPU memory at {where} {why}: lower --data.batch_size (and raise "
-                f"--trainer.accumulate_grad_batches to keep the step's questions) or --data.max_length"
-                + ("" if self.gradient_checkpointing is not False else ", or pass --model.gradient_checkpointing auto")
-                + f" ({error.splitlines()[0][:200]})"
-            )
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        rank_zero_info(f"Out of GPU memory at {where} with {self.plan.name()}; retrying the batch with {nxt.name()}.")
-        self._use_plan(nxt)
-
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.gradient_checkpointing == "auto" and self.plan is None:
-            # The first training batch says how long the data's longest batch can be.
-            self._use_plan(first_plan(self.model, self.resolved_backend, self.dtype_name, batch["longest_batch_tokens"],
-                                      self._limit_bytes, dequantize=self.keep_dequantized == "auto"))
 
     # ------------------------------------------------------------------ steps
 
@@ -313,26 +293,6 @@ class MedQALoRA(Scoring, L.LightningModule):
         if skipped and not kept:
             for p in self._trainable_params():
                 p.grad = None
-
-    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        scale = None
-        while True:
-            # A backward that fails half-way has added to some gradients: keep the ones the
-            # earlier batches of this step accumulated (LoRA's, small) to put back before a retry.
-            params = self._trainable_params() if self._next_plan() is not None else []
-            before = [None if p.grad is None else p.grad.clone() for p in params]
-            try:
-                loss.backward(*args, **kwargs)
-                return
-            except torch.OutOfMemoryError as e:
-                error = str(e)
-            if scale is None:  # what Lightning did to the step's loss (1 / accumulated batches, a loss scale)
-                scale = loss.detach() / self._step_loss
-            del loss
-            for p, grad in zip(params, before):
-                p.grad = grad
-            self._out_of_memory(error)
-            loss = self._loss(self._batch, train=True)[0] * scale
 
     def _trainable_params(self) -> list[Tensor]:
         if self._trainable is None:  # once: the model has thousands of parameters to walk
