@@ -138,11 +138,14 @@ def _fits(layer: Any) -> bool:
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
 
 
-def to_fp8(decoder: Any, compute_dtype: torch.dtype) -> tuple[int, int, int]:
+def to_fp8(decoder: Any, compute_dtype: torch.dtype) -> tuple[int, int, int, int]:
     """Replace the frozen linear layers of `decoder` (4-bit ones dequantized first) by
-    `Fp8Linear`s. Returns (layers replaced, bytes of their weights before, after)."""
+    `Fp8Linear`s. Returns (layers replaced, layers left as they were for their sizes, bytes
+    of the replaced weights before, after)."""
     replaced = before = after = 0
-    layers = [entry for entry in _frozen_linears(decoder) if _fits(entry[2])]
+    frozen = _frozen_linears(decoder)
+    layers = [entry for entry in frozen if _fits(entry[2])]
+    left = len(frozen) - len(layers)
     while layers:
         parent, name, child = layers.pop()  # out of the list: the old weight is freed once replaced
         weight = child.weight
@@ -161,11 +164,12 @@ def to_fp8(decoder: Any, compute_dtype: torch.dtype) -> tuple[int, int, int]:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return replaced, before, after
+    return replaced, left, before, after
 
 
 def use_fp8(decoder: Any, compute_dtype: torch.dtype, why: str) -> None:
     """`to_fp8`, said once."""
-    replaced, before, after = to_fp8(decoder, compute_dtype)
+    replaced, left, before, after = to_fp8(decoder, compute_dtype)
     rank_zero_info(f"The base's {replaced} frozen linear layers compute in FP8 ({why}): e4m3 with row-wise scales, "
-                   f"{after / 2**20:,.0f} MiB where they held {before / 2**20:,.0f} MiB.")
+                   f"{after / 2**20:,.0f} MiB where they held {before / 2**20:,.0f} MiB"
+                   + (f"; {left} stay as they were (sizes not multiples of 16, which FP8 products need)." if left else "."))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medqa.backends import decoder_and_head
-from medqa.fp8 import FP8_MAX, Fp8Linear, Fp8Unavailable, choose, quantize_rows, to_fp8
+from medqa.fp8 import FP8_MAX, MEASURED_FASTER, Fp8Linear, Fp8Unavailable, choose, quantize_rows, to_fp8
 
 import inprocess
 from test_model import tiny_module
@@ -54,9 +54,9 @@ def test_the_tiny_models_base_in_fp8_keeps_its_answers_and_trains_its_lora(medqa
     with torch.no_grad():
         before = head(decoder(input_ids=ids, use_cache=False)[0]).log_softmax(-1)
     trainable = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    replaced, was, now = to_fp8(decoder, torch.float32)
+    replaced, left, was, now = to_fp8(decoder, torch.float32)
     layers = decoder.layers
-    assert replaced == 7 * len(layers)  # q, k, v, o, gate, up, down in every layer: each a LoRA layer's base
+    assert (replaced, left) == (7 * len(layers), 0)  # q, k, v, o, gate, up, down in every layer: LoRA's bases
     assert all(isinstance(layer.self_attn.q_proj.base_layer, Fp8Linear) for layer in layers)
     assert now < was / 3  # one byte a weight (plus a scale a row) where float32 held four
     # LoRA's own weights are untouched and still the only trainable ones.
@@ -84,7 +84,7 @@ def test_true_is_refused_in_one_line_where_nothing_computes_in_fp8(medqa_cache, 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert choose(True, torch.device("cuda")) == (True, "--model.load_in_fp8 true")
     fp8, why = choose("auto", torch.device("cuda"))
-    assert fp8 == any(card in "NVIDIA H100 80GB HBM3" for card in __import__("medqa.fp8").fp8.MEASURED_FASTER)
+    assert fp8 == any(card in "NVIDIA H100 80GB HBM3" for card in MEASURED_FASTER)
     assert "H100" in why
 
 
@@ -94,3 +94,12 @@ def test_the_cli_refuses_fp8_on_the_cpu_before_loading(medqa_cache):
     assert done.stderr.strip().splitlines()[-1] == (
         "medqa fit: error: --model.load_in_fp8 true: the CPU has no FP8 units (the products would be emulated, "
         "far slower); pass false (or auto)")
+
+
+def test_layers_fp8_cannot_multiply_stay_as_they_were_and_are_counted():
+    stack = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(48, 20, bias=False),
+                                torch.nn.Linear(20, 16))  # 20 wide: not a multiple of 16; the last has a bias
+    stack.requires_grad_(False)
+    replaced, left, _, _ = to_fp8(stack, torch.float32)
+    assert (replaced, left) == (1, 1)
+    assert [type(m).__name__ for m in stack] == ["Fp8Linear", "Linear", "Linear"]
