@@ -52,13 +52,13 @@ def why_not(device: torch.device) -> str | None:
 
 def choose(setting: bool | str, device: torch.device) -> tuple[bool, str]:
     """Whether this run computes the base in FP8, and why, for `--model.load_in_fp8` = `setting`."""
+    if setting is False:  # nothing to ask the device
+        return False, ""
     reason = why_not(device)
     if setting is True:
         if reason:
             raise Fp8Unavailable(f"--model.load_in_fp8 true: {reason}; pass false (or auto)")
         return True, "--model.load_in_fp8 true"
-    if setting is False:
-        return False, ""
     if reason:  # said only where a card is there to be asked about: on a CPU nobody expects FP8
         return False, f"--model.load_in_fp8 auto: off, as {reason}" if device.type == "cuda" else ""
     name = torch.cuda.get_device_name(device)
