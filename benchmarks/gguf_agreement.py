@@ -59,18 +59,19 @@ def scores(answers: dict[str, dict]) -> tuple[float, float]:
     return float(measured["acc"]), float(measured["macro_f1"])
 
 
-def llama_cpp_answers(path: Path, data: str, n: int, threads: int) -> dict[str, str]:
-    """llama.cpp's answers to the first `n` test questions, as medqa tokenizes them."""
+def llama_cpp_answers(path: Path, options: list[str], split: str, n: int, threads: int) -> dict[str, str]:
+    """llama.cpp's answers to the first `n` questions of `split`, tokenized as medqa's predict
+    with `options` (the configs and --data.* settings) tokenizes them for this file."""
     import llama_cpp
 
-    from medqa.data import QADataModule
+    from medqa.cli import cli_for
 
-    dm = QADataModule(source=data, pretrained=str(path))
-    dm.setup("test")
+    dm = cli_for("predict", [*options, "--model.pretrained", str(path), "--data.predict_split", split])[0].datamodule
+    dm.setup("predict")
     words = [ids[0] for ids in dm.answer_tokens["label_ids"]]
     llm = llama_cpp.Llama(str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=threads)
     answers = {}
-    for example in dm.examples["test"][:n]:
+    for example in dm.examples[dm.predict_split][:n]:
         prompt = list(example.input_ids[: example.answer_pos])
         llm.reset()
         llm.eval(prompt)
@@ -121,7 +122,7 @@ def main() -> None:
                      f"| {gap:.4f} | {acc:.3f} | {f1:.3f} | {took:.0f} |")
         if args.llama_cpp:
             began = time.perf_counter()
-            said = llama_cpp_answers(path, args.data, args.llama_cpp, int(args.threads))
+            said = llama_cpp_answers(path, common, args.split, args.llama_cpp, int(args.threads))
             took = time.perf_counter() - began
             alike = sum(said[i] == theirs[i]["label"] for i in said)
             as_adapter = sum(said[i] == ours[i]["label"] for i in said)

@@ -176,9 +176,14 @@ def model_card(checkpoint: dict[str, Any], ckpt: Path, base: dict[str, Any], pro
     return "\n".join(lines)
 
 
+def ollama_name(prompt: dict[str, Any]) -> str:
+    """The name the card and `export`'s message give the Ollama model, quoted for a shell."""
+    return shlex.quote(f"medqa-{text(prompt['task'])}")
+
+
 def _gguf_section(ggufs: list[str] | tuple[str, ...], prompt: dict[str, Any]) -> list[str]:
     """How to run the GGUF files in `gguf/`: llama.cpp, Ollama, and medqa itself."""
-    first, name = Path(ggufs[0]).name, shlex.quote(f"medqa-{text(prompt['task'])}")
+    first, name = Path(ggufs[0]).name, ollama_name(prompt)
     asked = f"Abstract:\nRESULTS: ...\n\nQuestion: ...\n{text(prompt['instruction'])}"
     return [
         "## Run it with llama.cpp or Ollama", "",

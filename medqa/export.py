@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medqa import hints, prompts
-from medqa.card import model_card
+from medqa.card import model_card, ollama_name
 from medqa.priors import read_label_bias
 from medqa.records import DataError
 from medqa.results import write_json
@@ -170,7 +170,7 @@ def export(ckpt_path: Path, out: Path, pretrained: str, merged: bool = False, me
         print(f"Wrote the merged {merged_dtype or 'bfloat16'} model to {out / 'merged'}")
     for name in written:
         print(f"Wrote {out / name}" + (" and an Ollama Modelfile beside it (FROM the first GGUF file): "
-                                       f"cd {hints.quote(str(out / 'gguf'))} && ollama create medqa -f Modelfile"
+                                       f"cd {hints.quote(str(out / 'gguf'))} && ollama create {ollama_name(prompt)} -f Modelfile"
                                        if name == written[0] else ""))
     print(f"Share it on the Hugging Face Hub: {hints.tool('hf')} auth login, then "
           f"{hints.tool('hf')} upload {hub_id or 'YOUR_NAME/REPO'} {hints.quote(str(out))} ."

@@ -126,6 +126,8 @@ def test_the_card_names_no_path_of_this_machine_and_its_snippet_runs_elsewhere(e
     assert f"ADAPTER = '{HUB_ID}'" in card and f"hf upload {HUB_ID} ." in card and "BASE = 'PATH/TO/tiny-llama'" in card
     assert json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"] == "builtin:tiny-llama"
     assert "ollama create" in card and "gguf/tiny-llama-medqa-pubmedqa-f16.gguf" in card
+    said = re.search(r"ollama create (\S+) -f Modelfile", done.stdout)  # export's message and the card: one name
+    assert said is not None and said.group(1) == re.search(r"ollama create (\S+) -f Modelfile", card).group(1)
 
     # As a user would: the snippet with its two placeholders filled in, the adapter from the copy.
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
