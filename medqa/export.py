@@ -251,6 +251,7 @@ def renamed(arg: str) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     from medqa.cli import cli_for
+    from medqa.model import SettingsError
 
     parser = argparse.ArgumentParser(
         prog="python -m medqa export", description=__doc__.split("\n\n")[0],
@@ -284,6 +285,16 @@ def main(argv: list[str] | None = None) -> Path:
     model, weights_only = cli.model, cli.config.predict.weights_only
     ckpt = Path(ckpt_path if named else args.ckpt_path)
     out = args.out or ckpt.resolve().parent.parent / f"adapter-{ckpt.stem}"
+    if model.ensemble_dir is not None:
+        raise CheckpointError(f"--model.ensemble {model.ensemble_dir}: export writes one adapter and an ensemble is "
+                              "cv's ten; export one fold's best checkpoint (--ckpt_path CV_DIR/foldK/fit-0/checkpoints/"
+                              "best-....ckpt), and score the ensemble with test, predict or ask")
+    # The correction a user scores with (`--config label_bias.yaml`) ships as they scored; `--label_bias FILE` likewise
+    configured = model.hparams.get("label_bias")
     bias = None if args.label_bias is None else read_label_bias(args.label_bias)
+    if bias is not None and configured is not None and [float(x) for x in configured] != bias:
+        raise SettingsError(f"--label_bias {args.label_bias} gives {bias} and the settings give --model.label_bias "
+                            f"{list(configured)}: name one")
+    bias = bias if bias is not None else None if configured is None else [float(x) for x in configured]
     return export(ckpt, out, model.pretrained, args.merged, args.merged_dtype, weights_only, model.backend,
                   model.trust_remote_code, bias, tuple(args.gguf), args.hub_id)

@@ -240,6 +240,19 @@ def test_the_exported_model_card_snippet_scores_as_medqa_does(demo_run, tmp_path
     assert all(abs(theirs[w] - ours[f"p_{w}"]) < 1e-5 for w in ("yes", "no", "maybe")), (theirs, ours)
     assert ours["p_maybe"] > plain["p_maybe"] and ours["p_yes"] < plain["p_yes"]  # moved as the bias says
 
+    # The bias in the settings (`--config label_bias.yaml`, as test and ask took it) ships too; two that differ are refused.
+    configured = main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--config", str(bias),
+                       "--out", str(tmp_path / "configured")])
+    assert json.loads((configured / "medqa_prompt.json").read_text())["label_bias"] == [0.0, 0.7, 2.5]
+    other = tmp_path / "other_bias.yaml"
+    other.write_text("model:\n  label_bias: [0.0, 0.0, 1.0]\n")
+    from medqa.model import SettingsError
+
+    with pytest.raises(SettingsError, match="name one"):
+        main(["export", "--ckpt_path", str(best), "--pretrained", "builtin:tiny-llama", "--config", str(bias),
+              "--label_bias", str(other), "--out", str(tmp_path / "both")])
+    assert not (tmp_path / "both").exists()
+
 
 def test_export_knows_a_base_saved_in_4bit_from_its_config(tmp_path):
     # `export --merged` sends such a base to the transformers merge (Unsloth's refuses it).

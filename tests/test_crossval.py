@@ -114,6 +114,31 @@ def test_an_ensemble_of_the_folds_averages_their_probabilities(cv_run, tmp_path)
     for row in rows:
         assert all(abs(row[f"p_{w}"] - p) < 1e-5 for w, p in zip(("yes", "no", "maybe"), ours[row["id"]])), (row, ours[row["id"]])
 
+    # ask and test apply the same ensemble: ask's answer to a dev question, test's accuracy.
+    from medqa.cli import main
+    from medqa.tasks.pubmedqa import official_split, synthetic_records
+
+    record = next(r for r in official_split(synthetic_records())["dev"] if r.id == rows[0]["id"])
+    question = tmp_path / "question.json"
+    question.write_text(json.dumps({"question": record.question,
+                                    "context": {"contexts": record.contexts, "labels": record.context_labels}}))
+    asked = main(["ask", *options, "--model.ensemble", str(cv_dir), "--record", str(question)])
+    predicted = main(["predict", *options, "--model.ensemble", str(cv_dir), "--data.predict_split", "test"])
+    tested = main(["test", *options, "--model.ensemble", str(cv_dir)])
+    test_rows = [json.loads(line) for line in (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    correct = sum(r["label"] == r["truth"] for r in test_rows) / len(test_rows)
+    assert correct == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]), abs=1e-6)
+    plain = main(["ask", *options, "--ckpt_path", str(find_checkpoint(cv_dir / "fold0", "best")),
+                  "--record", str(question)])
+    assert all(abs(asked[f"p_{w}"] - p) < 1e-4 for w, p in zip(("yes", "no", "maybe"), ours[record.id]))
+    assert any(abs(asked[f"p_{w}"] - plain[f"p_{w}"]) > 1e-4 for w in ("yes", "no", "maybe"))  # not fold 0 alone
+
+    # export writes one adapter: an ensemble is refused in one line, not exported as fold 0.
+    exported = inprocess.run(["export", *options, "--model.ensemble", str(cv_dir), "--ckpt_path",
+                              str(find_checkpoint(cv_dir / "fold0", "best")), "--out", str(tmp_path / "export")])
+    assert exported.returncode != 0 and "export writes one adapter" in exported.stderr
+    assert "Traceback" not in exported.stderr and not (tmp_path / "export").exists()
+
     refused = inprocess.run(["test", *options, "--model.ensemble", str(cv_dir), "--ckpt_path",
                              str(find_checkpoint(cv_dir / "fold0", "best"))])
     assert refused.returncode != 0 and "leave out --ckpt_path" in refused.stderr and "Traceback" not in refused.stderr
