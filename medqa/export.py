@@ -291,10 +291,11 @@ def main(argv: list[str] | None = None) -> Path:
                               "best-....ckpt), and score the ensemble with test, predict or ask")
     # The correction a user scores with (`--config label_bias.yaml`) ships as they scored; `--label_bias FILE` likewise
     configured = model.hparams.get("label_bias")
+    configured = None if configured is None else [float(x) for x in configured]
     bias = None if args.label_bias is None else read_label_bias(args.label_bias)
-    if bias is not None and configured is not None and [float(x) for x in configured] != bias:
+    if bias is not None and configured is not None and bias != configured:
         raise SettingsError(f"--label_bias {args.label_bias} gives {bias} and the settings give --model.label_bias "
-                            f"{list(configured)}: name one")
-    bias = bias if bias is not None else None if configured is None else [float(x) for x in configured]
+                            f"{configured}: name one")
+    bias = bias if bias is not None else configured
     return export(ckpt, out, model.pretrained, args.merged, args.merged_dtype, weights_only, model.backend,
                   model.trust_remote_code, bias, tuple(args.gguf), args.hub_id)
